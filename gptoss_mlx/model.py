@@ -1,0 +1,67 @@
+"""The gpt-oss transformer.
+
+    x = embed(ids)
+    for each block:   x = x + attn(norm1(x))      (sliding-window on even layers, full on odd)
+                      x = x + moe(norm2(x))
+    logits = unembed(norm(x))                       (unembedding separate from embedding, no bias)
+
+RMSNorm uses eps 1e-5 and a learned gain. Parameter names follow Hugging Face's layout without its
+`model.` prefix, so checkpoints map onto this tree by renaming only.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .attention import Attention
+from .cache import FullCache, SlidingCache
+from .config import SLIDING, ModelConfig
+from .moe import MoE
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig, layer_type: str):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_type)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = MoE(config)
+
+    def __call__(self, x: mx.array, cache=None) -> mx.array:
+        x = x + self.self_attn(self.input_layernorm(x), cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GptOssModel(nn.Module):
+    """`model(ids [B, T], cache=None) -> logits [B, T, vocab]`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [TransformerBlock(config, t) for t in config.layer_types]
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def __call__(self, input_ids: mx.array, cache: list | None = None) -> mx.array:
+        return self.lm_head(self.hidden_states(input_ids, cache))
+
+    def hidden_states(self, input_ids: mx.array, cache: list | None = None) -> mx.array:
+        """Final-normed hidden states `[B, T, hidden]` (the logits before the unembedding)."""
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cache[i] if cache is not None else None)
+        return self.norm(x)
+
+    def make_cache(self) -> list:
+        """One cache per layer: a ring of `sliding_window` slots or a growing buffer."""
+        return [
+            SlidingCache(self.config.sliding_window) if t == SLIDING else FullCache()
+            for t in self.config.layer_types
+        ]
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The compute dtype (that of the normalisation gains)."""
+        return self.norm.weight.dtype
