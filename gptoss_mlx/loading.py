@@ -47,6 +47,15 @@ def dense_quantization(model: nn.Module, tensors: dict) -> dict[str, dict]:
     return specs
 
 
+def quantized_layers(model: nn.Module) -> dict[str, dict]:
+    """Module path -> quantization params of each quantized dense layer of a built model."""
+    return {
+        path: {"group_size": m.group_size, "bits": m.bits, "mode": m.mode}
+        for path, m in model.named_modules()
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+    }
+
+
 def _check_against_model(model: nn.Module, ckpt: Checkpoint) -> None:
     """Every parameter present with the shape the config implies and a usable dtype; nothing extra."""
     expected = dict(tree_flatten(model.parameters()))
@@ -77,11 +86,12 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def build_model(ckpt: Checkpoint, dtype: mx.Dtype | None, progress: bool = False) -> GptOssModel:
+def build_model(ckpt: Checkpoint, dtype: mx.Dtype | None, progress: bool = False,
+                materialize: bool = True) -> GptOssModel:
     """Instantiate the model for `ckpt` and load its tensors; floats cast to `dtype` (None keeps them).
 
-    Parameters stay lazy until the final evaluation, one layer at a time, so peak memory stays near
-    the size of the weights themselves.
+    Parameters stay lazy until evaluated one layer at a time (`materialize`), so peak memory stays
+    near the size of the weights themselves; the memory check runs only then.
     """
     model = GptOssModel(ckpt.config)
     specs = dense_quantization(model, ckpt.tensors)
@@ -92,12 +102,14 @@ def build_model(ckpt: Checkpoint, dtype: mx.Dtype | None, progress: bool = False
         name: t if (t.dtype in _PACKED or dtype is None) else t.astype(dtype)
         for name, t in ckpt.tensors.items()
     }
+    model.load_weights(list(weights.items()), strict=True)
+    if not materialize:
+        return model
     total = sum(w.nbytes for w in weights.values())
     if total > available_memory():
         raise GptOssError(f"the model needs {total / 1e9:.1f} GB for its weights but this machine "
                           f"offers {available_memory() / 1e9:.1f} GB; use a smaller model or "
                           "`gptoss-mlx convert --dense-bits 8|4` to shrink the dense weights")
-    model.load_weights(list(weights.items()), strict=True)
     groups = [model.embed_tokens, *model.layers, model.norm, model.lm_head]
     with progress_bar(len(groups), "Loading weights", progress) as bar:
         for part in groups:
