@@ -759,7 +759,8 @@ class StreamParser:
             elif token == tok.channel_id:  # the model left out <|start|>assistant
                 self._begin_header(role_known=True)
                 self._header.append(token)
-            elif not special and self._valid(token):  # text outside any message
+            elif not special and self._valid(token) and not self._blank(token):
+                # text outside any message (whitespace between messages is skipped)
                 self._set_target("content", None, None)
                 self._state = "content"
                 self._text(self._detok.add(token), events)
@@ -770,6 +771,9 @@ class StreamParser:
             return True
         except (KeyError, ValueError, OverflowError):
             return False
+
+    def _blank(self, token: int) -> bool:
+        return not self.tok.token_bytes(token).strip()
 
     def _end(self, token: int) -> None:
         self._state = "idle"

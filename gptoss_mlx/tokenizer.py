@@ -213,7 +213,7 @@ def default_tokenizer() -> Tokenizer:
         encoding = tiktoken.get_encoding(_ENCODING_NAME)
     except Exception as e:  # no network and no cache, or a tiktoken older than 0.12
         raise GptOssError(
-            f"Could not load the {_ENCODING_NAME} vocabulary ({type(e).__name__}: {e}). "
+            f"Could not load the {_ENCODING_NAME} vocabulary ({type(e).__name__}: {str(e)[:160]}). "
             "tiktoken downloads it once (needs internet) and caches it; offline, set "
             "TIKTOKEN_CACHE_DIR to a folder holding the cached o200k_base file, use "
             "tiktoken>=0.12, or load a checkpoint folder that has tokenizer.json."

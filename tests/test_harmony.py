@@ -725,3 +725,41 @@ def test_random_token_soup_never_raises(tok):
         result, events = run_chunks(tok, [ids[: len(ids) // 2], ids[len(ids) // 2:]])
         assert result == whole and deltas_to_result(events) == whole
         json.dumps(whole)
+
+
+def test_whitespace_between_messages_is_not_content(tok):
+    ids = tok.encode(
+        "<|channel|>analysis<|message|>a<|end|>\n <|start|>assistant<|channel|>final<|message|>b<|return|>",
+        allow_special=True,
+    )
+    assert parse_completion(ids, tok) == {"reasoning": "a", "content": "b", "tool_calls": []}
+
+
+def test_parsed_tool_call_renders_back_like_openai_harmony(tok, harmony_enc):
+    """The tool-call loop as a chat client runs it: parse the completion, append it and the tool
+    result as OpenAI messages, render again: same tokens as openai-harmony."""
+    messages = [{"role": "user", "content": "Weather in Lyon?"}]
+    completion = tok.encode(
+        "<|channel|>analysis<|message|>Use the tool.<|end|><|start|>assistant<|channel|>commentary "
+        'to=functions.get_weather <|constrain|>json<|message|>{"location": "Lyon"}<|call|>',
+        allow_special=True,
+    )
+    parsed = parse_completion(completion, tok)
+    messages.append({"role": "assistant", "content": parsed["content"] or None,
+                     "reasoning": parsed["reasoning"], "tool_calls": parsed["tool_calls"]})
+    messages.append({"role": "tool", "tool_call_id": parsed["tool_calls"][0]["id"], "content": "sunny"})
+    ours = render_prompt(messages, tools=openai_tools(WEATHER), tokenizer=tok)
+    want = harmony_enc.render_conversation_for_completion(
+        Conversation.from_messages(
+            [
+                o_system(),
+                o_developer(None, [WEATHER]),
+                o_user("Weather in Lyon?"),
+                o_assistant("Use the tool.", "analysis"),
+                o_call("get_weather", '{"location": "Lyon"}'),
+                o_result("get_weather", "sunny"),
+            ]
+        ),
+        Role.ASSISTANT,
+    )
+    assert ours == want
