@@ -630,7 +630,7 @@ def _parse_header(text: str, role_known: bool) -> _Header:
     elif words and words[0] == "assistant":
         h.author = words.pop(0)
     for word in words:
-        if word.startswith("to=") and h.recipient is None:
+        if word.startswith("to=") and len(word) > 3 and h.recipient is None:
             h.recipient = word[3:]
         elif word.startswith(_CONSTRAIN) and h.content_type is None:
             h.content_type = word
@@ -685,8 +685,10 @@ class StreamParser:
         return self._state == "header"
 
     def feed(self, tokens: int | Iterable[int]) -> list[Delta]:
-        if isinstance(tokens, int) or hasattr(tokens, "__index__"):
-            tokens = (tokens,)
+        try:
+            tokens = iter(tokens)
+        except TypeError:  # a single id (int, numpy or MLX scalar)
+            tokens = iter((tokens,))
         events: list[Delta] = []
         for token in tokens:
             try:
@@ -805,7 +807,7 @@ class StreamParser:
         else:
             self._set_target("content", h.channel, recipient)
         if h.leftover:  # header words it could not place: keep them as text
-            self._text(" ".join(h.leftover), events)
+            self._text(" ".join(h.leftover) + " ", events)
 
     def _header_failed(self, events: list[Delta], *, keep_going: bool) -> None:
         """A header that never reached <|message|>: its words go to content.

@@ -763,3 +763,15 @@ def test_parsed_tool_call_renders_back_like_openai_harmony(tok, harmony_enc):
         Role.ASSISTANT,
     )
     assert ours == want
+
+
+def test_feed_accepts_numpy_ids_and_arrays(tok):
+    np = pytest.importorskip("numpy")
+    ids = tok.encode("<|channel|>final<|message|>héllo 🎉<|return|>", allow_special=True)
+    want = {"reasoning": "", "content": "héllo 🎉", "tool_calls": []}
+    assert parse_completion(np.array(ids), tok) == want
+    parser = StreamParser(tok)
+    for t in np.array(ids, dtype=np.int64):
+        parser.feed(t)
+    parser.finish()
+    assert parser.result() == want
