@@ -775,3 +775,114 @@ def test_feed_accepts_numpy_ids_and_arrays(tok):
         parser.feed(t)
     parser.finish()
     assert parser.result() == want
+
+
+# ---------------------------------------------------------------------------------------------
+# Randomized: random JSON schemas and random conversations, rendered by both libraries
+# ---------------------------------------------------------------------------------------------
+
+WORDS = ["alpha", "beta", "gamma", "δέλτα", "東京", "x y", "🎉", "a\"q", "multi\nline"]
+
+
+def random_schema(rng, depth=0):
+    kind = rng.choice(["string", "integer", "number", "boolean", "array", "object", "enum", "list", "oneOf", "none"]
+                      if depth < 3 else ["string", "integer", "boolean", "enum"])
+    if kind == "enum":
+        schema = {"type": "string", "enum": rng.sample(WORDS, rng.randint(1, 3))}
+    elif kind == "list":
+        schema = {"type": rng.sample(["string", "integer", "null", "boolean"], rng.randint(1, 3))}
+    elif kind == "oneOf":
+        schema = {"oneOf": [random_schema(rng, depth + 1) for _ in range(rng.randint(1, 3))]}
+    elif kind == "none":
+        schema = {}
+    elif kind == "array":
+        schema = {"type": "array"}
+        if rng.random() < 0.8:
+            schema["items"] = random_schema(rng, depth + 1)
+    elif kind == "object":
+        schema = {"type": "object"}
+        if rng.random() < 0.9:
+            names = rng.sample(["id", "name", "when", "from", "to", "limit", "opts", "q"], rng.randint(0, 4))
+            schema["properties"] = {n: random_schema(rng, depth + 1) for n in names}
+            schema["required"] = [n for n in names if rng.random() < 0.5]
+    else:
+        schema = {"type": kind}
+    if rng.random() < 0.4:
+        schema["description"] = rng.choice(WORDS)
+    if rng.random() < 0.3:
+        schema["default"] = rng.choice([rng.choice(WORDS), 3, 2.5, True, None, ["a", 1], {"k": "v"}])
+    if rng.random() < 0.1:
+        schema["title"] = rng.choice(WORDS)
+    if rng.random() < 0.1:
+        schema["examples"] = [rng.choice(WORDS), 7]
+    if rng.random() < 0.15:
+        schema["nullable"] = rng.random() < 0.7
+    return schema
+
+
+def test_random_schemas_render_like_openai_harmony(tok, harmony_enc):
+    rng = random.Random(7)
+    for i in range(150):
+        fns = [
+            {"name": f"fn_{i}_{j}", "description": rng.choice(["", "Does things.", "Two\nlines\r\n"]),
+             "parameters": random_schema(rng) if rng.random() < 0.9 else None}
+            for j in range(rng.randint(1, 3))
+        ]
+        fns = [{k: v for k, v in fn.items() if v is not None} for fn in fns]
+        ours = render_prompt([{"role": "user", "content": "go"}], tools=openai_tools(*fns), tokenizer=tok)
+        want = harmony_enc.render_conversation_for_completion(
+            Conversation.from_messages([o_system(), o_developer(None, fns), o_user("go")]), Role.ASSISTANT
+        )
+        assert ours == want, json.dumps(fns, ensure_ascii=False)
+
+
+def test_random_conversations_render_like_openai_harmony(tok, harmony_enc):
+    rng = random.Random(11)
+    tools = [WEATHER, GET_TIME]
+    for _ in range(120):
+        effort = rng.choice(["low", "medium", "high"])
+        date = rng.choice([None, "2025-03-04"])
+        use_tools = rng.random() < 0.5
+        ours, oracle = [], [o_system(effort, date)]
+        instructions = []
+        if rng.random() < 0.5:
+            instructions.append(rng.choice(WORDS))
+            ours.append({"role": rng.choice(["system", "developer"]), "content": instructions[-1]})
+        if instructions or use_tools:
+            oracle.append(o_developer(instructions[0] if instructions else None, tools if use_tools else ()))
+        n_call = 0
+        for _turn in range(rng.randint(1, 4)):
+            text = rng.choice(WORDS)
+            ours.append({"role": "user", "content": text})
+            oracle.append(o_user(text))
+            if rng.random() < 0.3:
+                break  # end on a user message
+            reasoning = rng.choice([None, "think " + rng.choice(WORDS)])
+            if use_tools and rng.random() < 0.5:
+                ids = []
+                calls = []
+                if reasoning:
+                    oracle.append(o_assistant(reasoning, "analysis"))
+                for _ in range(rng.randint(1, 2)):
+                    fn = rng.choice(tools)["name"]
+                    args = json.dumps({"q": rng.choice(WORDS)}, ensure_ascii=False)
+                    ids.append((f"id{n_call}", fn))
+                    calls.append(call(f"id{n_call}", fn, args))
+                    oracle.append(o_call(fn, args))
+                    n_call += 1
+                ours.append({"role": "assistant", "reasoning": reasoning, "tool_calls": calls})
+                for id_, fn in ids:
+                    result = rng.choice(WORDS)
+                    ours.append({"role": "tool", "tool_call_id": id_, "content": result})
+                    oracle.append(o_result(fn, result))
+            answer = rng.choice(WORDS)
+            if reasoning and not (use_tools and ours[-1]["role"] == "tool"):
+                oracle.append(o_assistant(reasoning, "analysis"))
+            elif reasoning:
+                reasoning = None
+            ours.append({"role": "assistant", "reasoning": reasoning, "content": answer})
+            oracle.append(o_assistant(answer, "final"))
+        kwargs = {"reasoning_effort": effort, "current_date": date, "tools": openai_tools(*tools) if use_tools else None}
+        mine = render_prompt(ours, tokenizer=tok, **kwargs)
+        want = harmony_enc.render_conversation_for_completion(Conversation.from_messages(oracle), Role.ASSISTANT)
+        assert mine == want, json.dumps(ours, ensure_ascii=False)
