@@ -886,3 +886,26 @@ def test_random_conversations_render_like_openai_harmony(tok, harmony_enc):
         mine = render_prompt(ours, tokenizer=tok, **kwargs)
         want = harmony_enc.render_conversation_for_completion(Conversation.from_messages(oracle), Role.ASSISTANT)
         assert mine == want, json.dumps(ours, ensure_ascii=False)
+
+
+def test_random_completions_parse_like_openai_harmony(tok, harmony_enc):
+    rng = random.Random(3)
+    texts = WORDS + ["", '{"location": "Zürich", "n": [1, 2]}', "ends in emoji 👍🏽", " leading space"]
+    for _ in range(150):
+        msgs = []
+        for _ in range(rng.randint(1, 4)):
+            kind = rng.choice(["analysis", "commentary", "final", "call", "call_analysis", "call_json"])
+            text = rng.choice(texts)
+            if kind == "call":
+                msgs.append(o_call(rng.choice(["get_weather", "get_time"]), text))
+            elif kind == "call_analysis":
+                msgs.append(o_call_analysis(rng.choice(["python", "browser.search"]), text))
+            elif kind == "call_json":
+                msgs.append(o_call("f", text).with_content_type("json"))
+            else:
+                msgs.append(o_assistant(text, kind))
+        ids = completion_tokens(harmony_enc, tok, msgs)
+        want = oracle_result(harmony_enc.parse_messages_from_completion_tokens(ids, Role.ASSISTANT))
+        assert parse_completion(ids, tok) == want
+        result, events = run_chunks(tok, [[t] for t in ids])
+        assert result == want and deltas_to_result(events) == want
