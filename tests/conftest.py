@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random checkpoints (written once per session) and the reference model."""
+"""Shared fixtures: tiny random checkpoints (written once per session), the reference model, and
+the o200k vocabulary (those fixtures skip, with the reason, only where it cannot load)."""
 
 from __future__ import annotations
 
@@ -20,3 +21,27 @@ def reference(hf_tensors):
 @pytest.fixture(scope="session")
 def hf_mxfp4_dir(tmp_path_factory, hf_tensors):
     return ck.write_hf_mxfp4(tmp_path_factory.mktemp("hf-mxfp4"), ck.TINY, hf_tensors)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    from gptoss_mlx.errors import GptOssError
+    from gptoss_mlx.tokenizer import default_tokenizer
+
+    try:
+        return default_tokenizer()
+    except GptOssError as e:
+        pytest.skip(f"o200k_harmony vocabulary not available offline: {e}")
+
+
+@pytest.fixture(scope="session")
+def harmony_enc():
+    """openai-harmony's encoding: the oracle for rendering and parsing."""
+    oh = pytest.importorskip("openai_harmony")
+    try:
+        return oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
+    except Exception as e:  # the library raises its own error type when the vocabulary is missing
+        pytest.skip(
+            f"openai-harmony cannot load o200k_base ({e}); set TIKTOKEN_ENCODINGS_BASE to a folder "
+            "holding o200k_base.tiktoken"
+        )
