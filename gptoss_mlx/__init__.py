@@ -1,7 +1,8 @@
 """gptoss-mlx: OpenAI's gpt-oss models on Apple Silicon with MLX.
 
 The public API: `load_model` (and, with the tokenizer, `load`), `stream_generate`, `generate`,
-`harmony`, and the one error type `GptOssError`.
+`ChatSession` (multi-turn chat keeping the KV cache), `harmony`, and the one error type
+`GptOssError`.
 """
 
 from . import harmony

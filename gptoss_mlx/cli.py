@@ -100,7 +100,7 @@ def sampling_options(command):
                      help="Sample among the K most likely tokens; 0 disables it."),
         click.option("--min-p", type=click.FloatRange(0, 1, max_open=True), default=0.0,
                      show_default=True, help="Drop tokens less likely than MIN_P x the best one."),
-        click.option("--seed", type=int, default=None, help="Random seed (reproducible output)."),
+        click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=None, help="Random seed (reproducible output)."),
         click.option("--reasoning-effort", type=click.Choice(EFFORTS), default="medium",
                      show_default=True, help="How much the model thinks before answering."),
         click.option("--system", default=None,

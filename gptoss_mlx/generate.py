@@ -17,6 +17,7 @@ read ``cache[0].offset`` rather than assume either (see :mod:`gptoss_mlx.chat`).
 
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Mapping, Sequence
@@ -94,12 +95,10 @@ def prompt_tokens(prompt, tokenizer: Tokenizer | None = None, *, tools=None,
                             tokenizer=tokenizer)
         return ids, tokenizer
     try:
-        ids = [int(t) for t in prompt]
-    except (TypeError, ValueError):
-        raise GptOssError("prompt must be token ids, a list of messages "
+        ids = [operator.index(t) for t in prompt]  # ints, numpy ints; not floats or strings
+    except TypeError:
+        raise GptOssError("prompt must be token ids (integers), a list of messages "
                           "({'role': ..., 'content': ...}) or a string") from None
-    if any(float(t) != float(o) for t, o in zip(ids, prompt) if not isinstance(o, int)):
-        raise GptOssError("prompt token ids must be integers")
     return ids, tokenizer
 
 

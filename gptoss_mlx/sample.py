@@ -39,7 +39,7 @@ def check_sampling(temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
 
     for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            bad(name, value, "a number")
+            bad(name, value, "a number (not NaN)")
     if isinstance(top_k, bool) or not isinstance(top_k, int):
         bad("top_k", top_k, "an integer")
     if not temperature >= 0 or math.isinf(temperature):
@@ -97,7 +97,10 @@ class Sampler:
                  min_p: float = 0.0, seed: int | None = None):
         check_sampling(temperature, top_p, top_k, min_p)
         self.temperature, self.top_p, self.top_k, self.min_p = temperature, top_p, top_k, min_p
-        self.seed = secrets.randbits(63) if seed is None else int(seed)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                                 or not 0 <= seed < 2**64):
+            raise GptOssError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+        self.seed = secrets.randbits(63) if seed is None else seed
         self._key = mx.random.key(self.seed)
 
     @property

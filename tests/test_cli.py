@@ -88,6 +88,7 @@ def test_streamed_raw_and_json_agree(o200k_dir, model_tok):
     ["--top-k", "-1"],
     ["--min-p", "1"],
     ["--reasoning-effort", "extreme"],
+    ["--seed", "-1"],
     ["--raw", "--json"],
 ])
 def test_bad_flags_are_one_line_errors(o200k_dir, args):

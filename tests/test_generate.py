@@ -206,6 +206,8 @@ def test_generate_without_a_tokenizer(model32):
     ([1, 2], {"temperature": -1}, "temperature"),
     ([1, 2], {"top_p": 2}, "top_p"),
     ([1.5, 2], {}, "integers"),
+    ([1, 2], {"seed": -1}, "seed"),
+    (np.array([3, 4], np.int64), {"max_tokens": 0}, "max_tokens"),
     ([object()], {}, "token ids"),
 ])
 def test_bad_arguments_raise_gptosserror(model32, prompt, kw, match):

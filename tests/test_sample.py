@@ -153,3 +153,9 @@ def test_out_of_range_parameters_are_rejected(kw):
         make_sampler(**kw)
     with pytest.raises(GptOssError):
         sampling_probs(mx.zeros((1, 4)), **kw)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, 1.5, "7", True])
+def test_bad_seeds_are_rejected(seed):
+    with pytest.raises(GptOssError, match="seed"):
+        make_sampler(seed=seed)
