@@ -62,6 +62,15 @@ def test_chunked_prefill_gives_the_same_tokens(model32):
         assert greedy(model32, prompt, 10, prefill_chunk=chunk) == one_shot, chunk
 
 
+def test_chunked_prefill_bounds_peak_memory(model32):
+    prompt = prompt_ids(500, seed=6)
+    runs = {chunk: list(stream_generate(model32, prompt, max_tokens=2, temperature=0,
+                                        prefill_chunk=chunk)) for chunk in (500, 32)}
+    assert [e.token for e in runs[32]] == [e.token for e in runs[500]]
+    # One-shot attention scores are [heads, 500, 500]; in chunks of 32 they are [heads, 32, <=500].
+    assert runs[32][-1].stats.peak_memory < runs[500][-1].stats.peak_memory / 3
+
+
 def test_a_kept_cache_continues_the_same_sequence(model32):
     """Generating, then feeding more tokens through the same cache, equals one long prompt."""
     first, more = prompt_ids(6, seed=8), prompt_ids(7, seed=9)
