@@ -577,3 +577,30 @@ def test_dispatch_is_by_threads_with_partial_threadgroups():
     out = np.array(out)
     want_x = np.array([4000, 4000, 4000, 4000, 4010, 4010, 4010, 4010, 2020, 2020])
     np.testing.assert_array_equal(out, np.broadcast_to(want_x, (2, 3, 10)))
+
+
+SPIN = """
+threadgroup atomic_uint flag;
+uint l = thread_position_in_threadgroup.x;
+if (l == 0) atomic_store_explicit(&flag, 0u, memory_order_relaxed);
+threadgroup_barrier(mem_flags::mem_threadgroup);
+%s
+"""
+
+
+def test_spin_wait_on_threadgroup_atomic_progresses_and_deadlock_is_reported():
+    ok = metal_kernel("spin_ok", ["x"], ["out"], SPIN % """
+        if (l == 1) atomic_store_explicit(&flag, 42u, memory_order_relaxed);
+        if (l == 0) { while (atomic_load_explicit(&flag, memory_order_relaxed) != 42u) {} out[0] = x[0]; }
+        """)
+    kw = dict(inputs=[mx.array([3.0])], grid=(2, 1, 1), threadgroup=(2, 1, 1), output_shapes=[(1,)],
+              output_dtypes=[mx.float32])
+    assert np.array(ok(**kw)[0])[0] == 3.0
+    bad = metal_kernel("spin_deadlock", ["x"], ["out"], SPIN % """
+        if (l == 0) { while (atomic_load_explicit(&flag, memory_order_relaxed) != 42u) {} }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        if (l == 1) atomic_store_explicit(&flag, 42u, memory_order_relaxed);
+        out[0] = x[0];
+        """)
+    with pytest.raises(KernelRuntimeError, match="deadlock in kernel 'spin_deadlock'"):
+        bad(**kw)

@@ -375,6 +375,10 @@ typedef atomic<bool> atomic_bool; typedef atomic<ulong> atomic_ulong; typedef at
 template <class P> inline auto* msl_raw(P p) { return &*p; }
 template <class T> struct msl_bits { typedef std::conditional_t<sizeof(T) == 1, uint8_t, std::conditional_t<sizeof(T) == 2, uint16_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>> type; };
 
+}  // namespace metal
+namespace msl { static inline void spin_point(); }
+namespace metal {
+
 template <class T, class F>
 inline T msl_atomic_rmw(atomic<T>* a, F f) {
   typedef typename msl_bits<T>::type B;
@@ -405,6 +409,7 @@ inline auto atomic_load_explicit(P obj, memory_order = memory_order_relaxed) {
   auto* a = msl_raw(obj);
   typedef decltype(a->value) T;
   typedef typename msl_bits<T>::type B;
+  msl::spin_point();
   B b = __atomic_load_n(reinterpret_cast<B*>(&a->value), __ATOMIC_SEQ_CST);
   T v; __builtin_memcpy(&v, &b, sizeof(T)); return v;
 }
@@ -421,6 +426,7 @@ inline bool atomic_compare_exchange_weak_explicit(P obj, E* expected, U desired,
   auto* a = msl_raw(obj);
   typedef decltype(a->value) T;
   typedef typename msl_bits<T>::type B;
+  msl::spin_point();
   T d = T(desired); B db; __builtin_memcpy(&db, &d, sizeof(T));
   B eb; T e = T(*expected); __builtin_memcpy(&eb, &e, sizeof(T));
   bool ok = __atomic_compare_exchange_n(reinterpret_cast<B*>(&a->value), &eb, db, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);

@@ -5,7 +5,9 @@
 // or blocks at a barrier or a SIMD/quad collective. When no fiber of the threadgroup can run:
 //   1. every SIMD collective some lanes wait at completes over the lanes of that simdgroup waiting
 //      at the same call site (same function, type, file and line);
-//   2. otherwise every live thread waits at a barrier: if all at the same call site it releases,
+//   2. if a thread yielded while polling an atomic (every 256 atomic loads or compare-exchanges),
+//      run again; 20000 passes in which no thread finishes or blocks are reported as a deadlock;
+//   3. otherwise every live thread waits at a barrier: if all at the same call site it releases,
 //      else that is barrier divergence (a deadlock on a GPU) and the launch fails.
 // Threadgroup storage declared in the kernel is registered on first use in each threadgroup and
 // poisoned with 0xFF bytes (NaN for float, half and bfloat) unless poisoning is off.
@@ -71,6 +73,8 @@ struct Fiber {
   // pending barrier
   unsigned bline;
   const char* bfile;
+  // spin detection: atomic loads since the fiber last made progress
+  uint32_t spins;
 };
 
 struct Worker {
@@ -88,6 +92,8 @@ struct Worker {
   Reg regs[64];
   int nregs = 0;
   int64_t tg_bytes = 0;
+  bool yielded = false;
+  bool progress = false;
 };
 
 // the launch in progress (one at a time per process: Python serialises calls)
@@ -127,7 +133,21 @@ static const char* where_thread(char* buf, size_t n) {
 static inline void block(int state) {
   Fiber* f = tl_fiber;
   f->state = state;
+  f->spins = 0;
+  tl_worker->progress = true;
   swapcontext(&f->ctx, &tl_worker->main_ctx);
+}
+
+// Called by atomic loads and compare-exchanges: a thread that keeps polling an atomic lets the
+// other threads of its threadgroup run (a spin-wait on another thread would never end otherwise).
+static const uint32_t SPIN_YIELD = 256;
+static inline void spin_point() {
+  Fiber* f = tl_fiber;
+  if (!f) return;
+  if (++f->spins % SPIN_YIELD == 0) {
+    tl_worker->yielded = true;
+    swapcontext(&f->ctx, &tl_worker->main_ctx);
+  }
 }
 
 // ---- threadgroup storage registration (poison + 32 KB limit) --------------------------------
@@ -185,6 +205,7 @@ static void fiber_main() {
   a.threads_per_threadgroup = tgs;
   kernel_entry(L->bufs, a);
   f->state = F_DONE;
+  w->progress = true;
   // returns to main_ctx through uc_link
 }
 
@@ -197,10 +218,13 @@ static void run_threadgroup(Worker* w) {
   Launch* L = g_launch;
   int n = w->n;
   w->epoch++;
+  w->yielded = false;
+  w->progress = false;
   for (int i = 0; i < n; ++i) {
     Fiber* f = &w->fibers[i];
     f->state = F_READY;
     f->tid = i;
+    f->spins = 0;
     f->pos = uint3(i % w->tg_size.x, (i / w->tg_size.x) % w->tg_size.y, i / (w->tg_size.x * w->tg_size.y));
     getcontext(&f->ctx);
     f->ctx.uc_stack.ss_sp = w->stacks + (size_t)i * w->stack_size;
@@ -210,6 +234,7 @@ static void run_threadgroup(Worker* w) {
     w->order[i] = (L->lane_order == LANE_REVERSE) ? n - 1 - i : i;
   }
   Fiber* parts[32];
+  uint64_t idle_passes = 0;
   for (;;) {
     if (L->lane_order == LANE_RANDOM) {
       for (int i = n - 1; i > 0; --i) {
@@ -244,7 +269,21 @@ static void run_threadgroup(Worker* w) {
         any_coll = true;
       }
     }
-    if (any_coll) continue;
+    if (any_coll) { idle_passes = 0; continue; }
+    if (w->yielded) {
+      // Some thread polls an atomic: run everyone again. Passes in which no thread finishes or
+      // blocks mean the value polled never changes: a deadlock (it would hang a GPU too).
+      w->yielded = false;
+      if (w->progress) idle_passes = 0;
+      w->progress = false;
+      if (++idle_passes > 20000) {
+        fail("deadlock in kernel '%s', threadgroup (%u, %u, %u): threads keep polling atomics that no "
+             "thread changes", L->kernel_name, w->tg_pos.x, w->tg_pos.y, w->tg_pos.z);
+        return;
+      }
+      continue;
+    }
+    idle_passes = 0;
     // 2. barrier
     int live = 0, at = 0;
     Fiber* b0 = nullptr;
