@@ -479,6 +479,21 @@ def test_missing_barrier_is_detected():
         np.testing.assert_array_equal(np.array(good(**kw)[0]), want)
         got = np.array(bad(**kw)[0])
         assert np.isnan(got).any(), order  # read the poisoned threadgroup memory
+    # Without poison (memory written before an earlier barrier), lane order exposes the race.
+    racy = metal_kernel("rotate_racy", ["x"], ["out"], """
+    threadgroup float buf[64];
+    uint l = thread_position_in_threadgroup.x;
+    buf[l] = 0.0f;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    buf[l] = x[l];
+    out[l] = buf[(l + 1) % 64];
+    """)
+    kw = dict(inputs=[x], grid=(64, 1, 1), threadgroup=(64, 1, 1), output_shapes=[(64,)],
+              output_dtypes=[mx.float32])
+    fwd = np.array(racy(**kw, lane_order="forward")[0])
+    rev = np.array(racy(**kw, lane_order="reverse")[0])
+    assert not np.array_equal(fwd, rev)
+    assert not np.array_equal(fwd, want)
 
 
 def test_barrier_in_divergent_branch_is_detected():
@@ -604,3 +619,40 @@ def test_spin_wait_on_threadgroup_atomic_progresses_and_deadlock_is_reported():
         """)
     with pytest.raises(KernelRuntimeError, match="deadlock in kernel 'spin_deadlock'"):
         bad(**kw)
+
+
+def test_msl_subset_compiles_and_computes():
+    """Types and functions kernels use: packed types, as_type, swizzles, integer builtins, select,
+    threadgroup atomics and vectors, simdgroup_barrier, metal:: qualified names, <metal_stdlib>."""
+    header = """
+#include <metal_stdlib>
+using namespace metal;
+template <typename T> METAL_FUNC T twice(T v) { return v + v; }
+"""
+    src = """
+    threadgroup float4 tv[32];
+    threadgroup atomic_uint hits;
+    uint l = thread_index_in_threadgroup;
+    if (l == 0) atomic_store_explicit(&hits, 0u, memory_order_relaxed);
+    threadgroup_barrier(mem_flags::mem_threadgroup | mem_flags::mem_device);
+    packed_float3 p = packed_float3(x[3 * l], x[3 * l + 1], x[3 * l + 2]);
+    float3 v = p;
+    uint bits = as_type<uint>(v.x);
+    float back = as_type<float>(bits);
+    uint2 u = uint2(bits, popcount(bits));
+    tv[l] = float4(v.xy, v.z, back);
+    atomic_fetch_add_explicit(&hits, 1u, memory_order_relaxed);
+    simdgroup_barrier(mem_flags::mem_none);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    float4 w = tv[31 - l];
+    float s = metal::precise::divide(w.x, 2.0f) + twice(w.w) + select(0.0f, 1.0f, w.y > 0.0f)
+              + float(metal::min(int(l), 5)) + float(clz(1u)) + float(u.y == uint(popcount(bits)));
+    out[l] = s + float(atomic_load_explicit(&hits, memory_order_relaxed)) + (isnan(w.z) ? 100.0f : 0.0f);
+    """
+    k = metal_kernel("subset", ["x"], ["out"], src, header=header)
+    x = np.random.default_rng(6).normal(size=96).astype(np.float32)
+    (out,) = k(inputs=[mx.array(x)], grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(32,)],
+               output_dtypes=[mx.float32])
+    v = x.reshape(32, 3)[::-1]
+    want = v[:, 0] / 2 + 2 * v[:, 0] + (v[:, 1] > 0) + np.minimum(np.arange(32), 5) + 31 + 1 + 32
+    np.testing.assert_allclose(np.array(out), want, rtol=1e-5)
