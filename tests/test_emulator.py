@@ -656,3 +656,17 @@ template <typename T> METAL_FUNC T twice(T v) { return v + v; }
     v = x.reshape(32, 3)[::-1]
     want = v[:, 0] / 2 + 2 * v[:, 0] + (v[:, 1] > 0) + np.minimum(np.arange(32), 5) + 31 + 1 + 32
     np.testing.assert_allclose(np.array(out), want, rtol=1e-5)
+
+
+def test_header_error_line_and_verbose_source(capsys):
+    k = metal_kernel("bad_header", ["x"], ["out"], "out[0] = helper(x[0]);",
+                     header="// line 1\nfloat helper(float v) { return v * ; }\n")
+    with pytest.raises(KernelCompileError, match="header line 2"):
+        k(inputs=[mx.zeros(1)], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(1,)],
+          output_dtypes=[mx.float32])
+    k2 = metal_kernel("verbose_k", ["x"], ["out"], "out[0] = x[0];")
+    k2(inputs=[mx.zeros(1)], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(1,)],
+       output_dtypes=[mx.float32], verbose=True)
+    printed = capsys.readouterr().out
+    assert "[[kernel]] void custom_kernel_verbose_k_floatc_float(" in printed
+    assert "const constant float* x [[buffer(0)]]" in printed

@@ -57,6 +57,9 @@ What it cannot catch:
   intra-threadgroup spin-waits on atomics never yield and hang;
 - fast-math rounding: ``fast::`` and ``precise::`` are the same IEEE functions in float, half math
   is computed in float and rounded, so results can differ from a GPU in the last bits;
+- Metal syntax that is not C++: half literals (``1.0h``; write ``half(1.0f)``), texture and
+  sampler types, ``simdgroup_matrix``, function constants -- these fail to compile here although
+  Metal accepts them;
 - out-of-bounds accesses through pointers derived by casting a buffer argument (guarded mode
   checks indexing and arithmetic on the argument itself), or any access when not guarded.
 
