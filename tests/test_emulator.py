@@ -670,3 +670,23 @@ def test_header_error_line_and_verbose_source(capsys):
     printed = capsys.readouterr().out
     assert "[[kernel]] void custom_kernel_verbose_k_floatc_float(" in printed
     assert "const constant float* x [[buffer(0)]]" in printed
+
+
+def test_threadgroup_out_of_bounds_is_detected_in_guarded_mode():
+    src = """
+    threadgroup float buf[32];
+    threadgroup float grid2[2][16];
+    uint l = thread_position_in_threadgroup.x;
+    buf[l] = x[l];
+    grid2[l / 16][l % 16] = x[l];
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    threadgroup float* p = buf;
+    out[l] = p[31 - l] + grid2[(31 - l) / 16][(31 - l) % 16] + buf[l + OFF];
+    """
+    k = metal_kernel("tg_bounds", ["x"], ["out"], src)
+    kw = dict(inputs=[mx.arange(32, dtype=mx.float32)], grid=(32, 1, 1), threadgroup=(32, 1, 1),
+              output_shapes=[(32,)], output_dtypes=[mx.float32], guarded=True)
+    (out,) = k(**kw, template=[("OFF", 0)])
+    np.testing.assert_array_equal(np.array(out), 2 * np.arange(32)[::-1] + np.arange(32))
+    with pytest.raises(KernelRuntimeError, match=r"out-of-bounds threadgroup.*'tg_bounds'.*index 32 of .* 32 elements"):
+        k(**kw, template=[("OFF", 1)])

@@ -26,7 +26,8 @@ in ``msl.h`` (``using namespace metal``, ``float16_t``, ``bfloat16_t``, ``elem_t
 signature MLX generates, are compiled as written; the only textual change is that a declaration of
 threadgroup storage (``threadgroup float buf[64];``) becomes per-threadgroup storage
 (``static thread_local``, registered for poisoning) on the same line; in guarded mode the buffer
-parameters are checked-pointer types instead of raw pointers.
+parameters are checked-pointer types instead of raw pointers and threadgroup arrays are checked
+array types.
 
 Bug finders (keyword options of the kernel call, or environment variables):
 
@@ -39,8 +40,9 @@ Bug finders (keyword options of the kernel call, or environment variables):
 - ``lane_order="forward" | "reverse" | "random"`` (``GPTOSS_MLX_EMULATOR_LANE_ORDER``, ``seed=``):
   the order in which runnable threads are resumed, to expose races between barriers;
 - ``guarded=True`` (``GPTOSS_MLX_EMULATOR_GUARDED=1``): every access through a buffer argument is
-  checked against the buffer's extent; the first out-of-bounds access is an error naming the
-  buffer, the index and the thread;
+  checked against the buffer's extent, and every index into a threadgroup array against its
+  declared size; the first out-of-bounds access is an error naming the kernel, the buffer, the
+  index and the thread;
 - the lint above; at most 1024 threads per threadgroup and 32 KB of threadgroup memory.
 
 What it cannot catch:

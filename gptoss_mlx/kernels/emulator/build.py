@@ -102,11 +102,22 @@ _TG_STORAGE = re.compile(
 )
 
 
-def rewrite_threadgroup(text: str) -> str:
+def rewrite_threadgroup(text: str, guarded: bool = False) -> str:
     def repl(m: re.Match) -> str:
-        names = [re.match(r"[A-Za-z_]\w*", d.strip()).group(0) for d in m.group(2).split(",")]
+        decls = [d.strip() for d in m.group(2).split(",")]
+        names = [re.match(r"[A-Za-z_]\w*", d).group(0) for d in decls]
         regs = " ".join(f"msl::tg_register((void*)&{n}, sizeof({n}));" for n in names)
-        return f"static thread_local {m.group(1)} {m.group(2)}; {regs}"
+        if not guarded or not any("[" in d for d in decls):
+            return f"static thread_local {m.group(1)} {m.group(2)}; {regs}"
+        # guarded: arrays become checked tg_array<...> (innermost dimension last)
+        out = []
+        for d, n in zip(decls, names):
+            dims = re.findall(r"\[([^\]]*)\]", d)
+            t = m.group(1)
+            for dim in reversed(dims):
+                t = f"msl::tg_array<{t}, ({dim})>"
+            out.append(f"static thread_local {t} {n};")
+        return " ".join(out) + " " + regs
 
     return _TG_STORAGE.sub(repl, text)
 
@@ -138,12 +149,12 @@ def translation_unit(gen: Generated, name: str, header: str, guarded: bool) -> s
     # elsewhere could change what the code means.
     if header_part:
         out.append(f'#line 1 "{name}/header"\n')
-    out.append(rewrite_threadgroup(header_part))
+    out.append(rewrite_threadgroup(header_part, guarded))
     if not header_part or header_part.endswith("\n"):
         out.append(f'#line 1 "{name}/signature"\n')
     out.append(generated_head)
     out.append(f'#line 1 "{name}/source"\n')
-    out.append(rewrite_threadgroup(body))
+    out.append(rewrite_threadgroup(body, guarded))
     # tail starts with "\n}\n"
     out.append("\n")
     out.append(f'#line 1 "{name}/generated-tail"\n')

@@ -580,3 +580,26 @@ struct guarded {
   explicit operator bool() const { return p != nullptr; }
 };
 }  // namespace msl
+
+// ---- guarded threadgroup arrays (guarded mode only): `threadgroup T name[N];` becomes a
+// tg_array<T, N> whose indexing is checked; it converts to T* where the kernel takes its address.
+namespace msl {
+template <class T, int64_t N>
+struct tg_array {
+  T v[N];
+  T& operator[](int64_t i) {
+    if (i < 0 || i >= N) {
+      char where[96];
+      fail("out-of-bounds threadgroup memory access in kernel '%s': index %lld of a threadgroup array "
+           "of %lld elements (at %s)", g_launch->kernel_name, (long long)i, (long long)N,
+           where_thread(where, sizeof(where)));
+      static thread_local char dummy[sizeof(T) < 64 ? 64 : sizeof(T)] __attribute__((aligned(16)));
+      return *reinterpret_cast<T*>(dummy);
+    }
+    return v[i];
+  }
+  const T& operator[](int64_t i) const { return const_cast<tg_array*>(this)->operator[](i); }
+  operator T*() { return v; }
+  operator const T*() const { return v; }
+};
+}  // namespace msl
