@@ -690,3 +690,11 @@ def test_threadgroup_out_of_bounds_is_detected_in_guarded_mode():
     np.testing.assert_array_equal(np.array(out), 2 * np.arange(32)[::-1] + np.arange(32))
     with pytest.raises(KernelRuntimeError, match=r"out-of-bounds threadgroup.*'tg_bounds'.*index 32 of .* 32 elements"):
         k(**kw, template=[("OFF", 1)])
+
+
+def test_lint_allows_qualified_calls_of_same_name():
+    header = "template <typename T> METAL_FUNC T max(T a, T b, T c) { return metal::max(metal::max(a, b), c); }\n"
+    k = metal_kernel("not_recursive", ["x"], ["out"], "out[0] = max(x[0], x[1], x[2]);", header=header)
+    (out,) = k(inputs=[mx.array([1.0, 5.0, 3.0])], grid=(1, 1, 1), threadgroup=(1, 1, 1),
+               output_shapes=[(1,)], output_dtypes=[mx.float32])
+    assert np.array(out)[0] == 5.0

@@ -16,7 +16,7 @@ from gptoss_mlx.kernels.emulator.errors import KernelCompileError, KernelLintErr
 from gptoss_mlx.kernels.emulator.source import Generated
 
 HERE = Path(__file__).resolve().parent
-CXX_FLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-w", "-fno-strict-aliasing", "-pthread"]
+CXX_FLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-w", "-fno-strict-aliasing", "-pthread", "-fvisibility=hidden"]
 # Headers a Metal kernel may include; they resolve to empty stubs (msl.h already provides them).
 METAL_HEADERS = [
     "metal_stdlib", "metal_simdgroup", "metal_math", "metal_atomic", "metal_compute", "metal_integer",
@@ -82,7 +82,7 @@ def lint(name: str, parts: list[tuple[str, str]]) -> None:
             while i < len(clean) and depth:
                 depth += {"{": 1, "}": -1}.get(clean[i], 0)
                 i += 1
-            if re.search(rf"(?<![\w.>]){re.escape(fname)}\s*(<[^;{{}}]*>)?\s*\(", clean[m.end():i]):
+            if re.search(rf"(?<![\w.>:]){re.escape(fname)}\s*(<[^;{{}}]*>)?\s*\(", clean[m.end():i]):
                 line = clean.count("\n", 0, m.start()) + 1
                 problems.append(f"{label}:{line}: `{fname}` calls itself: Metal does not allow recursion")
     if problems:

@@ -350,7 +350,7 @@ static void* worker_main(void* arg) {
 
 }  // namespace msl
 
-extern "C" int msl_launch(msl::Launch* L) {
+extern "C" __attribute__((visibility("default"))) int msl_launch(msl::Launch* L) {
   using namespace msl;
   g_launch = L;
   g_failed = 0;
