@@ -368,6 +368,16 @@ extern "C" __attribute__((visibility("default"))) int msl_launch(msl::Launch* L)
     ws[i].stack_size = stack;
     ws[i].stacks = (char*)mmap(nullptr, stack * cap, PROT_READ | PROT_WRITE,
                                MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (ws[i].stacks == (char*)MAP_FAILED) {
+      ws[i].stacks = nullptr;
+      nw = i;
+      if (nw == 0) {
+        fail("kernel '%s': cannot map %zu bytes of fiber stacks", L->kernel_name, stack * cap);
+        delete[] ws;
+        return 1;
+      }
+      break;
+    }
     ws[i].fibers = new Fiber[cap];
     ws[i].order = new int[cap];
   }
