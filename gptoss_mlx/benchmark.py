@@ -214,7 +214,8 @@ class Benchmark:
     """The engines to measure (ours, and mlx-lm when comparing) on one set of weights."""
 
     def __init__(self, *, model_path: str | None = None, synthetic: str | None = None,
-                 compare: str | None = None, seed: int = 0, progress: bool = False):
+                 compare: str | None = None, dtype: str | None = None, seed: int = 0,
+                 progress: bool = False):
         from .hub import resolve_model_path
         from .loading import load_model, parse_dtype
         from .weights import find_weights_folder
@@ -225,7 +226,8 @@ class Benchmark:
             raise GptOssError(f"--compare supports only mlx-lm, not {compare!r}")
         if compare:
             _import_mlx_lm("mlx_lm")
-        dtype = parse_dtype(None)
+        dtype = parse_dtype(dtype)  # the compute dtype of every engine (default bfloat16)
+        self.dtype = dtype
         self.label = model_path or f"synthetic-{synthetic}"
         self.seed = seed
         self.progress = progress
@@ -234,7 +236,7 @@ class Benchmark:
             theirs = (lambda: _MlxLm.from_tensors(tensors, config_json, dtype))
         else:
             folder = find_weights_folder(resolve_model_path(model_path, progress=progress))
-            model = load_model(folder, progress=progress)
+            model = load_model(folder, dtype=dtype, progress=progress)
             theirs = (lambda: _MlxLm.from_folder(folder))
         self.model = model
         self.engines = [_Ours(model)] + ([theirs()] if compare else [])
@@ -267,6 +269,7 @@ class Benchmark:
             "model": self.label,
             "config": self.model.config.to_hf(),
             "device": str(mx.default_device()),
+            "dtype": str(self.dtype),
             "device_info": {k: str(v) for k, v in mx.device_info().items()},
             "weight_bytes_per_token": weight_bytes_per_token(self.model),
             "gen_tokens": gen_tokens,
