@@ -7,6 +7,10 @@ For query head h (reading KV head h // group) and keys j in its window:
 
 The sink joins the softmax denominator unscaled and has no value vector. Sliding layers see the
 `window` keys ending at the query (itself included), full layers every earlier key.
+
+A long chunk on a sliding layer is computed in blocks of `window` queries (`banded_attention`):
+each block attends only to the 2 * window keys around it, so the work grows as T x window
+instead of T x T.
 """
 
 from __future__ import annotations
@@ -49,7 +53,45 @@ class Attention(nn.Module):
             k, v, mask = cache.update(k, v)
         else:
             mask = attention_mask(T, T, self.window)
-        out = mx.fast.scaled_dot_product_attention(
-            q, k, v, scale=self.scale, mask=mask, sinks=self.sinks.astype(q.dtype)
-        )
+        sinks = self.sinks.astype(q.dtype)
+        if self.window is not None and T > 2 * self.window:
+            out = banded_attention(q, k, v, sinks, self.scale, self.window)
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask, sinks=sinks)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+
+def banded_attention(q: mx.array, k: mx.array, v: mx.array, sinks: mx.array, scale: float,
+                     window: int) -> mx.array:
+    """Sliding-window attention with sinks for a chunk of T queries, in blocks of `window`.
+
+    q `[B, H, T, D]` are the last T of the S = P + T positions in k, v `[B, H_kv, S, D]` (P < window
+    earlier positions first). Keys are padded to start `window` positions before the first query,
+    so query block b (positions b*W .. b*W+W-1 of the chunk) needs exactly key blocks b and b+1:
+    query t of a block sees block column c iff t < c <= t + W and the key is not padding.
+    Returns `[B, H, T, D]`.
+    """
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    W, P = window, S - T
+    nb = -(-T // W)
+    pad_q = nb * W - T
+    pad_left, pad_right = W - P, (nb + 1) * W - (W - P) - S
+
+    def blocks(x, heads):  # [B, heads, S, D] -> [B*nb, heads, 2W, D]
+        x = mx.pad(x, [(0, 0), (0, 0), (pad_left, pad_right), (0, 0)])
+        x = x.reshape(B, heads, nb + 1, W, D)
+        x = mx.concatenate([x[:, :, :-1], x[:, :, 1:]], axis=3)  # [B, heads, nb, 2W, D]
+        return x.transpose(0, 2, 1, 3, 4).reshape(B * nb, heads, 2 * W, D)
+
+    qb = mx.pad(q, [(0, 0), (0, 0), (0, pad_q), (0, 0)]).reshape(B, H, nb, W, D)
+    qb = qb.transpose(0, 2, 1, 3, 4).reshape(B * nb, H, W, D)
+    t = mx.arange(W)[:, None]
+    c = mx.arange(2 * W)[None, :]
+    block_start = (mx.arange(nb) * W)[:, None, None]
+    mask = (c > t) & (c <= t + W) & (block_start + c >= pad_left)  # [nb, W, 2W]
+    mask = mx.broadcast_to(mask[None, :, None], (B, nb, 1, W, 2 * W)).reshape(B * nb, 1, W, 2 * W)
+    out = mx.fast.scaled_dot_product_attention(qb, blocks(k, Hkv), blocks(v, Hkv), scale=scale,
+                                               mask=mask, sinks=sinks)
+    out = out.reshape(B, nb, H, W, D).transpose(0, 2, 1, 3, 4).reshape(B, H, nb * W, D)
+    return out[:, :, :T]

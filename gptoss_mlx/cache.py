@@ -1,8 +1,14 @@
-"""Key/value caches: a 128-slot ring buffer for sliding layers, a growing buffer for full layers.
+"""Key/value caches: a `window`-slot ring buffer for sliding layers, a growing buffer for full layers.
 
-Both take the new keys/values of T positions (`[B, H_kv, T, D]`, RoPE already applied) and return
-the keys/values the new queries attend to, plus the mask that goes with them (see `attention_mask`).
-Batches share one position counter (`offset`): rows have equal length.
+Both store keys/values `[B, H_kv, slots, D]` (RoPE already applied) and share one position counter
+(`offset`) across the batch: rows have equal length. Position p of a sliding layer lives in slot
+p % window; position p of a full layer in slot p.
+
+A chunk of T > 1 new positions goes through `update`, which returns the keys/values those queries
+attend to and the mask that goes with them (see `attention_mask`). A single decoded token goes
+through `DecodeSlot` instead: a functional update at an array-valued offset that always returns
+the whole buffer and a mask of its filled slots, so the decode step has fixed shapes and can be
+compiled once (see `GptOssModel.__call__`).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ def attention_mask(num_queries: int, num_keys: int, window: int | None):
 class FullCache:
     """Every position's keys and values, in a buffer grown `step` positions at a time."""
 
-    step = 256
+    step = 1024  # a new capacity means a new decode-step shape (one recompilation)
     window = None
 
     def __init__(self):
@@ -38,27 +44,29 @@ class FullCache:
         self.values = None
         self.offset = 0
 
+    def reserve(self, batch: int, kv_heads: int, head_dim: int, dtype: mx.Dtype, count: int) -> None:
+        """Make room for `count` more positions."""
+        needed = self.offset + count
+        have = 0 if self.keys is None else self.keys.shape[2]
+        if needed <= have:
+            return
+        grow = -(-(needed - have) // self.step) * self.step
+        new_k = mx.zeros((batch, kv_heads, grow, head_dim), dtype)
+        new_v = mx.zeros((batch, kv_heads, grow, head_dim), dtype)
+        if self.keys is None:
+            self.keys, self.values = new_k, new_v
+        else:
+            self.keys = mx.concatenate([self.keys[..., : self.offset, :], new_k], axis=2)
+            self.values = mx.concatenate([self.values[..., : self.offset, :], new_v], axis=2)
+
     def update(self, keys: mx.array, values: mx.array):
         B, H, T, D = keys.shape
-        needed = self.offset + T
-        if self.keys is None or needed > self.keys.shape[2]:
-            grow = ((needed - (0 if self.keys is None else self.keys.shape[2]) + self.step - 1)
-                    // self.step) * self.step
-            new_k = mx.zeros((B, H, grow, D), keys.dtype)
-            new_v = mx.zeros((B, H, grow, values.shape[3]), values.dtype)
-            if self.keys is None:
-                self.keys, self.values = new_k, new_v
-            else:
-                self.keys = mx.concatenate([self.keys[..., : self.offset, :], new_k], axis=2)
-                self.values = mx.concatenate([self.values[..., : self.offset, :], new_v], axis=2)
-        self.keys[..., self.offset : needed, :] = keys
-        self.values[..., self.offset : needed, :] = values
-        self.offset = needed
-        return (
-            self.keys[..., :needed, :],
-            self.values[..., :needed, :],
-            attention_mask(T, needed, None),
-        )
+        self.reserve(B, H, D, keys.dtype, T)
+        end = self.offset + T
+        self.keys[..., self.offset : end, :] = keys
+        self.values[..., self.offset : end, :] = values
+        self.offset = end
+        return self.keys[..., :end, :], self.values[..., :end, :], attention_mask(T, end, None)
 
     @property
     def nbytes(self) -> int:
@@ -68,9 +76,8 @@ class FullCache:
 class SlidingCache:
     """The last `window` positions' keys and values in a ring: position p lives in slot p % window.
 
-    Decoding one token attends to the whole ring (every stored key is inside its window, order does
-    not matter), so it needs no mask. A multi-token chunk attends to the previous window-1 positions
-    in order followed by its own keys, under a band mask.
+    A multi-token chunk attends to the previous window-1 positions in order followed by its own
+    keys, under a band mask; then the last `window` positions are written back to their slots.
     """
 
     def __init__(self, window: int):
@@ -78,6 +85,12 @@ class SlidingCache:
         self.keys = None
         self.values = None
         self.offset = 0
+
+    def reserve(self, batch: int, kv_heads: int, head_dim: int, dtype: mx.Dtype, count: int) -> None:
+        """Allocate the ring on first use (it never grows)."""
+        if self.keys is None:
+            self.keys = mx.zeros((batch, kv_heads, self.window, head_dim), dtype)
+            self.values = mx.zeros((batch, kv_heads, self.window, head_dim), dtype)
 
     def _ordered(self, buffer: mx.array, count: int) -> mx.array:
         """The last `count` stored positions of `buffer`, oldest first."""
@@ -87,28 +100,17 @@ class SlidingCache:
     def update(self, keys: mx.array, values: mx.array):
         B, H, T, D = keys.shape
         W = self.window
-        if self.keys is None:
-            self.keys = mx.zeros((B, H, W, D), keys.dtype)
-            self.values = mx.zeros((B, H, W, values.shape[3]), values.dtype)
-        if T == 1:
-            slot = self.offset % W
-            self.keys[..., slot : slot + 1, :] = keys
-            self.values[..., slot : slot + 1, :] = values
-            self.offset += 1
-            filled = min(self.offset, W)
-            return self.keys[..., :filled, :], self.values[..., :filled, :], None
-
+        self.reserve(B, H, D, keys.dtype, T)
         previous = min(self.offset, W - 1)
         all_k = mx.concatenate([self._ordered(self.keys, previous), keys], axis=2)
         all_v = mx.concatenate([self._ordered(self.values, previous), values], axis=2)
         end = self.offset + T
         kept = min(W, end)
-        # The last `kept` positions end - kept .. end - 1 go to slots (position % W).
-        if kept == W:
+        if kept == W:  # positions end-W .. end-1 go to slots (position % W): a rotation
             shift = (end - W) % W
             self.keys = mx.roll(all_k[..., -W:, :], shift, axis=2)
             self.values = mx.roll(all_v[..., -W:, :], shift, axis=2)
-        else:  # fewer than W positions so far: they start at position 0 = slot 0
+        else:  # fewer than W positions so far: position = slot
             self.keys[..., :kept, :] = all_k[..., -kept:, :]
             self.values[..., :kept, :] = all_v[..., -kept:, :]
         self.offset = end
@@ -117,3 +119,22 @@ class SlidingCache:
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+class DecodeSlot:
+    """One layer's cache as seen by a single decoded token at array-valued position `offset`.
+
+    Writes the token's key/value to its slot (offset, or offset % window for a ring) and returns the
+    whole buffer with a mask of the slots filled so far; every shape is fixed, so the decode step
+    compiles once per buffer capacity. The new buffers are left in `keys`/`values`.
+    """
+
+    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array, window: int | None):
+        self.keys, self.values, self.offset, self.window = keys, values, offset, window
+
+    def update(self, keys: mx.array, values: mx.array):
+        slot = self.offset % self.window if self.window else self.offset
+        self.keys = mx.slice_update(self.keys, keys, slot.reshape(1), axes=(2,))
+        self.values = mx.slice_update(self.values, values, slot.reshape(1), axes=(2,))
+        filled = mx.arange(self.keys.shape[2]) <= self.offset
+        return self.keys, self.values, filled

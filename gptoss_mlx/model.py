@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .attention import Attention
-from .cache import FullCache, SlidingCache
+from .cache import DecodeSlot, FullCache, SlidingCache
 from .config import SLIDING, ModelConfig
 from .moe import MoE
 
@@ -43,8 +43,11 @@ class GptOssModel(nn.Module):
         self.layers = [TransformerBlock(config, t) for t in config.layer_types]
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._compiled_decode = None
 
     def __call__(self, input_ids: mx.array, cache: list | None = None) -> mx.array:
+        if cache is not None and input_ids.shape[1] == 1:
+            return self._decode_step(input_ids, cache)
         return self.lm_head(self.hidden_states(input_ids, cache))
 
     def hidden_states(self, input_ids: mx.array, cache: list | None = None) -> mx.array:
@@ -53,6 +56,34 @@ class GptOssModel(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cache[i] if cache is not None else None)
         return self.norm(x)
+
+    def _decode_step(self, input_ids: mx.array, cache: list) -> mx.array:
+        """One new token per row through the caches, as one compiled graph.
+
+        The caches' buffers and the position go in as arrays (see `DecodeSlot`), so the step has
+        the same shapes every token: `mx.compile` traces it once per cache capacity and fuses its
+        element-wise work, which cuts the kernels launched per token.
+        """
+        c = self.config
+        for layer_cache in cache:
+            layer_cache.reserve(input_ids.shape[0], c.num_key_value_heads, c.head_dim, self.dtype, 1)
+        if self._compiled_decode is None:
+            self._compiled_decode = mx.compile(self._decode_graph, inputs=self.state)
+        buffers = [b for layer_cache in cache for b in (layer_cache.keys, layer_cache.values)]
+        logits, *buffers = self._compiled_decode(input_ids, mx.array(cache[0].offset), *buffers)
+        for i, layer_cache in enumerate(cache):
+            layer_cache.keys, layer_cache.values = buffers[2 * i], buffers[2 * i + 1]
+            layer_cache.offset += 1
+        return logits
+
+    def _decode_graph(self, input_ids: mx.array, offset: mx.array, *buffers: mx.array):
+        slots = [
+            DecodeSlot(buffers[2 * i], buffers[2 * i + 1], offset,
+                       self.config.sliding_window if t == SLIDING else None)
+            for i, t in enumerate(self.config.layer_types)
+        ]
+        logits = self.lm_head(self.hidden_states(input_ids, slots))
+        return (logits, *[b for slot in slots for b in (slot.keys, slot.values)])
 
     def make_cache(self) -> list:
         """One cache per layer: a ring of `sliding_window` slots or a growing buffer."""

@@ -106,16 +106,21 @@ def read_checkpoint(path: str) -> Checkpoint:
     infos: dict[str, TensorInfo] = {}
     for shard in _shard_files(folder):
         infos.update(read_header(shard))
-    layout = _detect_layout(infos.keys(), folder, raw_config)
-    config = (ModelConfig.from_original if layout == "original" else ModelConfig.from_hf)(raw_config)
-
     arrays: dict[str, mx.array] = {}
     for shard in sorted({info.file for info in infos.values()}):
         try:
             arrays.update(mx.load(shard))
         except Exception as e:  # MLX's reader reports format problems as RuntimeError/ValueError
             raise GptOssError(f"{os.path.basename(shard)}: cannot read safetensors ({e})") from None
-    source = _Source(arrays, infos)
+    return checkpoint_from_tensors(arrays, raw_config, folder, infos)
+
+
+def checkpoint_from_tensors(arrays: dict[str, mx.array], raw_config: dict, folder: str = "<memory>",
+                            infos: dict[str, TensorInfo] | None = None) -> Checkpoint:
+    """Recognise the layout of `arrays` (named as in some checkpoint) and map them to our names."""
+    layout = _detect_layout(arrays.keys(), folder, raw_config)
+    config = (ModelConfig.from_original if layout == "original" else ModelConfig.from_hf)(raw_config)
+    source = _Source(dict(arrays), infos or {})
     tensors = _MAPPERS[layout](source, config)
     source.reject_leftovers()
     return Checkpoint(folder, layout, config, raw_config, tensors, source.origin)
@@ -130,7 +135,8 @@ class _Source:
         self.origin: dict[str, str] = {}
 
     def where(self, name: str) -> str:
-        return f"{os.path.basename(self.infos[name].file)}: {name}"
+        info = self.infos.get(name)
+        return f"{os.path.basename(info.file)}: {name}" if info else name
 
     def has(self, name: str) -> bool:
         return name in self.arrays
