@@ -68,6 +68,13 @@ class FullCache:
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :], attention_mask(T, end, None)
 
+    def trim(self, n: int) -> bool:
+        """Forget the last `n` positions (they are overwritten by the next writes)."""
+        if n > self.offset:
+            return False
+        self.offset -= n
+        return True
+
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
@@ -115,6 +122,18 @@ class SlidingCache:
             self.values[..., :kept, :] = all_v[..., -kept:, :]
         self.offset = end
         return all_k, all_v, attention_mask(T, previous + T, W)
+
+    def trim(self, n: int) -> bool:
+        """Forget the last `n` positions; possible for n <= 1 only.
+
+        The slot of the forgotten position held, before it, the position `window` earlier, which
+        the next query (at the forgotten position) no longer sees; trimming two would lose one it
+        does see.
+        """
+        if n > min(1, self.offset):
+            return False
+        self.offset -= n
+        return True
 
     @property
     def nbytes(self) -> int:

@@ -31,25 +31,13 @@ __all__ = ["ChatSession", "trim_cache"]
 
 
 def trim_cache(cache: list, n: int) -> bool:
-    """Drop the last ``n`` positions from every layer's cache; False when a layer cannot.
-
-    Uses a cache's own ``trim(n)`` when it has one. Otherwise it lowers ``offset``: exact for the
-    growing full-attention cache (positions past ``offset`` are ignored and overwritten) and, for
-    ``n == 1`` only, for the sliding ring (the stale slot then holds the position that falls out
-    of the window at the next write, which no query can see).
-    """
+    """Drop the last ``n`` positions from every layer's cache; False (nothing changed) when a
+    layer cannot, as a sliding ring cannot for n > 1 (see ``SlidingCache.trim``)."""
     if n == 0:
         return True
-    if all(hasattr(c, "trim") for c in cache):
-        return all(c.trim(n) is not False for c in cache)
-    for c in cache:
-        if n > getattr(c, "offset", 0):
-            return False
-        if getattr(c, "window", None) is not None and n > 1:
-            return False
-    for c in cache:
-        c.offset -= n
-    return True
+    if any(n > c.offset or (c.window is not None and n > 1) for c in cache):
+        return False
+    return all(c.trim(n) for c in cache)
 
 
 @dataclass

@@ -320,5 +320,64 @@ def chat_command(model, dtype, max_tokens, temperature, top_p, top_k, min_p, see
 main.add_command(generate_command)
 main.add_command(chat_command)
 
+
+@main.command("bench")
+@click.option("-m", "--model", "model_path", default=None, help="Checkpoint folder or Hugging Face repo id.")
+@click.option("--synthetic", type=click.Choice(["20b", "120b", "tiny"]), default=None,
+              help="Random weights at the real shapes (MXFP4 experts): no download needed.")
+@click.option("--prompt-tokens", default="512,2048,8192", show_default=True,
+              help="Comma-separated prompt lengths.")
+@click.option("--gen-tokens", type=click.IntRange(min=2), default=128, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--warmup/--no-warmup", default=True, show_default=True)
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
+              show_default=True, help="Compute dtype (of every engine compared).")
+@click.option("--bandwidth", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Memory bandwidth in GB/s, for the decode ceiling.")
+@click.option("--chip", default=None, help='Apple chip name for its bandwidth, e.g. "M4 Max".')
+@click.option("--compare", type=click.Choice(["mlx-lm"]), default=None,
+              help="Also run mlx-lm's gpt-oss on the same weights, alternating runs.")
+@click.option("--ops", is_flag=True, help="Also count the MLX primitives one decode step evaluates.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@user_errors
+def bench_command(model_path, synthetic, prompt_tokens, gen_tokens, repeats, warmup, dtype,
+                  bandwidth, chip, compare, ops, seed, as_json):
+    """Measure prompt and decode speed, memory and bytes per token."""
+    from .benchmark import Benchmark, chip_bandwidth, format_table
+
+    try:
+        lengths = tuple(int(p) for p in prompt_tokens.split(",") if p.strip())
+    except ValueError:
+        raise GptOssError(f"--prompt-tokens must be comma-separated integers, not {prompt_tokens!r}") from None
+    bandwidth = bandwidth or chip_bandwidth(chip)
+    bench = Benchmark(model_path=model_path, synthetic=synthetic, compare=compare, dtype=dtype,
+                      seed=seed, progress=not as_json)
+    result = bench.run(lengths, gen_tokens=gen_tokens, repeats=repeats, warmup=warmup)
+    result["bandwidth_gbs"] = bandwidth
+    if bandwidth:
+        result["decode_ceiling_tps"] = bandwidth * 1e9 / result["weight_bytes_per_token"]
+    if ops:
+        result["primitives_per_decode_step"] = bench.primitives()
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+        return
+    click.echo(format_table(result, bandwidth))
+    if ops:
+        counts = result["primitives_per_decode_step"]
+        click.echo("\nMLX primitives per decode step (each one a kernel launch on a Mac):")
+        for name, c in counts.items():
+            click.echo(f"  {name:<11} {c['total']:>5}   " + ", ".join(
+                f"{k} {v}" for k, v in list(c["by_primitive"].items())[:6]))
+        if len(counts) == 2:
+            ours, theirs = (c["total"] for c in counts.values())
+            click.echo(f"  ratio       {ours / theirs:.2f}x")
+    import mlx.core as mx
+
+    if not mx.metal.is_available():
+        click.echo("\nnote: no Metal GPU here; these are CPU figures (MLX's CPU backend), a proxy "
+                   "for graph-level efficiency, not Apple Silicon speed.", err=True)
+
+
 if __name__ == "__main__":
     main()
