@@ -115,26 +115,27 @@ def _cache_arrays(cache) -> list:
     return out
 
 
-def _forward(model, ids: mx.array, cache, last_only: bool):
-    """Run ids `[1, T]` through the model; the last position's logits `[1, V]` when `last_only`,
-    else just the hidden states (the chunk's only lasting effect is on the cache)."""
-    if hasattr(model, "hidden_states") and hasattr(model, "lm_head"):
-        h = model.hidden_states(ids, cache)
-        return model.lm_head(h[:, -1:, :])[:, -1, :] if last_only else h
-    logits = model(ids, cache=cache)
-    return logits[:, -1, :] if last_only else logits
+def _last_logits(model, ids: mx.array, cache) -> mx.array:
+    """Logits `[1, V]` of the last of ids `[1, T]`, computing only what that needs when the model
+    knows how (`GptOssModel.last_logits`); any callable model otherwise."""
+    if hasattr(model, "last_logits"):
+        return model.last_logits(ids, cache)
+    return model(ids, cache=cache)[:, -1, :]
 
 
 def _prefill(model, ids: list[int], cache, chunk: int, progress: bool) -> mx.array:
-    """Feed `ids` through the cache `chunk` tokens at a time; the last position's logits `[1, V]`."""
+    """Feed `ids` through the cache `chunk` tokens at a time; the last position's logits `[1, V]`.
+
+    Only the caches of the earlier chunks are evaluated: their logits are never computed.
+    """
     starts = list(range(0, len(ids), chunk))
     show = progress and len(starts) > 1
     with progress_bar(len(ids), "Prefill", show) as bar:
         for start in starts[:-1]:
-            h = _forward(model, mx.array([ids[start:start + chunk]]), cache, last_only=False)
-            mx.eval(h, *_cache_arrays(cache))
+            _last_logits(model, mx.array([ids[start:start + chunk]]), cache)
+            mx.eval(*_cache_arrays(cache))
             bar.update(chunk)
-        logits = _forward(model, mx.array([ids[starts[-1]:]]), cache, last_only=True)
+        logits = _last_logits(model, mx.array([ids[starts[-1]:]]), cache)
         bar.update(len(ids) - starts[-1])
     return logits
 
