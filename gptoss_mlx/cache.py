@@ -36,7 +36,7 @@ def attention_mask(num_queries: int, num_keys: int, window: int | None):
 class FullCache:
     """Every position's keys and values, in a buffer grown `step` positions at a time."""
 
-    step = 1024  # a new capacity means a new decode-step shape (one recompilation)
+    step = 256  # a new capacity means a new decode-step shape (one recompilation)
     window = None
 
     def __init__(self):
