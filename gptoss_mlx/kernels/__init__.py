@@ -168,8 +168,8 @@ def relative_error(ours: mx.array, ref: mx.array) -> float:
 
 
 # Op entry points, used by moe.py and attention.py.
-from .attention import attention  # noqa: E402
+from .attention import attend  # noqa: E402
 from .moe import experts  # noqa: E402
 
 __all__ = ["BACKENDS", "ENV_VAR", "resolve", "use", "backend_for", "compilable", "enabled",
-           "experts", "attention", "Kernel", "reset_self_checks"]
+           "experts", "attend", "Kernel", "reset_self_checks"]
