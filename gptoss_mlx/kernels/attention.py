@@ -132,7 +132,10 @@ def attend(module, q, k, v, sinks, cache) -> mx.array | None:
 
 # --- self-checks ---------------------------------------------------------------------------------
 
-_TOL = {mx.float32: 1e-4, mx.bfloat16: 3e-2}
+# The reference is the mlx ops in float32 on the same (bfloat16-valued) inputs: the kernels
+# accumulate in float32, so the bfloat16 tolerance covers the output rounding only.
+_TOL = {mx.float32: 1e-4, mx.bfloat16: 1e-2}
+_f32 = lambda *a: [x.astype(mx.float32) for x in a]  # noqa: E731
 
 
 def random_qkv(B, Hq, Hkv, T, S, D, seed=0, dtype=mx.float32):
@@ -147,8 +150,8 @@ def _check_decode(backend: str):
         for S, offset in ((16, 9), (FINAL_MAX_KEYS + 64, FINAL_MAX_KEYS + 40)):  # one pass; split + merge
             q, k, v, sinks = random_qkv(1, 4, 2, 1, S, 64, seed=S, dtype=dtype)
             got = decode_attention(backend, q, k, v, sinks, 0.125, offset)
-            err = relative_error(got, mlx_decode_attention(q, k, v, sinks, 0.125, offset))
-            if not err < tol:
+            err = relative_error(got, mlx_decode_attention(*_f32(q, k, v, sinks), 0.125, offset))
+            if not (got.dtype == dtype and err < tol):
                 return False, f"relative error {err:.3g} in {dtype} with {S} slots, tolerance {tol:g}"
     return True, ""
 
@@ -158,7 +161,7 @@ def _check_banded(backend: str):
     for dtype, tol in _TOL.items():
         q, k, v, sinks = random_qkv(1, 4, 2, 40, 43, 64, seed=5, dtype=dtype)
         got = banded_attention(backend, q, k, v, sinks, 0.125, 8)
-        err = relative_error(got, mlx_banded_attention(q, k, v, sinks, 0.125, 8))
-        if not err < tol:
+        err = relative_error(got, mlx_banded_attention(*_f32(q, k, v, sinks), 0.125, 8))
+        if not (got.dtype == dtype and err < tol):
             return False, f"relative error {err:.3g} in {dtype}, tolerance {tol:g}"
     return True, ""
