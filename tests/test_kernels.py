@@ -86,6 +86,22 @@ def test_sources_are_packaged_once():
         assert header.strip() and {k.name for k in names} <= set(bodies)
 
 
+def test_wheel_ships_the_kernel_sources(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+
+    root = sources.source_dir().parent
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation",
+                        "-q", "-w", str(tmp_path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot build a wheel here: {r.stderr.strip()[-300:]}")
+    (wheel,) = tmp_path.glob("*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        shipped = {n.split("/")[-1]: z.read(n) for n in z.namelist() if n.startswith("gptoss_mlx/metal/")}
+    assert shipped == {p.name: p.read_bytes() for p in sources.source_dir().glob("*.metal")}
+
+
 # --- MoE kernels ----------------------------------------------------------------------------------
 
 # (experts, hidden, intermediate, tokens, experts per token): partial threadgroups (outputs not a
