@@ -52,7 +52,7 @@ def decode_attention(backend: str, q, k, v, sinks, scale: float, offset) -> mx.a
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
     split, ns = decode_splits(S, D)
-    offset = mx.array(offset).reshape(1).astype(mx.int32)
+    offset = (offset if isinstance(offset, mx.array) else mx.array(offset)).reshape(1).astype(mx.int32)
     params = mx.array([scale], dtype=mx.float32)
     final = ns == 1
     o_shape, ml_shape = ((B, Hq, 1, D), (1,)) if final else ((B, Hq, ns, D), (B, Hq, ns, 2))
@@ -87,7 +87,7 @@ def banded_attention(backend: str, q, k, v, sinks, scale: float, window: int, co
 # --- the mlx ops these kernels replace ----------------------------------------------------------
 
 def mlx_decode_attention(q, k, v, sinks, scale, offset):
-    filled = mx.arange(k.shape[2]) <= mx.array(offset)
+    filled = mx.arange(k.shape[2]) <= offset
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=filled, sinks=sinks)
 
 
