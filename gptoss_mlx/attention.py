@@ -42,25 +42,31 @@ class Attention(nn.Module):
         self.sinks = mx.zeros((H,))
         self.rope = YarnRoPE(config)
 
-    def __call__(self, x: mx.array, cache=None) -> mx.array:
+    def __call__(self, x: mx.array, cache=None, last_only: bool = False) -> mx.array:
+        """`[B, T, hidden]` -> `[B, T, hidden]`; with `last_only`, only the last position's query
+        (-> `[B, 1, hidden]`) while every position's key and value still enter the cache."""
         B, T, _ = x.shape
         offset = cache.offset if cache is not None else 0
-        q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        x_q = x[:, -1:] if last_only else x
+        Tq = x_q.shape[1]
+        q = self.q_proj(x_q).reshape(B, Tq, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        q = self.rope(q, offset)
+        q = self.rope(q, offset + T - Tq)
         k = self.rope(k, offset)
         if cache is not None:
             k, v, mask = cache.update(k, v)
         else:
             mask = attention_mask(T, T, self.window)
+        if last_only and isinstance(mask, mx.array):  # a [T, S] band: keep the last query's row
+            mask = mask[-1:]
         sinks = self.sinks.astype(q.dtype)
         out = kernels.attend(self, q, k, v, sinks, cache)  # decode / banded kernels, or None
-        if out is None and self.window is not None and T > 2 * self.window:
+        if out is None and self.window is not None and Tq > 2 * self.window:
             out = banded_attention(q, k, v, sinks, self.scale, self.window)
         elif out is None:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask, sinks=sinks)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, Tq, -1))
 
 
 def banded_attention(q: mx.array, k: mx.array, v: mx.array, sinks: mx.array, scale: float,

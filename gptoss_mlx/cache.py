@@ -33,16 +33,25 @@ def attention_mask(num_queries: int, num_keys: int, window: int | None):
     return (distance >= 0) & (distance < window)
 
 
-class FullCache:
-    """Every position's keys and values, in a buffer grown `step` positions at a time."""
+class _KVBuffers:
+    """Keys and values `[B, H_kv, slots, D]` (None until first use) and the position counter."""
 
-    step = 1024  # a new capacity means a new decode-step shape (one recompilation)
-    window = None
+    window: int | None = None
 
     def __init__(self):
         self.keys = None
         self.values = None
         self.offset = 0
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+class FullCache(_KVBuffers):
+    """Every position's keys and values, in a buffer grown `step` positions at a time."""
+
+    step = 256  # a new capacity means a new decode-step shape (one recompilation)
 
     def reserve(self, batch: int, kv_heads: int, head_dim: int, dtype: mx.Dtype, count: int) -> None:
         """Make room for `count` more positions."""
@@ -68,12 +77,15 @@ class FullCache:
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :], attention_mask(T, end, None)
 
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+    def trim(self, n: int) -> bool:
+        """Forget the last `n` positions (they are overwritten by the next writes)."""
+        if n > self.offset:
+            return False
+        self.offset -= n
+        return True
 
 
-class SlidingCache:
+class SlidingCache(_KVBuffers):
     """The last `window` positions' keys and values in a ring: position p lives in slot p % window.
 
     A multi-token chunk attends to the previous window-1 positions in order followed by its own
@@ -81,10 +93,8 @@ class SlidingCache:
     """
 
     def __init__(self, window: int):
+        super().__init__()
         self.window = window
-        self.keys = None
-        self.values = None
-        self.offset = 0
 
     def reserve(self, batch: int, kv_heads: int, head_dim: int, dtype: mx.Dtype, count: int) -> None:
         """Allocate the ring on first use (it never grows)."""
@@ -116,9 +126,17 @@ class SlidingCache:
         self.offset = end
         return all_k, all_v, attention_mask(T, previous + T, W)
 
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+    def trim(self, n: int) -> bool:
+        """Forget the last `n` positions; possible for n <= 1 only.
+
+        The slot of the forgotten position held, before it, the position `window` earlier, which
+        the next query (at the forgotten position) no longer sees; trimming two would lose one it
+        does see.
+        """
+        if n > min(1, self.offset):
+            return False
+        self.offset -= n
+        return True
 
 
 class DecodeSlot:

@@ -135,3 +135,21 @@ def load_model(path_or_repo: str, dtype=None, *, progress: bool = False,
     kernel_backends.resolve(kernels)
     ckpt = read_checkpoint(resolve_model_path(path_or_repo, progress=progress))
     return build_model(ckpt, compute_dtype, progress=progress, kernels=kernels)
+
+
+def load(path_or_repo: str, dtype=None, *, progress: bool = False, kernels: str | None = None):
+    """`(model, tokenizer)` for a folder or hub id: `load_model` plus the checkpoint's tokenizer.
+
+    The tokenizer comes from the folder's `tokenizer.json` when it has one (its special-token ids
+    checked), else tiktoken's o200k_harmony.
+    """
+    from .tokenizer import SPECIAL_TOKENS, load_tokenizer
+
+    folder = resolve_model_path(path_or_repo, progress=progress)
+    model = load_model(folder, dtype, progress=progress, kernels=kernels)
+    needed = max(SPECIAL_TOKENS.values()) + 1
+    if model.config.vocab_size < needed:
+        raise GptOssError(f"{path_or_repo}: the model's vocabulary has {model.config.vocab_size} "
+                          f"tokens, too few for o200k_harmony (needs {needed}); use load_model and "
+                          "token ids instead")
+    return model, load_tokenizer(folder)

@@ -29,8 +29,11 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = MoE(config)
 
-    def __call__(self, x: mx.array, cache=None) -> mx.array:
-        x = x + self.self_attn(self.input_layernorm(x), cache)
+    def __call__(self, x: mx.array, cache=None, last_only: bool = False) -> mx.array:
+        """`[B, T, H]` -> `[B, T, H]`, or `[B, 1, H]` for the last position alone with `last_only`
+        (keys and values of every position still go to the cache)."""
+        h = self.self_attn(self.input_layernorm(x), cache, last_only)
+        x = (x[:, -1:] if last_only else x) + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -51,11 +54,19 @@ class GptOssModel(nn.Module):
             return self._decode_step(input_ids, cache)
         return self.lm_head(self.hidden_states(input_ids, cache))
 
-    def hidden_states(self, input_ids: mx.array, cache: list | None = None) -> mx.array:
-        """Final-normed hidden states `[B, T, hidden]` (the logits before the unembedding)."""
+    def last_logits(self, input_ids: mx.array, cache: list | None = None) -> mx.array:
+        """Logits `[B, vocab]` of the last position only, for prefill: the last block computes its
+        queries, attention output and experts for that one position (earlier positions there only
+        feed the cache), and the unembedding runs once."""
+        return self.lm_head(self.hidden_states(input_ids, cache, last_only=True))[:, -1, :]
+
+    def hidden_states(self, input_ids: mx.array, cache: list | None = None,
+                      last_only: bool = False) -> mx.array:
+        """Final-normed hidden states `[B, T, hidden]` (`[B, 1, hidden]` with `last_only`)."""
         x = self.embed_tokens(input_ids)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, cache[i] if cache is not None else None)
+            x = layer(x, cache[i] if cache is not None else None, last_only and i == last)
         return self.norm(x)
 
     def _decode_step(self, input_ids: mx.array, cache: list) -> mx.array:

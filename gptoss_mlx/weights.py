@@ -84,7 +84,7 @@ def _shard_files(folder: str) -> list[str]:
     return sorted(glob.glob(os.path.join(folder, "*.safetensors")))
 
 
-def _detect_layout(names, folder: str, raw_config: dict) -> str:
+def _detect_layout(names, folder: str) -> str:
     for layout, marker in _LAYOUT_MARKERS.items():
         if marker in names:
             return layout
@@ -106,16 +106,21 @@ def read_checkpoint(path: str) -> Checkpoint:
     infos: dict[str, TensorInfo] = {}
     for shard in _shard_files(folder):
         infos.update(read_header(shard))
-    layout = _detect_layout(infos.keys(), folder, raw_config)
-    config = (ModelConfig.from_original if layout == "original" else ModelConfig.from_hf)(raw_config)
-
     arrays: dict[str, mx.array] = {}
     for shard in sorted({info.file for info in infos.values()}):
         try:
             arrays.update(mx.load(shard))
         except Exception as e:  # MLX's reader reports format problems as RuntimeError/ValueError
             raise GptOssError(f"{os.path.basename(shard)}: cannot read safetensors ({e})") from None
-    source = _Source(arrays, infos)
+    return checkpoint_from_tensors(arrays, raw_config, folder, infos)
+
+
+def checkpoint_from_tensors(arrays: dict[str, mx.array], raw_config: dict, folder: str = "<memory>",
+                            infos: dict[str, TensorInfo] | None = None) -> Checkpoint:
+    """Recognise the layout of `arrays` (named as in some checkpoint) and map them to our names."""
+    layout = _detect_layout(arrays.keys(), folder)
+    config = (ModelConfig.from_original if layout == "original" else ModelConfig.from_hf)(raw_config)
+    source = _Source(dict(arrays), infos or {})
     tensors = _MAPPERS[layout](source, config)
     source.reject_leftovers()
     return Checkpoint(folder, layout, config, raw_config, tensors, source.origin)
@@ -130,7 +135,8 @@ class _Source:
         self.origin: dict[str, str] = {}
 
     def where(self, name: str) -> str:
-        return f"{os.path.basename(self.infos[name].file)}: {name}"
+        info = self.infos.get(name)
+        return f"{os.path.basename(info.file)}: {name}" if info else name
 
     def has(self, name: str) -> bool:
         return name in self.arrays
@@ -177,6 +183,13 @@ def _interleave_rows(gate: mx.array, up: mx.array, axis: int) -> mx.array:
     return stacked.reshape(shape)
 
 
+def _move_mxfp4(src: _Source, out: dict, ours: str, blocks: str, scales: str, bias: str) -> None:
+    """One MXFP4 expert projection: uint8 blocks viewed as MLX's weight, E8M0 scales, bias."""
+    src.put(out, ours + ".weight", mxfp4_blocks_to_weight(src.take(blocks, mx.uint8)), blocks)
+    src.move(out, ours + ".scales", scales, mx.uint8)
+    src.move(out, ours + ".bias", bias)
+
+
 def _dense_hf(src: _Source, out: dict, prefix: str = "model.") -> None:
     """Embedding, norms, attention and router: HF names are ours behind `prefix`; quantized
     dense layers (`.scales`/`.biases`) come along as they are."""
@@ -194,10 +207,7 @@ def _map_hf_mxfp4(src: _Source, config: ModelConfig) -> dict:
     for i in range(config.num_hidden_layers):
         p, q = f"model.layers.{i}.mlp.experts.", f"layers.{i}.mlp.experts."
         for proj in ("gate_up_proj", "down_proj"):
-            blocks = src.take(p + proj + "_blocks", mx.uint8)
-            src.put(out, q + proj + ".weight", mxfp4_blocks_to_weight(blocks), p + proj + "_blocks")
-            src.move(out, q + proj + ".scales", p + proj + "_scales", mx.uint8)
-            src.move(out, q + proj + ".bias", p + proj + "_bias")
+            _move_mxfp4(src, out, q + proj, p + proj + "_blocks", p + proj + "_scales", p + proj + "_bias")
     return out
 
 
@@ -244,11 +254,8 @@ def _map_original(src: _Source, config: ModelConfig) -> dict:
         src.move(out, ours + "mlp.router.weight", b + "mlp.gate.weight")
         src.move(out, ours + "mlp.router.bias", b + "mlp.gate.bias")
         for theirs, proj in (("mlp1", "gate_up_proj"), ("mlp2", "down_proj")):
-            e = ours + "mlp.experts." + proj
-            blocks = src.take(f"{b}mlp.{theirs}_weight.blocks", mx.uint8)
-            src.put(out, e + ".weight", mxfp4_blocks_to_weight(blocks), f"{b}mlp.{theirs}_weight.blocks")
-            src.move(out, e + ".scales", f"{b}mlp.{theirs}_weight.scales", mx.uint8)
-            src.move(out, e + ".bias", f"{b}mlp.{theirs}_bias")
+            _move_mxfp4(src, out, ours + "mlp.experts." + proj, f"{b}mlp.{theirs}_weight.blocks",
+                        f"{b}mlp.{theirs}_weight.scales", f"{b}mlp.{theirs}_bias")
     return out
 
 

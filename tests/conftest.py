@@ -45,3 +45,14 @@ def harmony_enc():
             f"openai-harmony cannot load o200k_base ({e}); set TIKTOKEN_ENCODINGS_BASE to a folder "
             "holding o200k_base.tiktoken"
         )
+
+
+@pytest.fixture(scope="session")
+def o200k_dir(tmp_path_factory, tok):
+    """A tiny random checkpoint with gpt-oss's real vocabulary size (201088), so the o200k_harmony
+    tokenizer and harmony prompts apply; bfloat16 and hidden size 32 keep it ~26 MB."""
+    import mlx.core as mx
+
+    config = ck.TINY.replace(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=32)
+    tensors = ck.make_hf_tensors(config, seed=3, dtype=mx.bfloat16)
+    return ck.write_hf_mxfp4(tmp_path_factory.mktemp("o200k"), config, tensors, shards=1)

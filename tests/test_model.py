@@ -125,3 +125,17 @@ def test_yarn_ramp_bounds_are_not_rounded():
     assert np.allclose(ours, exact, rtol=1e-6, atol=0)
     assert np.abs(ours / rounded - 1).max() > 1e-2  # rounding the bounds would fail the line above
     assert concentration == pytest.approx(0.1 * math.log(32) + 1)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_last_logits_equal_the_full_forward_last_position(hf_mxfp4_dir, ids, cached):
+    model = load_model(hf_mxfp4_dir, dtype="float32")
+    full = logits(model, ids)
+    if cached:  # the last chunk after a first one, through the caches
+        cache = model.make_cache()
+        model.last_logits(mx.array(ids[:, :9]), cache)
+        last = ck.np32(model.last_logits(mx.array(ids[:, 9:]), cache))
+        assert cache[0].offset == ids.shape[1]
+    else:
+        last = ck.np32(model.last_logits(mx.array(ids)))
+    assert ck.relative_error(last, full[:, -1]) < FLOAT32_TOL

@@ -1,0 +1,329 @@
+"""`gptoss-mlx bench`: prompt and decode speed, memory, bytes per token, and kernel launches.
+
+Every figure is measured on this machine with the engine's real generator (`stream_generate`,
+greedy, no tokenizer) on random prompt tokens; nothing is estimated except the bandwidth ceiling,
+which is `bandwidth / weight bytes read per decoded token` and is labelled as such.
+
+With `compare="mlx-lm"` the same weights (the same arrays in memory, in the published layout) run
+through mlx-lm's gpt-oss model and `generate_step` in this process, alternating runs, and the
+table shows ours / theirs.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ModelConfig, preset
+from .errors import GptOssError
+from .generate import stream_generate
+from .loading import build_model
+from .synthetic import hf_config_json, random_checkpoint
+from .weights import checkpoint_from_tensors
+
+# The CPU proxy the issue measures on: real head geometry (64-dim heads, 8 query heads per KV
+# head, window 128) at reduced width, depth and vocabulary.
+TINY = ModelConfig(num_hidden_layers=4, num_experts=8, vocab_size=8000, hidden_size=512,
+                   intermediate_size=512, num_attention_heads=16, num_key_value_heads=2,
+                   head_dim=64, sliding_window=128)
+SYNTHETIC = {"20b": preset("20b"), "120b": preset("120b"), "tiny": TINY}
+
+# Unified-memory bandwidth in GB/s of Apple's chips (Apple's published figures).
+CHIP_BANDWIDTH = {
+    "m1": 68.25, "m1 pro": 200, "m1 max": 400, "m1 ultra": 800,
+    "m2": 100, "m2 pro": 200, "m2 max": 400, "m2 ultra": 800,
+    "m3": 100, "m3 pro": 150, "m3 max": 400, "m3 ultra": 819,
+    "m4": 120, "m4 pro": 273, "m4 max": 546,
+}
+
+
+@dataclass
+class RunResult:
+    engine: str
+    prompt_tokens: int
+    gen_tokens: int
+    prompt_tps: float
+    decode_tps: float
+    ttft_s: float
+    peak_memory_bytes: int
+
+
+@dataclass
+class Setting:
+    prompt_tokens: int
+    runs: dict[str, list[RunResult]] = field(default_factory=dict)
+
+    def median(self, engine: str, key: str) -> float:
+        return statistics.median(getattr(r, key) for r in self.runs[engine])
+
+
+def chip_bandwidth(chip: str | None) -> float | None:
+    """GB/s for a chip name ("M4 Max"), or for this Mac's chip when `chip` is None."""
+    name = chip
+    if name is None:
+        if not mx.metal.is_available():
+            return None
+        name = str(mx.device_info().get("device_name", ""))
+    key = name.lower().replace("apple", "").strip()
+    if key in CHIP_BANDWIDTH:
+        return CHIP_BANDWIDTH[key]
+    if chip is not None:
+        raise GptOssError(f"unknown chip {chip!r}: give --bandwidth GB/s, or one of "
+                          + ", ".join(k.upper() if " " not in k else k.split()[0].upper() + " "
+                                      + k.split()[1].title() for k in CHIP_BANDWIDTH))
+    return None
+
+
+def weight_bytes_per_token(model) -> int:
+    """Weight bytes one decoded token reads: all dense layers, k of E experts per layer, the whole
+    unembedding and one embedding row (KV-cache reads come on top and grow with the context)."""
+    c = model.config
+    total = 0
+    for name, array in tree_flatten(model.parameters()):
+        if ".mlp.experts." in name:
+            total += array.nbytes * c.experts_per_token // c.num_experts
+        elif name.startswith("embed_tokens."):
+            total += array.nbytes // c.vocab_size
+        else:
+            total += array.nbytes
+    return total
+
+
+def count_primitives(outputs) -> collections.Counter:
+    """The MLX primitives in the graph that computes `outputs` (not yet evaluated), by name."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "graph.dot")
+        mx.export_to_dot(path, outputs)
+        with open(path) as f:
+            return collections.Counter(
+                line.split('label ="', 1)[1].split('"', 1)[0] for line in f if "shape=rectangle" in line
+            )
+
+
+def decode_step_primitives(model, make_cache, prompt_tokens: int = 16) -> collections.Counter:
+    """Primitives in one decode step (after a short prefill) of any MLX model with a cache."""
+    cache = make_cache()
+    mx.eval(model(mx.array([[1] * prompt_tokens]), cache=cache))
+    return count_primitives(model(mx.array([[2]]), cache=cache))
+
+
+class _Ours:
+    name = "gptoss-mlx"
+
+    def __init__(self, model):
+        self.model = model
+
+    def run(self, prompt: list[int], gen_tokens: int) -> RunResult:
+        for event in stream_generate(self.model, prompt, max_tokens=gen_tokens, temperature=0.0,
+                                     stop_tokens=()):
+            stats = event.stats
+        return RunResult(self.name, len(prompt), stats.generation_tokens, stats.prompt_tps,
+                         stats.generation_tps, stats.time_to_first_token, stats.peak_memory)
+
+    def primitives(self) -> collections.Counter:
+        return decode_step_primitives(self.model, self.model.make_cache)
+
+
+class _MlxLm:
+    """mlx-lm's gpt-oss, driven by its own `generate_step`."""
+
+    name = "mlx-lm"
+
+    def __init__(self, model):
+        from mlx_lm.generate import generate_step
+
+        self.model = model
+        self._generate_step = generate_step
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, config_json: dict, dtype) -> "_MlxLm":
+        """The same published-layout tensors, loaded as mlx-lm loads a checkpoint."""
+        gpt_oss = _import_mlx_lm("mlx_lm.models.gpt_oss")
+        model = gpt_oss.Model(gpt_oss.ModelArgs.from_dict(config_json))
+        weights = model.sanitize(dict(tensors))
+        nn.quantize(model, group_size=32, bits=4, mode="mxfp4",
+                    class_predicate=lambda path, _: f"{path}.scales" in weights)
+        weights = {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
+                   for k, v in weights.items()}
+        model.load_weights(list(weights.items()))
+        mx.eval(model.parameters())
+        return cls(model)
+
+    @classmethod
+    def from_folder(cls, folder: str) -> "_MlxLm":
+        from pathlib import Path
+
+        model, _ = _import_mlx_lm("mlx_lm.utils").load_model(Path(folder))
+        return cls(model)
+
+    def run(self, prompt: list[int], gen_tokens: int) -> RunResult:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        mx.reset_peak_memory()
+        tic = time.perf_counter()
+        n, t_first, t_last = 0, tic, tic
+        steps = self._generate_step(mx.array(prompt), self.model, max_tokens=gen_tokens,
+                                    sampler=lambda logits: mx.argmax(logits, axis=-1),
+                                    prompt_cache=make_prompt_cache(self.model))
+        for token, _ in steps:
+            int(token)
+            n += 1
+            t_last = time.perf_counter()
+            if n == 1:
+                t_first = t_last
+        ttft = t_first - tic
+        decode = (n - 1) / (t_last - t_first) if n > 1 else 0.0
+        return RunResult(self.name, len(prompt), n, len(prompt) / ttft, decode, ttft,
+                         int(mx.get_peak_memory()))
+
+    def primitives(self) -> collections.Counter:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return decode_step_primitives(self.model, lambda: make_prompt_cache(self.model))
+
+
+def _import_mlx_lm(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise GptOssError("--compare mlx-lm needs mlx-lm installed: pip install mlx-lm") from None
+
+
+def _synthetic(name: str, seed: int, dtype):
+    if name not in SYNTHETIC:
+        raise GptOssError(f"--synthetic must be one of {', '.join(SYNTHETIC)}, not {name!r}")
+    config = SYNTHETIC[name]
+    tensors = random_checkpoint(config, seed=seed)
+    mx.eval(tensors)
+    config_json = hf_config_json(config)
+    model = build_model(checkpoint_from_tensors(tensors, config_json), dtype)
+    return model, tensors, config_json
+
+
+class Benchmark:
+    """The engines to measure (ours, and mlx-lm when comparing) on one set of weights."""
+
+    def __init__(self, *, model_path: str | None = None, synthetic: str | None = None,
+                 compare: str | None = None, dtype: str | None = None, seed: int = 0,
+                 progress: bool = False):
+        from .hub import resolve_model_path
+        from .loading import load_model, parse_dtype
+        from .weights import find_weights_folder
+
+        if (model_path is None) == (synthetic is None):
+            raise GptOssError("give exactly one of --model PATH|REPO or --synthetic 20b|120b|tiny")
+        if compare not in (None, "mlx-lm"):
+            raise GptOssError(f"--compare supports only mlx-lm, not {compare!r}")
+        if compare:
+            _import_mlx_lm("mlx_lm")
+        dtype = parse_dtype(dtype)  # the compute dtype of every engine (default bfloat16)
+        self.dtype = dtype
+        self.label = model_path or f"synthetic-{synthetic}"
+        self.seed = seed
+        self.progress = progress
+        if synthetic is not None:
+            model, tensors, config_json = _synthetic(synthetic, seed, dtype)
+            theirs = (lambda: _MlxLm.from_tensors(tensors, config_json, dtype))
+        else:
+            folder = find_weights_folder(resolve_model_path(model_path, progress=progress))
+            model = load_model(folder, dtype=dtype, progress=progress)
+            theirs = (lambda: _MlxLm.from_folder(folder))
+        self.model = model
+        self.engines = [_Ours(model)] + ([theirs()] if compare else [])
+
+    def run(self, prompt_tokens=(512,), gen_tokens: int = 128, repeats: int = 3,
+            warmup: bool = True) -> dict:
+        """Each prompt length `repeats` times per engine, alternating which runs first; medians."""
+        from .progress import progress_bar
+
+        if gen_tokens < 2 or repeats < 1 or not prompt_tokens or any(p < 1 for p in prompt_tokens):
+            raise GptOssError("--gen-tokens must be >= 2, --repeats >= 1 and prompt lengths >= 1")
+        vocab = self.model.config.vocab_size
+        key = mx.random.key(self.seed)
+        settings = [Setting(p) for p in prompt_tokens]
+        total = len(settings) * repeats * len(self.engines) + (len(self.engines) if warmup else 0)
+        with progress_bar(total, "Benchmarking", self.progress) as bar:
+            if warmup:
+                for engine in self.engines:
+                    engine.run(_prompt(key, vocab, min(64, min(prompt_tokens))), 4)
+                    bar.update(1)
+            for setting in settings:
+                prompt = _prompt(key, vocab, setting.prompt_tokens)
+                for r in range(repeats):
+                    order = self.engines if r % 2 == 0 else self.engines[::-1]
+                    for engine in order:
+                        setting.runs.setdefault(engine.name, []).append(engine.run(prompt, gen_tokens))
+                        bar.update(1)
+        names = [e.name for e in self.engines]
+        return {
+            "model": self.label,
+            "config": self.model.config.to_hf(),
+            "device": str(mx.default_device()),
+            "dtype": str(self.dtype),
+            "device_info": {k: str(v) for k, v in mx.device_info().items()},
+            "weight_bytes_per_token": weight_bytes_per_token(self.model),
+            "gen_tokens": gen_tokens,
+            "repeats": repeats,
+            "engines": names,
+            "settings": [
+                {"prompt_tokens": s.prompt_tokens,
+                 "median": {n: {k: s.median(n, k) for k in
+                                ("prompt_tps", "decode_tps", "ttft_s", "peak_memory_bytes")}
+                            for n in names},
+                 "runs": [asdict(r) for n in names for r in s.runs[n]]}
+                for s in settings
+            ],
+        }
+
+    def primitives(self) -> dict:
+        """Primitives one decode step evaluates, per engine, with a breakdown by primitive."""
+        out = {}
+        for engine in self.engines:
+            counts = engine.primitives()
+            out[engine.name] = {"total": sum(counts.values()), "by_primitive": dict(counts.most_common())}
+        return out
+
+
+def _prompt(key, vocab: int, length: int) -> list[int]:
+    return mx.random.randint(0, vocab, (length,), key=key).tolist()
+
+
+def format_table(result: dict, bandwidth_gbs: float | None = None) -> str:
+    """The medians as a table for people; with a bandwidth, the decode ceiling and its fraction."""
+    per_token = result["weight_bytes_per_token"]
+    ceiling = bandwidth_gbs * 1e9 / per_token if bandwidth_gbs else None
+    lines = [f"model: {result['model']}   device: {result['device']} "
+             f"({result['device_info'].get('device_name', '?')})   generated tokens: "
+             f"{result['gen_tokens']}   repeats: {result['repeats']} (medians)",
+             f"weights read per decoded token: {per_token / 1e9:.3f} GB"
+             + (f"   bandwidth {bandwidth_gbs:g} GB/s -> decode ceiling {ceiling:.1f} tok/s"
+                if ceiling else "")]
+    header = f"{'engine':<11} {'prompt':>7} {'prompt tok/s':>13} {'decode tok/s':>13} {'TTFT s':>8} {'peak GB':>8}"
+    if ceiling:
+        header += f" {'of ceiling':>10}"
+    lines += ["", header]
+    engines = result["engines"]
+    for s in result["settings"]:
+        for name in engines:
+            m = s["median"][name]
+            row = (f"{name:<11} {s['prompt_tokens']:>7} {m['prompt_tps']:>13.1f} {m['decode_tps']:>13.2f} "
+                   f"{m['ttft_s']:>8.3f} {m['peak_memory_bytes'] / 1e9:>8.3f}")
+            if ceiling:
+                row += f" {m['decode_tps'] / ceiling:>10.1%}"
+            lines.append(row)
+        if len(engines) == 2:
+            ours, theirs = (s["median"][n] for n in engines)
+            lines.append(f"{'ratio':<11} {s['prompt_tokens']:>7} "
+                         f"{ours['prompt_tps'] / theirs['prompt_tps']:>12.2f}x "
+                         f"{ours['decode_tps'] / theirs['decode_tps']:>12.2f}x")
+    return "\n".join(lines)

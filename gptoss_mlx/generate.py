@@ -1,0 +1,258 @@
+"""Streaming generation: chunked prefill, pipelined decode, harmony stop tokens, statistics.
+
+    prompt ids ──► prefill in chunks of `prefill_chunk` through the KV cache (each chunk evaluated,
+                   so peak memory stays bounded; only the last position goes through the unembedding)
+               ──► sample token 0
+    decode:        queue step n+1 (mx.async_eval) before reading token n with .item(), so the
+                   device computes the next token while the host parses and prints this one;
+                   the only host sync per token is reading the sampled id.
+    stop:          on <|return|> (finish "stop") or <|call|> ("tool_calls"), never on <|end|>;
+                   else after `max_tokens` ("length").
+
+A consequence of pipelining: when generation stops on a stop token, that token has already been fed
+through the model, so the cache holds ``prompt + completion``; when it stops at ``max_tokens`` the
+last token has not been fed and the cache holds one token less. Callers keeping the cache (chat)
+read ``cache[0].offset`` rather than assume either (see :mod:`gptoss_mlx.chat`).
+"""
+
+from __future__ import annotations
+
+import operator
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Mapping, Sequence
+
+import mlx.core as mx
+
+from .errors import GptOssError
+from .harmony import Delta, StreamParser, parse_completion, render_prompt
+from .progress import progress_bar
+from .sample import Sampler, make_sampler
+from .tokenizer import STOP_TOKENS, Tokenizer, default_tokenizer
+
+__all__ = ["GenerationEvent", "GenerationStats", "stream_generate", "generate", "prompt_tokens"]
+
+FINISH_REASONS = {STOP_TOKENS[0]: "stop", STOP_TOKENS[1]: "tool_calls"}
+
+
+@dataclass
+class GenerationStats:
+    """Timings and counts of one generation (times in seconds, memory in bytes)."""
+
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0  # prompt tokens / time to first token
+    time_to_first_token: float = 0.0  # from the call until the first token's id is on the host
+    generation_tokens: int = 0
+    generation_tps: float = 0.0  # tokens after the first / time after the first
+    peak_memory: int = 0  # mx.get_peak_memory() since the call started (weights included)
+    finish_reason: str | None = None  # "stop" (<|return|>), "tool_calls" (<|call|>), "length"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line for humans, e.g. for a CLI's stderr."""
+        return (f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s | "
+                f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s | "
+                f"first token: {self.time_to_first_token:.2f} s | "
+                f"peak memory: {self.peak_memory / 1e9:.2f} GB | finish: {self.finish_reason}")
+
+
+@dataclass
+class GenerationEvent:
+    """One generated token.
+
+    ``text`` is the visible text this token completed (concatenated ``deltas``; "" inside headers,
+    for special tokens, mid-UTF-8 character, or without a tokenizer). ``kind`` and ``channel`` are
+    those of the last delta ("reasoning" / "content" / "tool_call"; None when the token produced
+    none). The last event has ``finish_reason`` and ``stats`` set.
+    """
+
+    token: int
+    text: str = ""
+    kind: str | None = None
+    channel: str | None = None
+    deltas: list[Delta] = field(default_factory=list)
+    finish_reason: str | None = None
+    stats: GenerationStats | None = None
+
+
+def prompt_tokens(prompt, tokenizer: Tokenizer | None = None, *, tools=None,
+                  reasoning_effort: str | None = "medium") -> tuple[list[int], Tokenizer | None]:
+    """``(ids, tokenizer)`` for a prompt given as token ids, messages or a string.
+
+    Messages (OpenAI Chat Completions shape) are rendered with harmony; a string is one user
+    message. Both need a tokenizer: the default o200k_harmony when none is given.
+    """
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if isinstance(prompt, mx.array):
+        prompt = prompt.reshape(-1).tolist()
+    prompt = list(prompt)
+    if prompt and all(isinstance(m, Mapping) for m in prompt):
+        tokenizer = tokenizer or default_tokenizer()
+        ids = render_prompt(prompt, tools=tools, reasoning_effort=reasoning_effort,
+                            tokenizer=tokenizer)
+        return ids, tokenizer
+    try:
+        ids = [operator.index(t) for t in prompt]  # ints, numpy ints; not floats or strings
+    except TypeError:
+        raise GptOssError("prompt must be token ids (integers), a list of messages "
+                          "({'role': ..., 'content': ...}) or a string") from None
+    return ids, tokenizer
+
+
+def _cache_arrays(cache) -> list:
+    """The arrays a cache holds (to evaluate after a prefill chunk), whatever the cache class."""
+    out = []
+    for c in cache or ():
+        state = getattr(c, "state", None)
+        if isinstance(state, (list, tuple)):
+            out += [a for a in state if isinstance(a, mx.array)]
+            continue
+        out += [a for a in (getattr(c, "keys", None), getattr(c, "values", None))
+                if isinstance(a, mx.array)]
+    return out
+
+
+def _last_logits(model, ids: mx.array, cache) -> mx.array:
+    """Logits `[1, V]` of the last of ids `[1, T]`, computing only what that needs when the model
+    knows how (`GptOssModel.last_logits`); any callable model otherwise."""
+    if hasattr(model, "last_logits"):
+        return model.last_logits(ids, cache)
+    return model(ids, cache=cache)[:, -1, :]
+
+
+def _prefill(model, ids: list[int], cache, chunk: int, progress: bool) -> mx.array:
+    """Feed `ids` through the cache `chunk` tokens at a time; the last position's logits `[1, V]`.
+
+    Only the caches of the earlier chunks are evaluated: their logits are never computed.
+    """
+    starts = list(range(0, len(ids), chunk))
+    show = progress and len(starts) > 1
+    with progress_bar(len(ids), "Prefill", show) as bar:
+        for start in starts[:-1]:
+            _last_logits(model, mx.array([ids[start:start + chunk]]), cache)
+            mx.eval(*_cache_arrays(cache))
+            bar.update(chunk)
+        logits = _last_logits(model, mx.array([ids[starts[-1]:]]), cache)
+        bar.update(len(ids) - starts[-1])
+    return logits
+
+
+def stream_generate(
+    model,
+    prompt,
+    *,
+    tokenizer: Tokenizer | None = None,
+    max_tokens: int = 512,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    seed: int | None = None,
+    reasoning_effort: str | None = "medium",
+    tools: Sequence[Mapping] | None = None,
+    cache: list | None = None,
+    prefill_chunk: int = 512,
+    stop_tokens: Sequence[int] = STOP_TOKENS,
+    progress: bool = False,
+    sampler: Sampler | None = None,
+) -> Iterator[GenerationEvent]:
+    """Generate from ``prompt``, yielding a :class:`GenerationEvent` per token.
+
+    ``prompt``: token ids, messages (rendered with harmony, ``tools`` and ``reasoning_effort``) or
+    a string (one user message). With ``tokenizer`` (or a messages/string prompt, which implies the
+    default o200k_harmony) each event carries the parsed text delta and its channel; with token ids
+    and no tokenizer, events carry ids only. ``cache``: a cache from ``model.make_cache()`` to
+    continue from (``prompt`` is then only the tokens to add); a fresh one when None.
+    ``sampler`` overrides ``temperature``/``top_p``/``top_k``/``min_p``/``seed``.
+    The last event carries ``finish_reason`` and :class:`GenerationStats`.
+    """
+    ids, tokenizer = prompt_tokens(prompt, tokenizer, tools=tools, reasoning_effort=reasoning_effort)
+    if not ids:
+        raise GptOssError("the prompt is empty: give at least one token")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None and not all(0 <= t < vocab for t in ids):
+        bad = next(t for t in ids if not 0 <= t < vocab)
+        raise GptOssError(f"prompt token id {bad} is outside the model's vocabulary (0..{vocab - 1})")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise GptOssError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+    if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+        raise GptOssError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
+    sampler = sampler or make_sampler(temperature, top_p, top_k, min_p, seed=seed)
+    stops = frozenset(int(t) for t in stop_tokens)
+    if cache is None:
+        cache = model.make_cache()
+    parser = StreamParser(tokenizer) if tokenizer is not None else None
+    return _generate_events(model, ids, cache, sampler, max_tokens, prefill_chunk, stops, parser,
+                            progress)
+
+
+def _generate_events(model, ids, cache, sampler, max_tokens, prefill_chunk, stops, parser,
+                     progress) -> Iterator[GenerationEvent]:
+    mx.reset_peak_memory()
+    stats = GenerationStats(prompt_tokens=len(ids))
+    tic = time.perf_counter()
+
+    def step(token: mx.array) -> mx.array:
+        logits = model(token.reshape(1, 1), cache=cache)[:, -1, :]
+        return sampler(logits)
+
+    y = sampler(_prefill(model, ids, cache, prefill_chunk, progress))
+    mx.async_eval(y)
+    t_first = t_last = tic
+    n = 0
+    while True:
+        if n + 1 < max_tokens:  # queue the next step before waiting for this token
+            next_y = step(y)
+            mx.async_eval(next_y)
+        token = int(y.item())
+        n += 1
+        t_last = time.perf_counter()
+        if n == 1:
+            t_first = t_last
+        finish = FINISH_REASONS.get(token, "stop") if token in stops else None
+        if finish is None and n >= max_tokens:
+            finish = "length"
+        deltas = parser.feed(token) if parser is not None else []
+        event = GenerationEvent(token=token, deltas=deltas)
+        if finish is not None:
+            if parser is not None:
+                event.deltas = deltas + parser.finish()
+            stats.time_to_first_token = t_first - tic
+            stats.prompt_tps = len(ids) / max(stats.time_to_first_token, 1e-9)
+            stats.generation_tokens = n
+            stats.generation_tps = (n - 1) / (t_last - t_first) if n > 1 and t_last > t_first else 0.0
+            stats.peak_memory = int(mx.get_peak_memory())
+            stats.finish_reason = finish
+            event.finish_reason, event.stats = finish, stats
+        if event.deltas:
+            event.text = "".join(d.text for d in event.deltas)
+            event.kind, event.channel = event.deltas[-1].kind, event.deltas[-1].channel
+        yield event
+        if finish is not None:
+            return
+        y = next_y
+
+
+def generate(model, prompt, *, tokenizer: Tokenizer | None = None, **kwargs) -> dict:
+    """Run :func:`stream_generate` to the end and return the parsed result.
+
+    ``{"reasoning", "content", "tool_calls"}`` as :func:`harmony.parse_completion` gives them
+    (empty without a tokenizer), plus ``"tokens"`` (the completion ids, stop token included),
+    ``"prompt_tokens"`` (the prompt ids), ``"finish_reason"`` and ``"stats"`` (a dict).
+    """
+    ids, tokenizer = prompt_tokens(prompt, tokenizer, tools=kwargs.get("tools"),
+                                   reasoning_effort=kwargs.get("reasoning_effort", "medium"))
+    tokens, stats = [], None
+    for event in stream_generate(model, ids, tokenizer=tokenizer, **kwargs):
+        tokens.append(event.token)
+        stats = event.stats or stats
+    if tokenizer is not None:
+        result = parse_completion(tokens, tokenizer)
+    else:
+        result = {"reasoning": "", "content": "", "tool_calls": []}
+    result.update(tokens=tokens, prompt_tokens=ids, finish_reason=stats.finish_reason,
+                  stats=stats.to_dict())
+    return result

@@ -1,0 +1,257 @@
+"""stream_generate / generate: greedy parity with transformers, chunked prefill, stop tokens,
+seeds, statistics, and `load`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import checkpoints as ck
+from gptoss_mlx import GptOssError, generate, harmony, load, load_model, stream_generate
+from gptoss_mlx.tokenizer import SPECIAL_TOKENS
+
+RETURN, CALL, END = SPECIAL_TOKENS["<|return|>"], SPECIAL_TOKENS["<|call|>"], SPECIAL_TOKENS["<|end|>"]
+
+
+@pytest.fixture(scope="module")
+def model32(hf_mxfp4_dir):
+    return load_model(hf_mxfp4_dir, dtype="float32")
+
+
+def prompt_ids(n, seed=1):
+    return np.random.RandomState(seed).randint(0, ck.TINY.vocab_size, n).tolist()
+
+
+def greedy(model, prompt, n, **kw):
+    return [e.token for e in stream_generate(model, prompt, max_tokens=n, temperature=0, **kw)]
+
+
+# -- parity with transformers --------------------------------------------------------------------
+
+
+def transformers_greedy(reference, prompt, n):
+    import torch
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                              eos_token_id=None, pad_token_id=0, bos_token_id=None)
+    with torch.no_grad():
+        out = reference.generate(torch.tensor([prompt]), generation_config=config)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("length", [5, 13, 30])  # shorter and longer than the 8-token window
+def test_greedy_matches_transformers_generate(model32, reference, length):
+    prompt = prompt_ids(length, seed=length)
+    ref = transformers_greedy(reference, prompt, 12)
+    assert len(ref) == 12
+    assert greedy(model32, prompt, 12) == ref
+
+
+# -- prefill -------------------------------------------------------------------------------------
+
+
+def test_chunked_prefill_gives_the_same_tokens(model32):
+    prompt = prompt_ids(21, seed=4)
+    one_shot = greedy(model32, prompt, 10)
+    for chunk in (1, 3, 8, 20):
+        assert greedy(model32, prompt, 10, prefill_chunk=chunk) == one_shot, chunk
+
+
+def test_chunked_prefill_bounds_peak_memory(model32):
+    prompt = prompt_ids(500, seed=6)
+    runs = {chunk: list(stream_generate(model32, prompt, max_tokens=2, temperature=0,
+                                        prefill_chunk=chunk)) for chunk in (500, 32)}
+    assert [e.token for e in runs[32]] == [e.token for e in runs[500]]
+    # One-shot attention scores are [heads, 500, 500]; in chunks of 32 they are [heads, 32, <=500].
+    assert runs[32][-1].stats.peak_memory < runs[500][-1].stats.peak_memory / 3
+
+
+def test_a_kept_cache_continues_the_same_sequence(model32):
+    """Generating, then feeding more tokens through the same cache, equals one long prompt."""
+    first, more = prompt_ids(6, seed=8), prompt_ids(7, seed=9)
+    cache = model32.make_cache()
+    out = greedy(model32, first, 4, cache=cache)
+    # Ended at max_tokens: the last token was sampled but not yet fed (see generate.py).
+    assert cache[0].offset == len(first) + len(out) - 1
+    continued = greedy(model32, [out[-1]] + more, 5, cache=cache)
+    assert continued == greedy(model32, first + out + more, 5)
+
+
+# -- stop tokens and the pipelined loop, on a scripted model ------------------------------------
+
+
+class _Cache:
+    def __init__(self):
+        self.offset = 0
+
+
+class ScriptedModel:
+    """Emits a fixed token sequence: the logits after the prompt pick script[0], and so on.
+    Counts the forward calls, to check the pipelined loop queues no step it does not need."""
+
+    class config:
+        vocab_size = 201088
+
+    def __init__(self, script):
+        self.script = list(script)
+        self.calls = 0
+
+    def make_cache(self):
+        return [_Cache()]
+
+    def __call__(self, ids, cache=None):
+        self.calls += 1
+        if self.calls > 1:
+            assert ids.shape == (1, 1)
+        cache[0].offset += ids.shape[1]
+        nxt = self.script[min(self.calls - 1, len(self.script) - 1)]
+        row = mx.where(mx.arange(self.config.vocab_size) == nxt, 10.0, 0.0)
+        return mx.broadcast_to(row, (1, ids.shape[1], self.config.vocab_size))
+
+
+@pytest.mark.parametrize("stop, reason", [(RETURN, "stop"), (CALL, "tool_calls")])
+def test_stops_on_return_and_call_but_not_on_end(stop, reason):
+    script = [11, END, 12, SPECIAL_TOKENS["<|start|>"], 13, stop, 14, 15]
+    model = ScriptedModel(script)
+    cache = model.make_cache()
+    events = list(stream_generate(model, [1, 2, 3], max_tokens=50, temperature=0, cache=cache))
+    assert [e.token for e in events] == script[:6]
+    assert [e.finish_reason for e in events] == [None] * 5 + [reason]
+    assert events[-1].stats.finish_reason == reason
+    # The stop token was fed by the step queued ahead of reading it: the cache holds it.
+    assert cache[0].offset == 3 + 6
+    assert model.calls == 1 + 6
+
+
+def test_length_finish_queues_no_extra_step():
+    model = ScriptedModel([5] * 10)
+    cache = model.make_cache()
+    events = list(stream_generate(model, [1, 2], max_tokens=4, temperature=0, cache=cache))
+    assert [e.token for e in events] == [5] * 4 and events[-1].finish_reason == "length"
+    assert model.calls == 1 + 3 and cache[0].offset == 2 + 3
+
+
+def test_custom_stop_tokens_and_no_stop_tokens():
+    model = ScriptedModel([7, RETURN, 8, 9])
+    assert [e.token for e in stream_generate(model, [1], max_tokens=3, temperature=0,
+                                             stop_tokens=())] == [7, RETURN, 8]
+    events = list(stream_generate(ScriptedModel([7, 9, 8]), [1], max_tokens=5, temperature=0,
+                                  stop_tokens=[9]))
+    assert [e.token for e in events] == [7, 9] and events[-1].finish_reason == "stop"
+
+
+def test_events_carry_parsed_deltas_by_channel(tok):
+    completion = tok.encode("<|channel|>analysis<|message|>Let me think: ünïcode 🙂.<|end|>"
+                            "<|start|>assistant<|channel|>final<|message|>The answer is 42.<|return|>",
+                            allow_special=True)
+    events = list(stream_generate(ScriptedModel(completion), [1, 2], tokenizer=tok,
+                                  max_tokens=100, temperature=0))
+    assert [e.token for e in events] == completion
+    by_kind = {}
+    for e in events:
+        for d in e.deltas:
+            by_kind[d.kind] = by_kind.get(d.kind, "") + d.text
+        assert e.text == "".join(d.text for d in e.deltas)
+    assert by_kind == {"reasoning": "Let me think: ünïcode 🙂.", "content": "The answer is 42."}
+    assert {e.channel for e in events if e.kind == "content"} == {"final"}
+    assert {e.channel for e in events if e.kind == "reasoning"} == {"analysis"}
+
+
+def test_generate_returns_the_parsed_tool_call(tok):
+    completion = tok.encode('<|channel|>commentary to=functions.get_weather <|constrain|>json'
+                            '<|message|>{"city": "Paris"}<|call|>', allow_special=True)
+    out = generate(ScriptedModel(completion), [1, 2], tokenizer=tok, max_tokens=100, temperature=0)
+    assert out["tokens"] == completion and out["finish_reason"] == "tool_calls"
+    assert out["tool_calls"] == harmony.parse_completion(completion, tok)["tool_calls"]
+    assert out["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert out["prompt_tokens"] == [1, 2]
+
+
+# -- seeds, statistics, no tokenizer --------------------------------------------------------------
+
+
+def test_seeded_sampling_is_reproducible(model32):
+    prompt = prompt_ids(9, seed=2)
+
+    def run(seed, **kw):
+        return [e.token for e in stream_generate(model32, prompt, max_tokens=12, seed=seed, **kw)]
+
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+    assert run(3, top_p=0.9, top_k=50, min_p=0.01) == run(3, top_p=0.9, top_k=50, min_p=0.01)
+
+
+def test_without_a_tokenizer_it_runs_to_max_tokens_with_statistics(model32):
+    events = list(stream_generate(model32, prompt_ids(10), max_tokens=7, seed=0))
+    assert len(events) == 7 and all(e.text == "" and e.deltas == [] for e in events)
+    assert [e.finish_reason for e in events] == [None] * 6 + ["length"]
+    assert all(e.stats is None for e in events[:-1])
+    stats = events[-1].stats
+    assert stats.prompt_tokens == 10 and stats.generation_tokens == 7
+    assert stats.prompt_tps > 0 and stats.generation_tps > 0 and stats.time_to_first_token > 0
+    assert stats.peak_memory > 0 and stats.finish_reason == "length"
+    assert "finish: length" in stats.summary()
+
+
+def test_generate_without_a_tokenizer(model32):
+    out = generate(model32, prompt_ids(4), max_tokens=3, temperature=0)
+    assert out["reasoning"] == out["content"] == "" and out["tool_calls"] == []
+    assert out["tokens"] == greedy(model32, prompt_ids(4), 3)
+    assert out["stats"]["generation_tokens"] == 3 and out["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("prompt, kw, match", [
+    ([], {}, "empty"),
+    ([1, 2], {"max_tokens": 0}, "max_tokens"),
+    ([1, 2], {"max_tokens": -3}, "max_tokens"),
+    ([1, 2], {"prefill_chunk": 0}, "prefill_chunk"),
+    ([1, 512], {}, "vocabulary"),
+    ([1, -1], {}, "vocabulary"),
+    ([1, 2], {"temperature": -1}, "temperature"),
+    ([1, 2], {"top_p": 2}, "top_p"),
+    ([1.5, 2], {}, "integers"),
+    ([1, 2], {"seed": -1}, "seed"),
+    (np.array([3, 4], np.int64), {"max_tokens": 0}, "max_tokens"),
+    ([object()], {}, "token ids"),
+])
+def test_bad_arguments_raise_gptosserror(model32, prompt, kw, match):
+    with pytest.raises(GptOssError, match=match):
+        stream_generate(model32, prompt, **kw)
+
+
+# -- messages and load() on a checkpoint with the real vocabulary ---------------------------------
+
+
+def test_messages_prompt_is_rendered_with_harmony(o200k_dir):
+    model, tokenizer = load(o200k_dir)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    out = generate(model, messages, tokenizer=tokenizer, max_tokens=4, temperature=0,
+                   reasoning_effort="high")
+    assert out["prompt_tokens"] == harmony.render_prompt(messages, reasoning_effort="high",
+                                                         tokenizer=tokenizer)
+    assert len(out["tokens"]) == 4
+    assert out["content"] == harmony.parse_completion(out["tokens"], tokenizer)["content"]
+    # A plain string is one user message; messages imply the default tokenizer.
+    again = generate(model, "Hi!", max_tokens=4, temperature=0, reasoning_effort="high")
+    assert again["prompt_tokens"] == harmony.render_prompt([messages[1]], reasoning_effort="high")
+
+
+def test_load_reads_the_folders_tokenizer_json(o200k_dir, tmp_path):
+    model, tokenizer = load(o200k_dir)
+    assert tokenizer.vocab_size == model.config.vocab_size == 201088
+    for name in os.listdir(o200k_dir):
+        os.symlink(os.path.join(o200k_dir, name), tmp_path / name)
+    bad = {"model": {"type": "BPE", "vocab": {"a": 0}}, "added_tokens": [{"id": 1, "content": "<|x|>"}]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(bad))
+    with pytest.raises(GptOssError, match="not gpt-oss's o200k_harmony"):
+        load(str(tmp_path))
+
+
+def test_load_rejects_a_model_too_small_for_the_harmony_vocabulary(hf_mxfp4_dir):
+    with pytest.raises(GptOssError, match="too few"):
+        load(hf_mxfp4_dir)
