@@ -18,6 +18,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import kernels
 from .cache import attention_mask
 from .config import SLIDING, ModelConfig
 from .rope import YarnRoPE
@@ -60,9 +61,10 @@ class Attention(nn.Module):
         if last_only and isinstance(mask, mx.array):  # a [T, S] band: keep the last query's row
             mask = mask[-1:]
         sinks = self.sinks.astype(q.dtype)
-        if self.window is not None and Tq > 2 * self.window:
+        out = kernels.attend(self, q, k, v, sinks, cache)  # decode / banded kernels, or None
+        if out is None and self.window is not None and Tq > 2 * self.window:
             out = banded_attention(q, k, v, sinks, self.scale, self.window)
-        else:
+        elif out is None:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask, sinks=sinks)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, Tq, -1))
 

@@ -8,6 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import kernels as kernel_backends
 from .errors import GptOssError
 from .hub import resolve_model_path
 from .model import GptOssModel
@@ -87,13 +88,16 @@ def available_memory() -> int:
 
 
 def build_model(ckpt: Checkpoint, dtype: mx.Dtype | None, progress: bool = False,
-                materialize: bool = True) -> GptOssModel:
+                materialize: bool = True, kernels: str | None = None) -> GptOssModel:
     """Instantiate the model for `ckpt` and load its tensors; floats cast to `dtype` (None keeps them).
 
     Parameters stay lazy until evaluated one layer at a time (`materialize`), so peak memory stays
-    near the size of the weights themselves; the memory check runs only then.
+    near the size of the weights themselves; the memory check runs only then. `kernels` picks the
+    kernel backend (see `gptoss_mlx.kernels`).
     """
+    kernel_backends.resolve(kernels)  # an invalid choice fails before any loading
     model = GptOssModel(ckpt.config)
+    kernel_backends.use(model, kernels)
     specs = dense_quantization(model, ckpt.tensors)
     if specs:
         nn.quantize(model, class_predicate=lambda path, _: specs.get(path, False))
@@ -119,18 +123,21 @@ def build_model(ckpt: Checkpoint, dtype: mx.Dtype | None, progress: bool = False
     return model
 
 
-def load_model(path_or_repo: str, dtype=None, *, progress: bool = False) -> GptOssModel:
+def load_model(path_or_repo: str, dtype=None, *, progress: bool = False,
+               kernels: str | None = None) -> GptOssModel:
     """Load gpt-oss from a local folder of any supported layout or a Hugging Face repo id.
 
     `dtype=None` computes in bfloat16; `"float32"` computes in float32 (for parity checks). Expert
-    weights stay MXFP4 in every case.
+    weights stay MXFP4 in every case. `kernels` = "auto" | "metal" | "mlx" | "emulate" picks how the
+    attention and expert ops run (None: $GPTOSS_MLX_KERNELS, else auto; see `gptoss_mlx.kernels`).
     """
     compute_dtype = parse_dtype(dtype)
+    kernel_backends.resolve(kernels)
     ckpt = read_checkpoint(resolve_model_path(path_or_repo, progress=progress))
-    return build_model(ckpt, compute_dtype, progress=progress)
+    return build_model(ckpt, compute_dtype, progress=progress, kernels=kernels)
 
 
-def load(path_or_repo: str, dtype=None, *, progress: bool = False):
+def load(path_or_repo: str, dtype=None, *, progress: bool = False, kernels: str | None = None):
     """`(model, tokenizer)` for a folder or hub id: `load_model` plus the checkpoint's tokenizer.
 
     The tokenizer comes from the folder's `tokenizer.json` when it has one (its special-token ids
@@ -139,7 +146,7 @@ def load(path_or_repo: str, dtype=None, *, progress: bool = False):
     from .tokenizer import SPECIAL_TOKENS, load_tokenizer
 
     folder = resolve_model_path(path_or_repo, progress=progress)
-    model = load_model(folder, dtype, progress=progress)
+    model = load_model(folder, dtype, progress=progress, kernels=kernels)
     needed = max(SPECIAL_TOKENS.values()) + 1
     if model.config.vocab_size < needed:
         raise GptOssError(f"{path_or_repo}: the model's vocabulary has {model.config.vocab_size} "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import kernels
 from .attention import Attention
 from .cache import DecodeSlot, FullCache, SlidingCache
 from .config import SLIDING, ModelConfig
@@ -80,8 +81,10 @@ class GptOssModel(nn.Module):
             layer_cache.reserve(input_ids.shape[0], c.num_key_value_heads, c.head_dim, self.dtype, 1)
         if self._compiled_decode is None:
             self._compiled_decode = mx.compile(self._decode_graph, inputs=self.state)
+        # The emulated kernels run on the host and cannot be traced: no compile with them.
+        step = self._compiled_decode if kernels.compilable(self) else self._decode_graph
         buffers = [b for layer_cache in cache for b in (layer_cache.keys, layer_cache.values)]
-        logits, *buffers = self._compiled_decode(input_ids, mx.array(cache[0].offset), *buffers)
+        logits, *buffers = step(input_ids, mx.array(cache[0].offset), *buffers)
         for i, layer_cache in enumerate(cache):
             layer_cache.keys, layer_cache.values = buffers[2 * i], buffers[2 * i + 1]
             layer_cache.offset += 1
