@@ -47,6 +47,16 @@ class _KVBuffers:
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
+    def can_trim(self, n: int) -> bool:
+        return n <= self.offset
+
+    def trim(self, n: int) -> bool:
+        """Forget the last `n` positions (the next writes overwrite them); False if impossible."""
+        if not self.can_trim(n):
+            return False
+        self.offset -= n
+        return True
+
 
 class FullCache(_KVBuffers):
     """Every position's keys and values, in a buffer grown `step` positions at a time."""
@@ -76,13 +86,6 @@ class FullCache(_KVBuffers):
         self.values[..., self.offset : end, :] = values
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :], attention_mask(T, end, None)
-
-    def trim(self, n: int) -> bool:
-        """Forget the last `n` positions (they are overwritten by the next writes)."""
-        if n > self.offset:
-            return False
-        self.offset -= n
-        return True
 
 
 class SlidingCache(_KVBuffers):
@@ -126,17 +129,11 @@ class SlidingCache(_KVBuffers):
         self.offset = end
         return all_k, all_v, attention_mask(T, previous + T, W)
 
-    def trim(self, n: int) -> bool:
-        """Forget the last `n` positions; possible for n <= 1 only.
-
-        The slot of the forgotten position held, before it, the position `window` earlier, which
-        the next query (at the forgotten position) no longer sees; trimming two would lose one it
-        does see.
-        """
-        if n > min(1, self.offset):
-            return False
-        self.offset -= n
-        return True
+    def can_trim(self, n: int) -> bool:
+        """Only n <= 1: the slot of a forgotten position held, before it, the position `window`
+        earlier, which the next query (at the forgotten position) no longer sees; forgetting two
+        would lose one it does see."""
+        return n <= min(1, self.offset)
 
 
 class DecodeSlot:

@@ -32,10 +32,8 @@ __all__ = ["ChatSession", "trim_cache"]
 
 def trim_cache(cache: list, n: int) -> bool:
     """Drop the last ``n`` positions from every layer's cache; False (nothing changed) when a
-    layer cannot, as a sliding ring cannot for n > 1 (see ``SlidingCache.trim``)."""
-    if n == 0:
-        return True
-    if any(n > c.offset or (c.window is not None and n > 1) for c in cache):
+    layer cannot, as a sliding ring cannot for n > 1 (see ``SlidingCache.can_trim``)."""
+    if not all(c.can_trim(n) for c in cache):
         return False
     return all(c.trim(n) for c in cache)
 

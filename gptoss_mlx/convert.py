@@ -22,8 +22,9 @@ from .errors import GptOssError
 from .hub import resolve_model_path
 from .loading import build_model, quantized_layers
 from .progress import progress_bar
-from .weights import OUR_FORMAT_KEY, read_checkpoint
+from .weights import read_checkpoint
 
+OUR_FORMAT_KEY = "gptoss_mlx"  # config.json section recording how the folder was made
 DENSE_GROUP_SIZE = 64
 MAX_SHARD_BYTES = 5 * 10**9
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

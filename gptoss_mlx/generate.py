@@ -103,16 +103,9 @@ def prompt_tokens(prompt, tokenizer: Tokenizer | None = None, *, tools=None,
 
 
 def _cache_arrays(cache) -> list:
-    """The arrays a cache holds (to evaluate after a prefill chunk), whatever the cache class."""
-    out = []
-    for c in cache or ():
-        state = getattr(c, "state", None)
-        if isinstance(state, (list, tuple)):
-            out += [a for a in state if isinstance(a, mx.array)]
-            continue
-        out += [a for a in (getattr(c, "keys", None), getattr(c, "values", None))
-                if isinstance(a, mx.array)]
-    return out
+    """The key/value buffers the caches hold (to evaluate after a prefill chunk)."""
+    return [a for c in cache or () for a in (getattr(c, "keys", None), getattr(c, "values", None))
+            if a is not None]
 
 
 def _last_logits(model, ids: mx.array, cache) -> mx.array:

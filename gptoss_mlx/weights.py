@@ -29,8 +29,6 @@ from .errors import GptOssError
 from .moe import MXFP4_BLOCK
 from .safetensors_check import TensorInfo, read_header
 
-OUR_FORMAT_KEY = "gptoss_mlx"
-
 # A tensor name that only one layout has, for recognising it.
 _LAYOUT_MARKERS = {
     "hf-mxfp4": "model.layers.0.mlp.experts.gate_up_proj_blocks",
@@ -48,7 +46,6 @@ class Checkpoint:
     folder: str
     layout: str
     config: ModelConfig
-    raw_config: dict
     tensors: dict[str, mx.array]
     # our name -> "FILE: source name", for error messages
     origin: dict[str, str] = field(default_factory=dict)
@@ -123,7 +120,7 @@ def checkpoint_from_tensors(arrays: dict[str, mx.array], raw_config: dict, folde
     source = _Source(dict(arrays), infos or {})
     tensors = _MAPPERS[layout](source, config)
     source.reject_leftovers()
-    return Checkpoint(folder, layout, config, raw_config, tensors, source.origin)
+    return Checkpoint(folder, layout, config, tensors, source.origin)
 
 
 class _Source:

@@ -7,7 +7,6 @@ published Hugging Face tensors as the reference doc describes.
 
 from __future__ import annotations
 
-import json
 import os
 
 import mlx.core as mx

@@ -85,7 +85,7 @@ from gptoss_mlx.kernels.emulator.errors import (
     KernelLintError,
     KernelRuntimeError,
 )
-from gptoss_mlx.kernels.emulator.source import InputInfo, generate, type_string
+from gptoss_mlx.kernels.emulator.source import InputInfo, generate
 
 __all__ = [
     "metal_kernel",
