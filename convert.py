@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Convert a gpt-oss checkpoint to the gptoss-mlx layout: same as `gptoss-mlx convert`.
 
-    python convert.py SRC -o DST [--dense-bits 16|8|4] [--force]
+python convert.py SRC -o DST [--dense-bits 16|8|4] [--force]
 """
 
 from gptoss_mlx.cli import convert_command

@@ -22,9 +22,16 @@ from gptoss_mlx.config import ModelConfig, preset
 from gptoss_mlx.convert import convert
 from gptoss_mlx.synthetic import hf_config_json, random_checkpoint, save_checkpoint
 
-TEST_MODEL = ModelConfig(num_hidden_layers=4, num_experts=8, vocab_size=8000, hidden_size=512,
-                         intermediate_size=512, num_attention_heads=16, num_key_value_heads=2,
-                         head_dim=64)
+TEST_MODEL = ModelConfig(
+    num_hidden_layers=4,
+    num_experts=8,
+    vocab_size=8000,
+    hidden_size=512,
+    intermediate_size=512,
+    num_attention_heads=16,
+    num_key_value_heads=2,
+    head_dim=64,
+)
 
 
 def dense_bytes_per_token(bits: int, group_size: int = 64) -> float:
@@ -46,21 +53,29 @@ def log_softmax(x):
 def main() -> None:
     ids = mx.array(np.random.RandomState(0).randint(0, TEST_MODEL.vocab_size, (2, 64)))
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(f"{tmp}/src", random_checkpoint(TEST_MODEL, seed=1), hf_config_json(TEST_MODEL))
+        save_checkpoint(
+            f"{tmp}/src", random_checkpoint(TEST_MODEL, seed=1), hf_config_json(TEST_MODEL)
+        )
         logits = {}
         for bits in (16, 8, 4):
             dst = convert(f"{tmp}/src", f"{tmp}/q{bits}", dense_bits=bits)
             logits[bits] = np.array(load_model(dst, dtype="float32")(ids))
     ref = logits[16]
-    print(f"test model: {TEST_MODEL.num_hidden_layers} layers, hidden {TEST_MODEL.hidden_size}, "
-          f"vocab {TEST_MODEL.vocab_size}; 2 x 64 tokens; float32 compute")
-    print(f"{'dense':>6} {'rel max err':>12} {'mean KL':>10} {'top-1 agree':>12} {'20b dense GB/token':>19}")
+    print(
+        f"test model: {TEST_MODEL.num_hidden_layers} layers, hidden {TEST_MODEL.hidden_size}, "
+        f"vocab {TEST_MODEL.vocab_size}; 2 x 64 tokens; float32 compute"
+    )
+    print(
+        f"{'dense':>6} {'rel max err':>12} {'mean KL':>10} {'top-1 agree':>12} {'20b dense GB/token':>19}"
+    )
     for bits in (16, 8, 4):
         err = np.abs(logits[bits] - ref).max() / np.abs(ref).max()
         p = np.exp(log_softmax(ref))
         kl = (p * (log_softmax(ref) - log_softmax(logits[bits]))).sum(-1).mean()
         agree = (logits[bits].argmax(-1) == ref.argmax(-1)).mean()
-        print(f"{bits:>6} {err:12.4f} {kl:10.5f} {agree:12.3f} {dense_bytes_per_token(bits) / 1e9:19.3f}")
+        print(
+            f"{bits:>6} {err:12.4f} {kl:10.5f} {agree:12.3f} {dense_bytes_per_token(bits) / 1e9:19.3f}"
+        )
 
 
 if __name__ == "__main__":

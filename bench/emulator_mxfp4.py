@@ -36,7 +36,9 @@ def main() -> None:
     for _ in range(args.repeat):
         t0 = time.perf_counter()
         out = _mxfp4_matvec(wq, scales, x, **kw)
-        print(f"{args.n}x{args.n} MXFP4 matvec: {time.perf_counter() - t0:.3f} s on {os.cpu_count()} cores")
+        print(
+            f"{args.n}x{args.n} MXFP4 matvec: {time.perf_counter() - t0:.3f} s on {os.cpu_count()} cores"
+        )
     ref = np.array(mx.dequantize(wq, scales, mode="mxfp4", dtype=mx.float32)) @ np.array(x)
     print("max abs error vs mx.dequantize reference:", float(np.abs(np.array(out) - ref).max()))
 

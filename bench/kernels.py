@@ -54,28 +54,48 @@ def cases(args):
     experts_used = len({int(e) for e in np.array(idx).ravel()})
     up_bytes = experts_used * 2 * I * (H // 2 + H // 32 + 2)
     down_bytes = experts_used * H * (I // 2 + I // 32 + 2)
-    yield ("moe up + swiglu", f"N={N} K={K} E={E} {H}->{2 * I}",
-           lambda: km.mlx_gate_up_swiglu(ex.gate_up_proj, x, idx, ex.alpha, ex.limit),
-           lambda: km.gate_up_swiglu(b, ex.gate_up_proj, x, idx, ex.alpha, ex.limit), up_bytes)
-    yield ("moe down + combine", f"N={N} K={K} E={E} {I}->{H}",
-           lambda: km.mlx_down_combine(ex.down_proj, act, idx, w),
-           lambda: km.down_combine(b, ex.down_proj, act, idx, w), down_bytes)
+    yield (
+        "moe up + swiglu",
+        f"N={N} K={K} E={E} {H}->{2 * I}",
+        lambda: km.mlx_gate_up_swiglu(ex.gate_up_proj, x, idx, ex.alpha, ex.limit),
+        lambda: km.gate_up_swiglu(b, ex.gate_up_proj, x, idx, ex.alpha, ex.limit),
+        up_bytes,
+    )
+    yield (
+        "moe down + combine",
+        f"N={N} K={K} E={E} {I}->{H}",
+        lambda: km.mlx_down_combine(ex.down_proj, act, idx, w),
+        lambda: km.down_combine(b, ex.down_proj, act, idx, w),
+        down_bytes,
+    )
 
     Hq, Hkv, D = (64, 8, 64) if not args.small else (16, 2, 64)
-    for label, S, offset in (("ring", 128, 5000), ("full", args.context_capacity, args.context - 1)):
+    for label, S, offset in (
+        ("ring", 128, 5000),
+        ("full", args.context_capacity, args.context - 1),
+    ):
         if args.small:
             S, offset = min(S, 512), min(offset, 400)
         q, k, v, sinks = ka.random_qkv(1, Hq, Hkv, 1, S, D, seed=S, dtype=dt)
         n = min(offset + 1, S)
-        yield (f"decode attention ({label})", f"Hq={Hq} Hkv={Hkv} slots={S} filled={n}",
-               lambda q=q, k=k, v=v, s=sinks, o=offset: ka.mlx_decode_attention(q, k, v, s, 0.125, o),
-               lambda q=q, k=k, v=v, s=sinks, o=offset: ka.decode_attention(b, q, k, v, s, 0.125, mx.array(o)),
-               2 * Hkv * n * D * 2)
+        yield (
+            f"decode attention ({label})",
+            f"Hq={Hq} Hkv={Hkv} slots={S} filled={n}",
+            lambda q=q, k=k, v=v, s=sinks, o=offset: ka.mlx_decode_attention(q, k, v, s, 0.125, o),
+            lambda q=q, k=k, v=v, s=sinks, o=offset: ka.decode_attention(
+                b, q, k, v, s, 0.125, mx.array(o)
+            ),
+            2 * Hkv * n * D * 2,
+        )
     T, W = (args.prefill, 128) if not args.small else (200, 16)
     q, k, v, sinks = ka.random_qkv(1, Hq, Hkv, T, T, D, seed=1, dtype=dt)
-    yield ("banded prefill attention", f"T={T} window={W} Hq={Hq}",
-           lambda: ka.mlx_banded_attention(q, k, v, sinks, 0.125, W),
-           lambda: ka.banded_attention(b, q, k, v, sinks, 0.125, W), 2 * Hkv * T * D * 2 + Hq * T * D * 2)
+    yield (
+        "banded prefill attention",
+        f"T={T} window={W} Hq={Hq}",
+        lambda: ka.mlx_banded_attention(q, k, v, sinks, 0.125, W),
+        lambda: ka.banded_attention(b, q, k, v, sinks, 0.125, W),
+        2 * Hkv * T * D * 2 + Hq * T * D * 2,
+    )
 
 
 def main() -> int:
@@ -83,7 +103,9 @@ def main() -> int:
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=2880)
     ap.add_argument("--tokens", type=int, default=1, help="tokens per decode call (batch rows)")
-    ap.add_argument("--context", type=int, default=4000, help="filled positions of the full-layer cache")
+    ap.add_argument(
+        "--context", type=int, default=4000, help="filled positions of the full-layer cache"
+    )
     ap.add_argument("--context-capacity", type=int, default=4096)
     ap.add_argument("--prefill", type=int, default=2048, help="chunk length for banded prefill")
     ap.add_argument("--iters", type=int, default=50)
@@ -92,8 +114,10 @@ def main() -> int:
     ap.add_argument("--small", action="store_true", help="small shapes (for --backend emulate)")
     args = ap.parse_args()
     if args.backend == "metal" and not mx.metal.is_available():
-        print("No Metal device here (mx.metal.is_available() is False): this benchmark times the "
-              "custom Metal kernels and needs an Apple Silicon Mac. No numbers printed.")
+        print(
+            "No Metal device here (mx.metal.is_available() is False): this benchmark times the "
+            "custom Metal kernels and needs an Apple Silicon Mac. No numbers printed."
+        )
         return 0
     if args.backend == "emulate":
         args.iters, args.repeat = 1, 1
@@ -108,18 +132,26 @@ def main() -> int:
         t_k = timed(kernel_fn, args.iters, args.repeat)
         rows.append((name, shape, t_mlx * 1e3, t_k * 1e3, t_mlx / t_k, nbytes / t_k / 1e9, err))
     head = ("op", "shape", "mlx ms", "kernel ms", "speed-up", "kernel GB/s", "rel err")
-    widths = [max(len(head[i]), *(len(f"{r[i]:.3f}" if isinstance(r[i], float) else str(r[i])) for r in rows))
-              for i in range(len(head))]
+    widths = [
+        max(
+            len(head[i]),
+            *(len(f"{r[i]:.3f}" if isinstance(r[i], float) else str(r[i])) for r in rows),
+        )
+        for i in range(len(head))
+    ]
     fmt = lambda r: "  ".join(  # noqa: E731
-        (f"{v:.3f}" if isinstance(v, float) else str(v)).ljust(wd) for v, wd in zip(r, widths))
+        (f"{v:.3f}" if isinstance(v, float) else str(v)).ljust(wd) for v, wd in zip(r, widths)
+    )
     print(fmt(head))
     for r in rows:
         print(fmt(r))
-    print("GB/s: bytes the op must read (selected experts' MXFP4 weights + scales + biases; filled "
-          "K/V slots; prefill q/k/v) over the kernel's time.\nrel err: kernel vs the bfloat16 mlx ops "
-          "(max abs diff / max abs). The kernels accumulate in float32 and round once; the mlx ops round "
-          "the gate/linear features to bfloat16 before the SwiGLU, so a few % on 'moe up' is the mlx "
-          "side's rounding (tests/test_kernels.py compares both with float32 ops).")
+    print(
+        "GB/s: bytes the op must read (selected experts' MXFP4 weights + scales + biases; filled "
+        "K/V slots; prefill q/k/v) over the kernel's time.\nrel err: kernel vs the bfloat16 mlx ops "
+        "(max abs diff / max abs). The kernels accumulate in float32 and round once; the mlx ops round "
+        "the gate/linear features to bfloat16 before the SwiGLU, so a few % on 'moe up' is the mlx "
+        "side's rounding (tests/test_kernels.py compares both with float32 ops)."
+    )
     return 0
 
 

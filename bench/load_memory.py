@@ -50,19 +50,27 @@ def measure(layers: int, vocab: int, folder: str) -> dict:
     dense = sum(t.nbytes for n, t in tensors.items() if ".mlp.experts." not in n)
     del tensors
     mx.clear_cache()
-    out = subprocess.run([sys.executable, "-c", MEASURE, folder], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, folder], capture_output=True, text=True, check=True
+    )
     result = json.loads(out.stdout)
-    result.update(layers=layers, vocab=vocab, expert_bytes=expert, dense_bytes=dense,
-                  checkpoint_bytes=expert + dense,
-                  mlx_peak_ratio=result["mlx_peak_bytes"] / (expert + dense),
-                  rss_growth_ratio=(result["rss_peak_bytes"] - result["rss_before_load_bytes"])
-                  / (expert + dense))
+    result.update(
+        layers=layers,
+        vocab=vocab,
+        expert_bytes=expert,
+        dense_bytes=dense,
+        checkpoint_bytes=expert + dense,
+        mlx_peak_ratio=result["mlx_peak_bytes"] / (expert + dense),
+        rss_growth_ratio=(result["rss_peak_bytes"] - result["rss_before_load_bytes"])
+        / (expert + dense),
+    )
     return result
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=201088)
     parser.add_argument("--json", action="store_true")
@@ -73,12 +81,20 @@ def main() -> None:
         print(json.dumps(r))
         return
     gb = 1e9
-    print(f"synthetic gpt-oss-20b shapes, {r['layers']} layers, vocab {r['vocab']}, HF MXFP4 layout")
-    print(f"  checkpoint tensors   {r['checkpoint_bytes'] / gb:7.3f} GB "
-          f"(experts {r['expert_bytes'] / gb:.3f} + dense {r['dense_bytes'] / gb:.3f})")
-    print(f"  MLX peak allocation  {r['mlx_peak_bytes'] / gb:7.3f} GB  = {r['mlx_peak_ratio']:.3f}x")
-    print(f"  RSS growth in load   {(r['rss_peak_bytes'] - r['rss_before_load_bytes']) / gb:7.3f} GB"
-          f"  = {r['rss_growth_ratio']:.3f}x (includes library code and the allocator's cache)")
+    print(
+        f"synthetic gpt-oss-20b shapes, {r['layers']} layers, vocab {r['vocab']}, HF MXFP4 layout"
+    )
+    print(
+        f"  checkpoint tensors   {r['checkpoint_bytes'] / gb:7.3f} GB "
+        f"(experts {r['expert_bytes'] / gb:.3f} + dense {r['dense_bytes'] / gb:.3f})"
+    )
+    print(
+        f"  MLX peak allocation  {r['mlx_peak_bytes'] / gb:7.3f} GB  = {r['mlx_peak_ratio']:.3f}x"
+    )
+    print(
+        f"  RSS growth in load   {(r['rss_peak_bytes'] - r['rss_before_load_bytes']) / gb:7.3f} GB"
+        f"  = {r['rss_growth_ratio']:.3f}x (includes library code and the allocator's cache)"
+    )
 
 
 if __name__ == "__main__":

@@ -24,32 +24,55 @@ from gptoss_mlx.weights import checkpoint_from_tensors
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--prompt-tokens", type=int, default=8192)
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
-    config = preset("20b").replace(num_hidden_layers=2, num_experts=1, experts_per_token=1,
-                                   vocab_size=8000, layer_types=())
+    config = preset("20b").replace(
+        num_hidden_layers=2, num_experts=1, experts_per_token=1, vocab_size=8000, layer_types=()
+    )
     tensors = random_checkpoint(config, seed=0)
-    model = build_model(checkpoint_from_tensors(tensors, hf_config_json(config)), parse_dtype(args.dtype))
+    model = build_model(
+        checkpoint_from_tensors(tensors, hf_config_json(config)), parse_dtype(args.dtype)
+    )
     del tensors
-    weights = sum(p.nbytes for _, p in __import__("mlx.utils").utils.tree_flatten(model.parameters()))
+    weights = sum(
+        p.nbytes for _, p in __import__("mlx.utils").utils.tree_flatten(model.parameters())
+    )
     cache = model.make_cache()
-    prompt = mx.random.randint(0, config.vocab_size, (args.prompt_tokens,), key=mx.random.key(0)).tolist()
+    prompt = mx.random.randint(
+        0, config.vocab_size, (args.prompt_tokens,), key=mx.random.key(0)
+    ).tolist()
     mx.clear_cache()
-    for event in stream_generate(model, prompt, max_tokens=2, temperature=0.0, cache=cache,
-                                 prefill_chunk=args.chunk, stop_tokens=(), progress=True):
+    for event in stream_generate(
+        model,
+        prompt,
+        max_tokens=2,
+        temperature=0.0,
+        cache=cache,
+        prefill_chunk=args.chunk,
+        stop_tokens=(),
+        progress=True,
+    ):
         stats = event.stats
     kv = sum(c.nbytes for c in cache)
     gb = 1e9
-    print(f"2 layers (1 sliding, 1 full), hidden 2880, heads 64/8 x 64, 1 expert of 2880, "
-          f"vocab 8000, {args.dtype}; prompt {args.prompt_tokens} in chunks of {args.chunk}")
+    print(
+        f"2 layers (1 sliding, 1 full), hidden 2880, heads 64/8 x 64, 1 expert of 2880, "
+        f"vocab 8000, {args.dtype}; prompt {args.prompt_tokens} in chunks of {args.chunk}"
+    )
     print(f"  peak allocation   {stats.peak_memory / gb:7.3f} GB")
     print(f"  weights           {weights / gb:7.3f} GB")
-    print(f"  KV cache          {kv / gb:7.3f} GB (full layer: {cache[1].nbytes / gb:.3f}, "
-          f"sliding ring: {cache[0].nbytes / gb:.4f})")
-    print(f"  working set       {(stats.peak_memory - weights - kv) / gb:7.3f} GB (per chunk, any depth)")
+    print(
+        f"  KV cache          {kv / gb:7.3f} GB (full layer: {cache[1].nbytes / gb:.3f}, "
+        f"sliding ring: {cache[0].nbytes / gb:.4f})"
+    )
+    print(
+        f"  working set       {(stats.peak_memory - weights - kv) / gb:7.3f} GB (per chunk, any depth)"
+    )
     print(f"  prefill           {stats.prompt_tps:.1f} tok/s")
 
 

@@ -65,12 +65,15 @@ class Attention(nn.Module):
         if out is None and self.window is not None and Tq > 2 * self.window:
             out = banded_attention(q, k, v, sinks, self.scale, self.window)
         elif out is None:
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask, sinks=sinks)
+            out = mx.fast.scaled_dot_product_attention(
+                q, k, v, scale=self.scale, mask=mask, sinks=sinks
+            )
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, Tq, -1))
 
 
-def banded_attention(q: mx.array, k: mx.array, v: mx.array, sinks: mx.array, scale: float,
-                     window: int) -> mx.array:
+def banded_attention(
+    q: mx.array, k: mx.array, v: mx.array, sinks: mx.array, scale: float, window: int
+) -> mx.array:
     """Sliding-window attention with sinks for a chunk of T queries, in blocks of `window`.
 
     q `[B, H, T, D]` are the last T of the S = P + T positions in k, v `[B, H_kv, S, D]` (P < window
@@ -99,7 +102,8 @@ def banded_attention(q: mx.array, k: mx.array, v: mx.array, sinks: mx.array, sca
     block_start = (mx.arange(nb) * W)[:, None, None]
     mask = (c > t) & (c <= t + W) & (block_start + c >= pad_left)  # [nb, W, 2W]
     mask = mx.broadcast_to(mask[None, :, None], (B, nb, 1, W, 2 * W)).reshape(B * nb, 1, W, 2 * W)
-    out = mx.fast.scaled_dot_product_attention(qb, blocks(k, Hkv), blocks(v, Hkv), scale=scale,
-                                               mask=mask, sinks=sinks)
+    out = mx.fast.scaled_dot_product_attention(
+        qb, blocks(k, Hkv), blocks(v, Hkv), scale=scale, mask=mask, sinks=sinks
+    )
     out = out.reshape(B, nb, H, W, D).transpose(0, 2, 1, 3, 4).reshape(B, H, nb * W, D)
     return out[:, :, :T]

@@ -31,17 +31,36 @@ from .weights import checkpoint_from_tensors
 
 # The CPU proxy the issue measures on: real head geometry (64-dim heads, 8 query heads per KV
 # head, window 128) at reduced width, depth and vocabulary.
-TINY = ModelConfig(num_hidden_layers=4, num_experts=8, vocab_size=8000, hidden_size=512,
-                   intermediate_size=512, num_attention_heads=16, num_key_value_heads=2,
-                   head_dim=64, sliding_window=128)
+TINY = ModelConfig(
+    num_hidden_layers=4,
+    num_experts=8,
+    vocab_size=8000,
+    hidden_size=512,
+    intermediate_size=512,
+    num_attention_heads=16,
+    num_key_value_heads=2,
+    head_dim=64,
+    sliding_window=128,
+)
 SYNTHETIC = {"20b": preset("20b"), "120b": preset("120b"), "tiny": TINY}
 
 # Unified-memory bandwidth in GB/s of Apple's chips (Apple's published figures).
 CHIP_BANDWIDTH = {
-    "m1": 68.25, "m1 pro": 200, "m1 max": 400, "m1 ultra": 800,
-    "m2": 100, "m2 pro": 200, "m2 max": 400, "m2 ultra": 800,
-    "m3": 100, "m3 pro": 150, "m3 max": 400, "m3 ultra": 819,
-    "m4": 120, "m4 pro": 273, "m4 max": 546,
+    "m1": 68.25,
+    "m1 pro": 200,
+    "m1 max": 400,
+    "m1 ultra": 800,
+    "m2": 100,
+    "m2 pro": 200,
+    "m2 max": 400,
+    "m2 ultra": 800,
+    "m3": 100,
+    "m3 pro": 150,
+    "m3 max": 400,
+    "m3 ultra": 819,
+    "m4": 120,
+    "m4 pro": 273,
+    "m4 max": 546,
 }
 
 
@@ -76,9 +95,13 @@ def chip_bandwidth(chip: str | None) -> float | None:
     if key in CHIP_BANDWIDTH:
         return CHIP_BANDWIDTH[key]
     if chip is not None:
-        raise GptOssError(f"unknown chip {chip!r}: give --bandwidth GB/s, or one of "
-                          + ", ".join(k.upper() if " " not in k else k.split()[0].upper() + " "
-                                      + k.split()[1].title() for k in CHIP_BANDWIDTH))
+        raise GptOssError(
+            f"unknown chip {chip!r}: give --bandwidth GB/s, or one of "
+            + ", ".join(
+                k.upper() if " " not in k else k.split()[0].upper() + " " + k.split()[1].title()
+                for k in CHIP_BANDWIDTH
+            )
+        )
     return None
 
 
@@ -104,7 +127,9 @@ def count_primitives(outputs) -> collections.Counter:
         mx.export_to_dot(path, outputs)
         with open(path) as f:
             return collections.Counter(
-                line.split('label ="', 1)[1].split('"', 1)[0] for line in f if "shape=rectangle" in line
+                line.split('label ="', 1)[1].split('"', 1)[0]
+                for line in f
+                if "shape=rectangle" in line
             )
 
 
@@ -122,11 +147,19 @@ class _Ours:
         self.model = model
 
     def run(self, prompt: list[int], gen_tokens: int) -> RunResult:
-        for event in stream_generate(self.model, prompt, max_tokens=gen_tokens, temperature=0.0,
-                                     stop_tokens=()):
+        for event in stream_generate(
+            self.model, prompt, max_tokens=gen_tokens, temperature=0.0, stop_tokens=()
+        ):
             stats = event.stats
-        return RunResult(self.name, len(prompt), stats.generation_tokens, stats.prompt_tps,
-                         stats.generation_tps, stats.time_to_first_token, stats.peak_memory)
+        return RunResult(
+            self.name,
+            len(prompt),
+            stats.generation_tokens,
+            stats.prompt_tps,
+            stats.generation_tps,
+            stats.time_to_first_token,
+            stats.peak_memory,
+        )
 
     def primitives(self) -> collections.Counter:
         return decode_step_primitives(self.model, self.model.make_cache)
@@ -144,21 +177,28 @@ class _MlxLm:
         self._generate_step = generate_step
 
     @classmethod
-    def from_tensors(cls, tensors: dict, config_json: dict, dtype) -> "_MlxLm":
+    def from_tensors(cls, tensors: dict, config_json: dict, dtype) -> _MlxLm:
         """The same published-layout tensors, loaded as mlx-lm loads a checkpoint."""
         gpt_oss = _import_mlx_lm("mlx_lm.models.gpt_oss")
         model = gpt_oss.Model(gpt_oss.ModelArgs.from_dict(config_json))
         weights = model.sanitize(dict(tensors))
-        nn.quantize(model, group_size=32, bits=4, mode="mxfp4",
-                    class_predicate=lambda path, _: f"{path}.scales" in weights)
-        weights = {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
-                   for k, v in weights.items()}
+        nn.quantize(
+            model,
+            group_size=32,
+            bits=4,
+            mode="mxfp4",
+            class_predicate=lambda path, _: f"{path}.scales" in weights,
+        )
+        weights = {
+            k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
+            for k, v in weights.items()
+        }
         model.load_weights(list(weights.items()))
         mx.eval(model.parameters())
         return cls(model)
 
     @classmethod
-    def from_folder(cls, folder: str) -> "_MlxLm":
+    def from_folder(cls, folder: str) -> _MlxLm:
         from pathlib import Path
 
         model, _ = _import_mlx_lm("mlx_lm.utils").load_model(Path(folder))
@@ -170,9 +210,13 @@ class _MlxLm:
         mx.reset_peak_memory()
         tic = time.perf_counter()
         n, t_first, t_last = 0, tic, tic
-        steps = self._generate_step(mx.array(prompt), self.model, max_tokens=gen_tokens,
-                                    sampler=lambda logits: mx.argmax(logits, axis=-1),
-                                    prompt_cache=make_prompt_cache(self.model))
+        steps = self._generate_step(
+            mx.array(prompt),
+            self.model,
+            max_tokens=gen_tokens,
+            sampler=lambda logits: mx.argmax(logits, axis=-1),
+            prompt_cache=make_prompt_cache(self.model),
+        )
         for token, _ in steps:
             int(token)
             n += 1
@@ -181,8 +225,9 @@ class _MlxLm:
                 t_first = t_last
         ttft = t_first - tic
         decode = (n - 1) / (t_last - t_first) if n > 1 else 0.0
-        return RunResult(self.name, len(prompt), n, len(prompt) / ttft, decode, ttft,
-                         int(mx.get_peak_memory()))
+        return RunResult(
+            self.name, len(prompt), n, len(prompt) / ttft, decode, ttft, int(mx.get_peak_memory())
+        )
 
     def primitives(self) -> collections.Counter:
         from mlx_lm.models.cache import make_prompt_cache
@@ -213,9 +258,16 @@ def _synthetic(name: str, seed: int, dtype):
 class Benchmark:
     """The engines to measure (ours, and mlx-lm when comparing) on one set of weights."""
 
-    def __init__(self, *, model_path: str | None = None, synthetic: str | None = None,
-                 compare: str | None = None, dtype: str | None = None, seed: int = 0,
-                 progress: bool = False):
+    def __init__(
+        self,
+        *,
+        model_path: str | None = None,
+        synthetic: str | None = None,
+        compare: str | None = None,
+        dtype: str | None = None,
+        seed: int = 0,
+        progress: bool = False,
+    ):
         from .hub import resolve_model_path
         from .loading import load_model, parse_dtype
         from .weights import find_weights_folder
@@ -233,16 +285,17 @@ class Benchmark:
         self.progress = progress
         if synthetic is not None:
             model, tensors, config_json = _synthetic(synthetic, seed, dtype)
-            theirs = (lambda: _MlxLm.from_tensors(tensors, config_json, dtype))
+            theirs = lambda: _MlxLm.from_tensors(tensors, config_json, dtype)
         else:
             folder = find_weights_folder(resolve_model_path(model_path, progress=progress))
             model = load_model(folder, dtype=dtype, progress=progress)
-            theirs = (lambda: _MlxLm.from_folder(folder))
+            theirs = lambda: _MlxLm.from_folder(folder)
         self.model = model
         self.engines = [_Ours(model)] + ([theirs()] if compare else [])
 
-    def run(self, prompt_tokens=(512,), gen_tokens: int = 128, repeats: int = 3,
-            warmup: bool = True) -> dict:
+    def run(
+        self, prompt_tokens=(512,), gen_tokens: int = 128, repeats: int = 3, warmup: bool = True
+    ) -> dict:
         """Each prompt length `repeats` times per engine, alternating which runs first; medians."""
         from .progress import progress_bar
 
@@ -262,7 +315,9 @@ class Benchmark:
                 for r in range(repeats):
                     order = self.engines if r % 2 == 0 else self.engines[::-1]
                     for engine in order:
-                        setting.runs.setdefault(engine.name, []).append(engine.run(prompt, gen_tokens))
+                        setting.runs.setdefault(engine.name, []).append(
+                            engine.run(prompt, gen_tokens)
+                        )
                         bar.update(1)
         names = [e.name for e in self.engines]
         return {
@@ -276,11 +331,17 @@ class Benchmark:
             "repeats": repeats,
             "engines": names,
             "settings": [
-                {"prompt_tokens": s.prompt_tokens,
-                 "median": {n: {k: s.median(n, k) for k in
-                                ("prompt_tps", "decode_tps", "ttft_s", "peak_memory_bytes")}
-                            for n in names},
-                 "runs": [asdict(r) for n in names for r in s.runs[n]]}
+                {
+                    "prompt_tokens": s.prompt_tokens,
+                    "median": {
+                        n: {
+                            k: s.median(n, k)
+                            for k in ("prompt_tps", "decode_tps", "ttft_s", "peak_memory_bytes")
+                        }
+                        for n in names
+                    },
+                    "runs": [asdict(r) for n in names for r in s.runs[n]],
+                }
                 for s in settings
             ],
         }
@@ -290,7 +351,10 @@ class Benchmark:
         out = {}
         for engine in self.engines:
             counts = engine.primitives()
-            out[engine.name] = {"total": sum(counts.values()), "by_primitive": dict(counts.most_common())}
+            out[engine.name] = {
+                "total": sum(counts.values()),
+                "by_primitive": dict(counts.most_common()),
+            }
         return out
 
 
@@ -302,12 +366,17 @@ def format_table(result: dict, bandwidth_gbs: float | None = None) -> str:
     """The medians as a table for people; with a bandwidth, the decode ceiling and its fraction."""
     per_token = result["weight_bytes_per_token"]
     ceiling = bandwidth_gbs * 1e9 / per_token if bandwidth_gbs else None
-    lines = [f"model: {result['model']}   device: {result['device']} "
-             f"({result['device_info'].get('device_name', '?')})   generated tokens: "
-             f"{result['gen_tokens']}   repeats: {result['repeats']} (medians)",
-             f"weights read per decoded token: {per_token / 1e9:.3f} GB"
-             + (f"   bandwidth {bandwidth_gbs:g} GB/s -> decode ceiling {ceiling:.1f} tok/s"
-                if ceiling else "")]
+    lines = [
+        f"model: {result['model']}   device: {result['device']} "
+        f"({result['device_info'].get('device_name', '?')})   generated tokens: "
+        f"{result['gen_tokens']}   repeats: {result['repeats']} (medians)",
+        f"weights read per decoded token: {per_token / 1e9:.3f} GB"
+        + (
+            f"   bandwidth {bandwidth_gbs:g} GB/s -> decode ceiling {ceiling:.1f} tok/s"
+            if ceiling
+            else ""
+        ),
+    ]
     header = f"{'engine':<11} {'prompt':>7} {'prompt tok/s':>13} {'decode tok/s':>13} {'TTFT s':>8} {'peak GB':>8}"
     if ceiling:
         header += f" {'of ceiling':>10}"
@@ -316,14 +385,18 @@ def format_table(result: dict, bandwidth_gbs: float | None = None) -> str:
     for s in result["settings"]:
         for name in engines:
             m = s["median"][name]
-            row = (f"{name:<11} {s['prompt_tokens']:>7} {m['prompt_tps']:>13.1f} {m['decode_tps']:>13.2f} "
-                   f"{m['ttft_s']:>8.3f} {m['peak_memory_bytes'] / 1e9:>8.3f}")
+            row = (
+                f"{name:<11} {s['prompt_tokens']:>7} {m['prompt_tps']:>13.1f} {m['decode_tps']:>13.2f} "
+                f"{m['ttft_s']:>8.3f} {m['peak_memory_bytes'] / 1e9:>8.3f}"
+            )
             if ceiling:
                 row += f" {m['decode_tps'] / ceiling:>10.1%}"
             lines.append(row)
         if len(engines) == 2:
             ours, theirs = (s["median"][n] for n in engines)
-            lines.append(f"{'ratio':<11} {s['prompt_tokens']:>7} "
-                         f"{ours['prompt_tps'] / theirs['prompt_tps']:>12.2f}x "
-                         f"{ours['decode_tps'] / theirs['decode_tps']:>12.2f}x")
+            lines.append(
+                f"{'ratio':<11} {s['prompt_tokens']:>7} "
+                f"{ours['prompt_tps'] / theirs['prompt_tps']:>12.2f}x "
+                f"{ours['decode_tps'] / theirs['decode_tps']:>12.2f}x"
+            )
     return "\n".join(lines)

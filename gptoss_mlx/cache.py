@@ -63,7 +63,9 @@ class FullCache(_KVBuffers):
 
     step = 256  # a new capacity means a new decode-step shape (one recompilation)
 
-    def reserve(self, batch: int, kv_heads: int, head_dim: int, dtype: mx.Dtype, count: int) -> None:
+    def reserve(
+        self, batch: int, kv_heads: int, head_dim: int, dtype: mx.Dtype, count: int
+    ) -> None:
         """Make room for `count` more positions."""
         needed = self.offset + count
         have = 0 if self.keys is None else self.keys.shape[2]
@@ -99,7 +101,9 @@ class SlidingCache(_KVBuffers):
         super().__init__()
         self.window = window
 
-    def reserve(self, batch: int, kv_heads: int, head_dim: int, dtype: mx.Dtype, count: int) -> None:
+    def reserve(
+        self, batch: int, kv_heads: int, head_dim: int, dtype: mx.Dtype, count: int
+    ) -> None:
         """Allocate the ring on first use (it never grows)."""
         if self.keys is None:
             self.keys = mx.zeros((batch, kv_heads, self.window, head_dim), dtype)

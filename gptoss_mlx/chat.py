@@ -18,8 +18,8 @@ takes trimming one position off the cache).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Sequence
 
 from . import harmony
 from .errors import GptOssError
@@ -53,11 +53,13 @@ class ChatStats:
     cache_bytes: int = 0
 
     def summary(self) -> str:
-        lines = [f"turns: {self.turns} | history: {self.history_tokens} tokens | cache: "
-                 f"{self.cached_tokens} tokens, {self.cache_bytes / 1e6:.1f} MB",
-                 f"prefilled: {self.prefilled_tokens} tokens in all, {self.last_prefill_tokens} "
-                 f"last turn | generated: {self.generated_tokens} tokens | full prefills: "
-                 f"{self.full_prefills}"]
+        lines = [
+            f"turns: {self.turns} | history: {self.history_tokens} tokens | cache: "
+            f"{self.cached_tokens} tokens, {self.cache_bytes / 1e6:.1f} MB",
+            f"prefilled: {self.prefilled_tokens} tokens in all, {self.last_prefill_tokens} "
+            f"last turn | generated: {self.generated_tokens} tokens | full prefills: "
+            f"{self.full_prefills}",
+        ]
         if self.last is not None:
             lines.append("last turn: " + self.last.summary())
         return "\n".join(lines)
@@ -79,19 +81,39 @@ class ChatSession:
     ``seed + i`` so a whole session replays identically.
     """
 
-    def __init__(self, model, tokenizer: Tokenizer | None = None, *, system: str | None = None,
-                 reasoning_effort: str = "medium", tools: Sequence[Mapping] | None = None,
-                 current_date=None, **generation):
+    def __init__(
+        self,
+        model,
+        tokenizer: Tokenizer | None = None,
+        *,
+        system: str | None = None,
+        reasoning_effort: str = "medium",
+        tools: Sequence[Mapping] | None = None,
+        current_date=None,
+        **generation,
+    ):
         self.model = model
         self.tokenizer = tokenizer or default_tokenizer()
         self.system = system
         self.reasoning_effort = harmony._check_effort(reasoning_effort)
         self.tools = tools
         self.current_date = current_date
-        check_sampling(generation.get("temperature", 1.0), generation.get("top_p", 1.0),
-                       generation.get("top_k", 0), generation.get("min_p", 0.0))
-        unknown = set(generation) - {"max_tokens", "temperature", "top_p", "top_k", "min_p",
-                                     "seed", "prefill_chunk", "progress"}
+        check_sampling(
+            generation.get("temperature", 1.0),
+            generation.get("top_p", 1.0),
+            generation.get("top_k", 0),
+            generation.get("min_p", 0.0),
+        )
+        unknown = set(generation) - {
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "seed",
+            "prefill_chunk",
+            "progress",
+        }
         if unknown:
             raise GptOssError(f"unknown ChatSession option(s): {', '.join(sorted(unknown))}")
         self.generation = generation
@@ -126,8 +148,12 @@ class ChatSession:
         user = {"role": "user", "content": user_text}
         if self.history is None:
             return harmony.render_prompt(
-                self.messages + [user], tools=self.tools, reasoning_effort=self.reasoning_effort,
-                current_date=self.current_date, tokenizer=self.tokenizer)
+                self.messages + [user],
+                tools=self.tools,
+                reasoning_effort=self.reasoning_effort,
+                current_date=self.current_date,
+                tokenizer=self.tokenizer,
+            )
         return self.history + harmony.render_turn([user], tokenizer=self.tokenizer)
 
     def send(self, user_text: str) -> Iterator[GenerationEvent]:
@@ -154,8 +180,9 @@ class ChatSession:
             options["seed"] = int(options["seed"]) + self.stats.turns
         turn = _Turn(prompt)
         try:
-            for event in stream_generate(self.model, new, tokenizer=self.tokenizer,
-                                         cache=self.cache, **options):
+            for event in stream_generate(
+                self.model, new, tokenizer=self.tokenizer, cache=self.cache, **options
+            ):
                 turn.completion.append(event.token)
                 if event.stats is not None:
                     self.stats.last = event.stats

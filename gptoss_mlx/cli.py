@@ -62,16 +62,21 @@ def main():
 @click.command("convert")
 @click.argument("src")
 @click.option("-o", "--output", "dst", required=True, help="Folder to write (must not exist).")
-@click.option("--dense-bits", type=click.Choice(["16", "8", "4"]), default=None,
-              help="Quantize attention, embedding and unembedding to 8 or 4 bits (16: keep).")
+@click.option(
+    "--dense-bits",
+    type=click.Choice(["16", "8", "4"]),
+    default=None,
+    help="Quantize attention, embedding and unembedding to 8 or 4 bits (16: keep).",
+)
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @user_errors
 def convert_command(src, dst, dense_bits, force):
     """Convert SRC (folder or Hugging Face repo id) to an MLX-native folder at DST."""
     from .convert import convert
 
-    out = convert(src, dst, dense_bits=int(dense_bits) if dense_bits else None, force=force,
-                  progress=True)
+    out = convert(
+        src, dst, dense_bits=int(dense_bits) if dense_bits else None, force=force, progress=True
+    )
     click.echo(f"wrote {out}", err=True)
 
 
@@ -82,30 +87,79 @@ EFFORTS = ["low", "medium", "high"]
 
 
 def model_options(command):
-    command = click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]),
-                           default=None, help="Compute dtype of the dense weights [bfloat16].")(command)
-    return click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
-                        help="Checkpoint folder or Hugging Face repo id.")(command)
+    command = click.option(
+        "--dtype",
+        type=click.Choice(["bfloat16", "float16", "float32"]),
+        default=None,
+        help="Compute dtype of the dense weights [bfloat16].",
+    )(command)
+    return click.option(
+        "-m",
+        "--model",
+        default=DEFAULT_MODEL,
+        show_default=True,
+        help="Checkpoint folder or Hugging Face repo id.",
+    )(command)
 
 
 def sampling_options(command):
-    for option in reversed([
-        click.option("--max-tokens", type=click.IntRange(min=1), default=4096, show_default=True,
-                     help="Most tokens to generate per reply (reasoning included)."),
-        click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True,
-                     help="0 is greedy."),
-        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0,
-                     show_default=True, help="Nucleus sampling; 1 disables it."),
-        click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="Sample among the K most likely tokens; 0 disables it."),
-        click.option("--min-p", type=click.FloatRange(0, 1, max_open=True), default=0.0,
-                     show_default=True, help="Drop tokens less likely than MIN_P x the best one."),
-        click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=None, help="Random seed (reproducible output)."),
-        click.option("--reasoning-effort", type=click.Choice(EFFORTS), default="medium",
-                     show_default=True, help="How much the model thinks before answering."),
-        click.option("--system", default=None,
-                     help="Instructions for the model (harmony's developer message)."),
-    ]):
+    for option in reversed(
+        [
+            click.option(
+                "--max-tokens",
+                type=click.IntRange(min=1),
+                default=4096,
+                show_default=True,
+                help="Most tokens to generate per reply (reasoning included).",
+            ),
+            click.option(
+                "--temperature",
+                type=click.FloatRange(min=0),
+                default=1.0,
+                show_default=True,
+                help="0 is greedy.",
+            ),
+            click.option(
+                "--top-p",
+                type=click.FloatRange(0, 1, min_open=True),
+                default=1.0,
+                show_default=True,
+                help="Nucleus sampling; 1 disables it.",
+            ),
+            click.option(
+                "--top-k",
+                type=click.IntRange(min=0),
+                default=0,
+                show_default=True,
+                help="Sample among the K most likely tokens; 0 disables it.",
+            ),
+            click.option(
+                "--min-p",
+                type=click.FloatRange(0, 1, max_open=True),
+                default=0.0,
+                show_default=True,
+                help="Drop tokens less likely than MIN_P x the best one.",
+            ),
+            click.option(
+                "--seed",
+                type=click.IntRange(0, 2**64 - 1),
+                default=None,
+                help="Random seed (reproducible output).",
+            ),
+            click.option(
+                "--reasoning-effort",
+                type=click.Choice(EFFORTS),
+                default="medium",
+                show_default=True,
+                help="How much the model thinks before answering.",
+            ),
+            click.option(
+                "--system",
+                default=None,
+                help="Instructions for the model (harmony's developer message).",
+            ),
+        ]
+    ):
         command = option(command)
     return command
 
@@ -114,8 +168,14 @@ def _sampling(max_tokens, temperature, top_p, top_k, min_p, seed) -> dict:
     from .sample import check_sampling
 
     check_sampling(temperature, top_p, top_k, min_p)  # NaN gets past click's range types
-    return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                min_p=min_p, seed=seed)
+    return dict(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        seed=seed,
+    )
 
 
 class _Printer:
@@ -170,12 +230,32 @@ def _stats_line(stats) -> None:
 @model_options
 @sampling_options
 @click.option("--hide-reasoning", is_flag=True, help="Print only the answer (and tool calls).")
-@click.option("--raw", is_flag=True, help="Print the completion as harmony text, special tokens included.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print one JSON object: reasoning, content, tool_calls, token ids, statistics.")
+@click.option(
+    "--raw", is_flag=True, help="Print the completion as harmony text, special tokens included."
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON object: reasoning, content, tool_calls, token ids, statistics.",
+)
 @user_errors
-def generate_command(prompt, model, dtype, max_tokens, temperature, top_p, top_k, min_p, seed,
-                     reasoning_effort, system, hide_reasoning, raw, as_json):
+def generate_command(
+    prompt,
+    model,
+    dtype,
+    max_tokens,
+    temperature,
+    top_p,
+    top_k,
+    min_p,
+    seed,
+    reasoning_effort,
+    system,
+    hide_reasoning,
+    raw,
+    as_json,
+):
     """Answer PROMPT (or, without it, the text on stdin) with gpt-oss.
 
     Reasoning streams first (dimmed), then the answer; statistics go to stderr.
@@ -196,7 +276,8 @@ def generate_command(prompt, model, dtype, max_tokens, temperature, top_p, top_k
     interactive = sys.stderr.isatty()
     mdl, tok = load(model, dtype, progress=interactive)
     messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": prompt}]
+        {"role": "user", "content": prompt}
+    ]
     ids = harmony.render_prompt(messages, reasoning_effort=reasoning_effort, tokenizer=tok)
 
     printer, detok = _Printer(hide_reasoning), StreamingDetokenizer(tok)
@@ -213,23 +294,30 @@ def generate_command(prompt, model, dtype, max_tokens, temperature, top_p, top_k
         click.echo(detok.finalize())
     elif as_json:
         result = harmony.parse_completion(completion, tok)
-        click.echo(json.dumps({
-            "model": model,
-            "reasoning": result["reasoning"],
-            "content": result["content"],
-            "tool_calls": result["tool_calls"],
-            "finish_reason": stats.finish_reason,
-            "prompt_token_ids": ids,
-            "completion_token_ids": completion,
-            "stats": stats.to_dict(),
-        }, ensure_ascii=False))
+        click.echo(
+            json.dumps(
+                {
+                    "model": model,
+                    "reasoning": result["reasoning"],
+                    "content": result["content"],
+                    "tool_calls": result["tool_calls"],
+                    "finish_reason": stats.finish_reason,
+                    "prompt_token_ids": ids,
+                    "completion_token_ids": completion,
+                    "stats": stats.to_dict(),
+                },
+                ensure_ascii=False,
+            )
+        )
     else:
         printer.end()
     _stats_line(stats)
 
 
-CHAT_HELP = ("Commands: /reasoning low|medium|high, /reset, /stats, /help, /quit "
-             "(or Ctrl-D). Ctrl-C stops a reply.")
+CHAT_HELP = (
+    "Commands: /reasoning low|medium|high, /reset, /stats, /help, /quit "
+    "(or Ctrl-D). Ctrl-C stops a reply."
+)
 
 
 def _enable_line_editing() -> None:
@@ -254,17 +342,23 @@ def _chat_command_line(session, line: str) -> bool:
         click.echo(session.stats.summary(), err=True)
     elif name == "reasoning":
         if not arg:
-            click.echo(f"reasoning effort: {session.reasoning_effort} "
-                       "(change it with /reasoning low|medium|high)", err=True)
+            click.echo(
+                f"reasoning effort: {session.reasoning_effort} "
+                "(change it with /reasoning low|medium|high)",
+                err=True,
+            )
         else:
             try:
                 session.set_reasoning_effort(arg)
             except GptOssError as e:
                 click.secho(f"error: {e}", fg="red", err=True)
             else:
-                click.echo(f"(reasoning effort: {session.reasoning_effort}; it lives in the "
-                           "system message, so the next turn re-prefills the whole "
-                           "conversation)", err=True)
+                click.echo(
+                    f"(reasoning effort: {session.reasoning_effort}; it lives in the "
+                    "system message, so the next turn re-prefills the whole "
+                    "conversation)",
+                    err=True,
+                )
     elif name == "help":
         click.echo(CHAT_HELP, err=True)
     else:
@@ -277,16 +371,33 @@ def _chat_command_line(session, line: str) -> bool:
 @sampling_options
 @click.option("--hide-reasoning", is_flag=True, help="Print only the answers (and tool calls).")
 @user_errors
-def chat_command(model, dtype, max_tokens, temperature, top_p, top_k, min_p, seed,
-                 reasoning_effort, system, hide_reasoning):
+def chat_command(
+    model,
+    dtype,
+    max_tokens,
+    temperature,
+    top_p,
+    top_k,
+    min_p,
+    seed,
+    reasoning_effort,
+    system,
+    hide_reasoning,
+):
     """Chat with gpt-oss. The KV cache is kept between turns: each turn prefills only its new
     tokens."""
     from . import ChatSession, load
 
     options = _sampling(max_tokens, temperature, top_p, top_k, min_p, seed)
     mdl, tok = load(model, dtype, progress=sys.stderr.isatty())
-    session = ChatSession(mdl, tok, system=system, reasoning_effort=reasoning_effort,
-                          progress=sys.stderr.isatty(), **options)
+    session = ChatSession(
+        mdl,
+        tok,
+        system=system,
+        reasoning_effort=reasoning_effort,
+        progress=sys.stderr.isatty(),
+        **options,
+    )
     _enable_line_editing()
     click.echo(f"Chatting with {model} (reasoning: {reasoning_effort}). {CHAT_HELP}", err=True)
     printer = _Printer(hide_reasoning)
@@ -322,37 +433,83 @@ main.add_command(chat_command)
 
 
 @main.command("bench")
-@click.option("-m", "--model", "model_path", default=None, help="Checkpoint folder or Hugging Face repo id.")
-@click.option("--synthetic", type=click.Choice(["20b", "120b", "tiny"]), default=None,
-              help="Random weights at the real shapes (MXFP4 experts): no download needed.")
-@click.option("--prompt-tokens", default="512,2048,8192", show_default=True,
-              help="Comma-separated prompt lengths.")
+@click.option(
+    "-m", "--model", "model_path", default=None, help="Checkpoint folder or Hugging Face repo id."
+)
+@click.option(
+    "--synthetic",
+    type=click.Choice(["20b", "120b", "tiny"]),
+    default=None,
+    help="Random weights at the real shapes (MXFP4 experts): no download needed.",
+)
+@click.option(
+    "--prompt-tokens",
+    default="512,2048,8192",
+    show_default=True,
+    help="Comma-separated prompt lengths.",
+)
 @click.option("--gen-tokens", type=click.IntRange(min=2), default=128, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--warmup/--no-warmup", default=True, show_default=True)
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
-              show_default=True, help="Compute dtype (of every engine compared).")
-@click.option("--bandwidth", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Memory bandwidth in GB/s, for the decode ceiling.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["bfloat16", "float16", "float32"]),
+    default="bfloat16",
+    show_default=True,
+    help="Compute dtype (of every engine compared).",
+)
+@click.option(
+    "--bandwidth",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Memory bandwidth in GB/s, for the decode ceiling.",
+)
 @click.option("--chip", default=None, help='Apple chip name for its bandwidth, e.g. "M4 Max".')
-@click.option("--compare", type=click.Choice(["mlx-lm"]), default=None,
-              help="Also run mlx-lm's gpt-oss on the same weights, alternating runs.")
-@click.option("--ops", is_flag=True, help="Also count the MLX primitives one decode step evaluates.")
+@click.option(
+    "--compare",
+    type=click.Choice(["mlx-lm"]),
+    default=None,
+    help="Also run mlx-lm's gpt-oss on the same weights, alternating runs.",
+)
+@click.option(
+    "--ops", is_flag=True, help="Also count the MLX primitives one decode step evaluates."
+)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
-def bench_command(model_path, synthetic, prompt_tokens, gen_tokens, repeats, warmup, dtype,
-                  bandwidth, chip, compare, ops, seed, as_json):
+def bench_command(
+    model_path,
+    synthetic,
+    prompt_tokens,
+    gen_tokens,
+    repeats,
+    warmup,
+    dtype,
+    bandwidth,
+    chip,
+    compare,
+    ops,
+    seed,
+    as_json,
+):
     """Measure prompt and decode speed, memory and bytes per token."""
     from .benchmark import Benchmark, chip_bandwidth, format_table
 
     try:
         lengths = tuple(int(p) for p in prompt_tokens.split(",") if p.strip())
     except ValueError:
-        raise GptOssError(f"--prompt-tokens must be comma-separated integers, not {prompt_tokens!r}") from None
+        raise GptOssError(
+            f"--prompt-tokens must be comma-separated integers, not {prompt_tokens!r}"
+        ) from None
     bandwidth = bandwidth or chip_bandwidth(chip)
-    bench = Benchmark(model_path=model_path, synthetic=synthetic, compare=compare, dtype=dtype,
-                      seed=seed, progress=not as_json)
+    bench = Benchmark(
+        model_path=model_path,
+        synthetic=synthetic,
+        compare=compare,
+        dtype=dtype,
+        seed=seed,
+        progress=not as_json,
+    )
     result = bench.run(lengths, gen_tokens=gen_tokens, repeats=repeats, warmup=warmup)
     result["bandwidth_gbs"] = bandwidth
     if bandwidth:
@@ -367,16 +524,21 @@ def bench_command(model_path, synthetic, prompt_tokens, gen_tokens, repeats, war
         counts = result["primitives_per_decode_step"]
         click.echo("\nMLX primitives per decode step (each one a kernel launch on a Mac):")
         for name, c in counts.items():
-            click.echo(f"  {name:<11} {c['total']:>5}   " + ", ".join(
-                f"{k} {v}" for k, v in list(c["by_primitive"].items())[:6]))
+            click.echo(
+                f"  {name:<11} {c['total']:>5}   "
+                + ", ".join(f"{k} {v}" for k, v in list(c["by_primitive"].items())[:6])
+            )
         if len(counts) == 2:
             ours, theirs = (c["total"] for c in counts.values())
             click.echo(f"  ratio       {ours / theirs:.2f}x")
     import mlx.core as mx
 
     if not mx.metal.is_available():
-        click.echo("\nnote: no Metal GPU here; these are CPU figures (MLX's CPU backend), a proxy "
-                   "for graph-level efficiency, not Apple Silicon speed.", err=True)
+        click.echo(
+            "\nnote: no Metal GPU here; these are CPU figures (MLX's CPU backend), a proxy "
+            "for graph-level efficiency, not Apple Silicon speed.",
+            err=True,
+        )
 
 
 if __name__ == "__main__":

@@ -63,7 +63,9 @@ class ModelConfig:
         if self.experts_per_token > self.num_experts:
             problems.append("experts_per_token exceeds num_experts")
         if self.hidden_size % 32 or self.intermediate_size % 32:
-            problems.append("hidden_size and intermediate_size must be multiples of 32 (MXFP4 blocks)")
+            problems.append(
+                "hidden_size and intermediate_size must be multiples of 32 (MXFP4 blocks)"
+            )
         if self.head_dim % 2:
             problems.append("head_dim must be even (RoPE rotates halves)")
         if problems:
@@ -75,7 +77,7 @@ class ModelConfig:
         return self.num_attention_heads // self.num_key_value_heads
 
     @classmethod
-    def from_hf(cls, cfg: dict) -> "ModelConfig":
+    def from_hf(cls, cfg: dict) -> ModelConfig:
         """From a Hugging Face `config.json` (model_type gpt_oss), old or new rope spelling."""
         rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
         theta = cfg.get("rope_theta", rope.get("rope_theta", cls.rope_theta))
@@ -108,7 +110,7 @@ class ModelConfig:
             raise GptOssError(f"config.json is missing gpt-oss field {e}") from None
 
     @classmethod
-    def from_original(cls, cfg: dict) -> "ModelConfig":
+    def from_original(cls, cfg: dict) -> ModelConfig:
         """From OpenAI's `original/config.json` (ntk_alpha = beta_slow, ntk_beta = beta_fast)."""
         try:
             return cls(
@@ -165,7 +167,7 @@ class ModelConfig:
             "attention_bias": True,
         }
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -27,11 +27,22 @@ from .weights import read_checkpoint
 OUR_FORMAT_KEY = "gptoss_mlx"  # config.json section recording how the folder was made
 DENSE_GROUP_SIZE = 64
 MAX_SHARD_BYTES = 5 * 10**9
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
 # Dense layers --dense-bits quantizes: everything but the router (tiny, and routing is sensitive).
-_QUANTIZABLE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "embed_tokens", "lm_head")
+_QUANTIZABLE = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "embed_tokens",
+    "lm_head",
+)
 
 
 def _is_dense_target(path: str, module: nn.Module) -> bool:
@@ -57,8 +68,15 @@ def _summary(quantization: dict[str, dict]) -> dict:
     return json.loads(specs.pop()) if len(specs) == 1 else quantization
 
 
-def convert(src: str, dst: str, *, dense_bits: int | None = None, force: bool = False,
-            progress: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> str:
+def convert(
+    src: str,
+    dst: str,
+    *,
+    dense_bits: int | None = None,
+    force: bool = False,
+    progress: bool = False,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> str:
     """Write `src` (folder or hub id) to `dst` in the gptoss-mlx layout; returns `dst`.
 
     `dense_bits=None` keeps the dense weights as stored; 16 requires them unquantized; 8 or 4
@@ -76,11 +94,14 @@ def convert(src: str, dst: str, *, dense_bits: int | None = None, force: bool = 
     model = build_model(ckpt, dtype=None, materialize=False)
     stored = quantized_layers(model)
     if stored and dense_bits is not None and any(s["bits"] != dense_bits for s in stored.values()):
-        raise GptOssError(f"{src}: dense weights are already quantized; convert from an "
-                          "unquantized checkpoint to choose --dense-bits")
+        raise GptOssError(
+            f"{src}: dense weights are already quantized; convert from an "
+            "unquantized checkpoint to choose --dense-bits"
+        )
     if dense_bits in (8, 4) and not stored:
-        nn.quantize(model, group_size=DENSE_GROUP_SIZE, bits=dense_bits,
-                    class_predicate=_is_dense_target)
+        nn.quantize(
+            model, group_size=DENSE_GROUP_SIZE, bits=dense_bits, class_predicate=_is_dense_target
+        )
     quantization = quantized_layers(model)
 
     parent = os.path.dirname(dst)

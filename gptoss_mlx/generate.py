@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import operator
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Mapping, Sequence
 
 import mlx.core as mx
 
@@ -52,10 +52,12 @@ class GenerationStats:
 
     def summary(self) -> str:
         """One line for humans, e.g. for a CLI's stderr."""
-        return (f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s | "
-                f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s | "
-                f"first token: {self.time_to_first_token:.2f} s | "
-                f"peak memory: {self.peak_memory / 1e9:.2f} GB | finish: {self.finish_reason}")
+        return (
+            f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s | "
+            f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s | "
+            f"first token: {self.time_to_first_token:.2f} s | "
+            f"peak memory: {self.peak_memory / 1e9:.2f} GB | finish: {self.finish_reason}"
+        )
 
 
 @dataclass
@@ -77,8 +79,13 @@ class GenerationEvent:
     stats: GenerationStats | None = None
 
 
-def prompt_tokens(prompt, tokenizer: Tokenizer | None = None, *, tools=None,
-                  reasoning_effort: str | None = "medium") -> tuple[list[int], Tokenizer | None]:
+def prompt_tokens(
+    prompt,
+    tokenizer: Tokenizer | None = None,
+    *,
+    tools=None,
+    reasoning_effort: str | None = "medium",
+) -> tuple[list[int], Tokenizer | None]:
     """``(ids, tokenizer)`` for a prompt given as token ids, messages or a string.
 
     Messages (OpenAI Chat Completions shape) are rendered with harmony; a string is one user
@@ -91,21 +98,28 @@ def prompt_tokens(prompt, tokenizer: Tokenizer | None = None, *, tools=None,
     prompt = list(prompt)
     if prompt and all(isinstance(m, Mapping) for m in prompt):
         tokenizer = tokenizer or default_tokenizer()
-        ids = render_prompt(prompt, tools=tools, reasoning_effort=reasoning_effort,
-                            tokenizer=tokenizer)
+        ids = render_prompt(
+            prompt, tools=tools, reasoning_effort=reasoning_effort, tokenizer=tokenizer
+        )
         return ids, tokenizer
     try:
         ids = [operator.index(t) for t in prompt]  # ints, numpy ints; not floats or strings
     except TypeError:
-        raise GptOssError("prompt must be token ids (integers), a list of messages "
-                          "({'role': ..., 'content': ...}) or a string") from None
+        raise GptOssError(
+            "prompt must be token ids (integers), a list of messages "
+            "({'role': ..., 'content': ...}) or a string"
+        ) from None
     return ids, tokenizer
 
 
 def _cache_arrays(cache) -> list:
     """The key/value buffers the caches hold (to evaluate after a prefill chunk)."""
-    return [a for c in cache or () for a in (getattr(c, "keys", None), getattr(c, "values", None))
-            if a is not None]
+    return [
+        a
+        for c in cache or ()
+        for a in (getattr(c, "keys", None), getattr(c, "values", None))
+        if a is not None
+    ]
 
 
 def _last_logits(model, ids: mx.array, cache) -> mx.array:
@@ -125,10 +139,10 @@ def _prefill(model, ids: list[int], cache, chunk: int, progress: bool) -> mx.arr
     show = progress and len(starts) > 1
     with progress_bar(len(ids), "Prefill", show) as bar:
         for start in starts[:-1]:
-            _last_logits(model, mx.array([ids[start:start + chunk]]), cache)
+            _last_logits(model, mx.array([ids[start : start + chunk]]), cache)
             mx.eval(*_cache_arrays(cache))
             bar.update(chunk)
-        logits = _last_logits(model, mx.array([ids[starts[-1]:]]), cache)
+        logits = _last_logits(model, mx.array([ids[starts[-1] :]]), cache)
         bar.update(len(ids) - starts[-1])
     return logits
 
@@ -162,13 +176,17 @@ def stream_generate(
     ``sampler`` overrides ``temperature``/``top_p``/``top_k``/``min_p``/``seed``.
     The last event carries ``finish_reason`` and :class:`GenerationStats`.
     """
-    ids, tokenizer = prompt_tokens(prompt, tokenizer, tools=tools, reasoning_effort=reasoning_effort)
+    ids, tokenizer = prompt_tokens(
+        prompt, tokenizer, tools=tools, reasoning_effort=reasoning_effort
+    )
     if not ids:
         raise GptOssError("the prompt is empty: give at least one token")
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None and not all(0 <= t < vocab for t in ids):
         bad = next(t for t in ids if not 0 <= t < vocab)
-        raise GptOssError(f"prompt token id {bad} is outside the model's vocabulary (0..{vocab - 1})")
+        raise GptOssError(
+            f"prompt token id {bad} is outside the model's vocabulary (0..{vocab - 1})"
+        )
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise GptOssError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
     if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
@@ -178,12 +196,14 @@ def stream_generate(
     if cache is None:
         cache = model.make_cache()
     parser = StreamParser(tokenizer) if tokenizer is not None else None
-    return _generate_events(model, ids, cache, sampler, max_tokens, prefill_chunk, stops, parser,
-                            progress)
+    return _generate_events(
+        model, ids, cache, sampler, max_tokens, prefill_chunk, stops, parser, progress
+    )
 
 
-def _generate_events(model, ids, cache, sampler, max_tokens, prefill_chunk, stops, parser,
-                     progress) -> Iterator[GenerationEvent]:
+def _generate_events(
+    model, ids, cache, sampler, max_tokens, prefill_chunk, stops, parser, progress
+) -> Iterator[GenerationEvent]:
     mx.reset_peak_memory()
     stats = GenerationStats(prompt_tokens=len(ids))
     tic = time.perf_counter()
@@ -216,7 +236,9 @@ def _generate_events(model, ids, cache, sampler, max_tokens, prefill_chunk, stop
             stats.time_to_first_token = t_first - tic
             stats.prompt_tps = len(ids) / max(stats.time_to_first_token, 1e-9)
             stats.generation_tokens = n
-            stats.generation_tps = (n - 1) / (t_last - t_first) if n > 1 and t_last > t_first else 0.0
+            stats.generation_tps = (
+                (n - 1) / (t_last - t_first) if n > 1 and t_last > t_first else 0.0
+            )
             stats.peak_memory = int(mx.get_peak_memory())
             stats.finish_reason = finish
             event.finish_reason, event.stats = finish, stats
@@ -236,8 +258,12 @@ def generate(model, prompt, *, tokenizer: Tokenizer | None = None, **kwargs) -> 
     (empty without a tokenizer), plus ``"tokens"`` (the completion ids, stop token included),
     ``"prompt_tokens"`` (the prompt ids), ``"finish_reason"`` and ``"stats"`` (a dict).
     """
-    ids, tokenizer = prompt_tokens(prompt, tokenizer, tools=kwargs.get("tools"),
-                                   reasoning_effort=kwargs.get("reasoning_effort", "medium"))
+    ids, tokenizer = prompt_tokens(
+        prompt,
+        tokenizer,
+        tools=kwargs.get("tools"),
+        reasoning_effort=kwargs.get("reasoning_effort", "medium"),
+    )
     tokens, stats = [], None
     for event in stream_generate(model, ids, tokenizer=tokenizer, **kwargs):
         tokens.append(event.token)
@@ -246,6 +272,7 @@ def generate(model, prompt, *, tokenizer: Tokenizer | None = None, **kwargs) -> 
         result = parse_completion(tokens, tokenizer)
     else:
         result = {"reasoning": "", "content": "", "tool_calls": []}
-    result.update(tokens=tokens, prompt_tokens=ids, finish_reason=stats.finish_reason,
-                  stats=stats.to_dict())
+    result.update(
+        tokens=tokens, prompt_tokens=ids, finish_reason=stats.finish_reason, stats=stats.to_dict()
+    )
     return result

@@ -52,8 +52,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from gptoss_mlx.errors import GptOssError
 from gptoss_mlx.tokenizer import (
@@ -216,7 +217,9 @@ def _union_property_to_ts(key: str, optional: str, prop: dict, variants: list, i
     if desc_above:
         lines.append(f"{indent}// {prop_desc}\n")
     if _has(prop, "default"):
-        lines.append(f"{indent}// {_default_comment(prop, prop['default'], bare_enum_string=True)}\n")
+        lines.append(
+            f"{indent}// {_default_comment(prop, prop['default'], bare_enum_string=True)}\n"
+        )
     lines.append(f"{indent}{key}{optional}:\n")
     for i, variant in enumerate(variants):
         text = f"{indent} | " + _with_null(variant, _schema_to_ts(variant, indent + "   "))
@@ -309,7 +312,7 @@ def _render_msg(tok: Tokenizer, m: _Msg, out: list[int]) -> None:
         if m.content_type.startswith(_CONSTRAIN):
             out += tok.encode(" ")
             out.append(tok.constrain_id)
-            rest = m.content_type[len(_CONSTRAIN):]
+            rest = m.content_type[len(_CONSTRAIN) :]
             if rest:
                 out += tok.encode(rest)
         else:
@@ -333,7 +336,9 @@ def _content_text(content: Any) -> str:
             elif isinstance(part, Mapping) and part.get("type", "text") == "text":
                 parts.append(str(part.get("text", "")))
             else:
-                raise GptOssError(f"Only text content is supported, got a {part.get('type')!r} part")
+                raise GptOssError(
+                    f"Only text content is supported, got a {part.get('type')!r} part"
+                )
         return "".join(parts)
     if isinstance(content, (dict, int, float, bool)):
         return json.dumps(content, ensure_ascii=False)
@@ -352,9 +357,7 @@ def _function_recipient(name: str) -> str:
     return name if name.startswith("functions.") else f"functions.{name}"
 
 
-def _conversation_messages(
-    messages: Sequence[Mapping], call_names: dict[str, str]
-) -> list[_Msg]:
+def _conversation_messages(messages: Sequence[Mapping], call_names: dict[str, str]) -> list[_Msg]:
     """user / assistant / tool messages as harmony messages (system and developer skipped).
 
     ``call_names`` maps tool-call ids to function names; it is filled from assistant tool calls
@@ -385,7 +388,9 @@ def _conversation_messages(
                     fn = call.get("function") or {}
                     name = fn.get("name")
                     if not isinstance(name, str) or not name:
-                        raise GptOssError(f"Tool call in message {i} has no function name: {call!r}")
+                        raise GptOssError(
+                            f"Tool call in message {i} has no function name: {call!r}"
+                        )
                     if call.get("id"):
                         call_names[str(call["id"])] = name
                     out.append(
@@ -455,7 +460,9 @@ def _system_text(
         sections.append("\n".join(top))
     if reasoning_effort is not None:
         sections.append(f"Reasoning: {reasoning_effort}")
-    channels = f"# Valid channels: {', '.join(_CHANNELS)}. Channel must be included for every message."
+    channels = (
+        f"# Valid channels: {', '.join(_CHANNELS)}. Channel must be included for every message."
+    )
     if has_functions:
         channels += "\nCalls to these tools must go to the commentary channel: 'functions'."
     sections.append(channels)
@@ -618,7 +625,7 @@ def _parse_header(text: str, role_known: bool) -> _Header:
     h = _Header()
     at = text.find(_CHANNEL)
     if at >= 0:
-        after = text[at + len(_CHANNEL):]
+        after = text[at + len(_CHANNEL) :]
         end = 0
         while end < len(after) and not after[end].isspace() and after[end] != "<":
             end += 1
@@ -796,7 +803,9 @@ class StreamParser:
         self._state = "content"
         recipient = h.recipient
         if recipient is not None and recipient not in _NOT_TOOLS:
-            name = recipient[len("functions."):] if recipient.startswith("functions.") else recipient
+            name = (
+                recipient[len("functions.") :] if recipient.startswith("functions.") else recipient
+            )
             index = len(self._calls)
             call = {"index": index, "id": f"call_{index}", "name": name}
             self._calls.append({**call, "arguments": []})
@@ -827,8 +836,15 @@ class StreamParser:
             self._close_message(events)
             self._state = "idle"
 
-    def _set_target(self, kind: str, channel: str | None, recipient: str | None, index: int | None = None) -> None:
-        self._kind, self._channel, self._recipient, self._call_index = kind, channel, recipient, index
+    def _set_target(
+        self, kind: str, channel: str | None, recipient: str | None, index: int | None = None
+    ) -> None:
+        self._kind, self._channel, self._recipient, self._call_index = (
+            kind,
+            channel,
+            recipient,
+            index,
+        )
         self._started_text = False
 
     def _text(self, text: str, events: list[Delta]) -> None:

@@ -23,15 +23,20 @@ def resolve_model_path(path_or_repo: str, progress: bool = True) -> str:
     if os.path.exists(path):
         return path
     if not _looks_like_repo_id(path):
-        raise GptOssError(f"{path_or_repo}: no such folder, and not a Hugging Face repo id "
-                          "(owner/name)")
+        raise GptOssError(
+            f"{path_or_repo}: no such folder, and not a Hugging Face repo id (owner/name)"
+        )
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
     (enable_progress_bars if progress else disable_progress_bars)()
     try:
-        return snapshot_download(path, allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS)
+        return snapshot_download(
+            path, allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS
+        )
     except Exception as e:  # offline, unknown repo, gated, disk full: all end the same way
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GptOssError(f"could not fetch {path_or_repo} from the Hugging Face hub ({reason}); "
-                          "check your connection, or pass a local checkpoint folder instead") from None
+        raise GptOssError(
+            f"could not fetch {path_or_repo} from the Hugging Face hub ({reason}); "
+            "check your connection, or pass a local checkpoint folder instead"
+        ) from None

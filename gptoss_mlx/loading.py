@@ -62,18 +62,23 @@ def _check_against_model(model: nn.Module, ckpt: Checkpoint) -> None:
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(expected.keys() - ckpt.tensors.keys())
     if missing:
-        raise GptOssError(f"{ckpt.folder}: checkpoint is missing {missing[0]} ({len(missing)} "
-                          "tensors in all); does config.json match the weights?")
+        raise GptOssError(
+            f"{ckpt.folder}: checkpoint is missing {missing[0]} ({len(missing)} "
+            "tensors in all); does config.json match the weights?"
+        )
     extra = sorted(ckpt.tensors.keys() - expected.keys())
     if extra:
-        raise GptOssError(f"{ckpt.origin.get(extra[0], extra[0])}: unexpected tensor "
-                          f"({len(extra)} in all) that config.json does not account for")
+        raise GptOssError(
+            f"{ckpt.origin.get(extra[0], extra[0])}: unexpected tensor "
+            f"({len(extra)} in all) that config.json does not account for"
+        )
     for name, want in expected.items():
         got = ckpt.tensors[name]
         where = ckpt.origin.get(name, name)
         if tuple(got.shape) != tuple(want.shape):
-            raise GptOssError(f"{where} has shape {list(got.shape)}, but config.json implies "
-                              f"{list(want.shape)}")
+            raise GptOssError(
+                f"{where} has shape {list(got.shape)}, but config.json implies {list(want.shape)}"
+            )
         if want.dtype in _PACKED and got.dtype != want.dtype:
             raise GptOssError(f"{where} has dtype {got.dtype}, expected {want.dtype}")
         if want.dtype not in _PACKED and not mx.issubdtype(got.dtype, mx.floating):
@@ -87,8 +92,13 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def build_model(ckpt: Checkpoint, dtype: mx.Dtype | None, progress: bool = False,
-                materialize: bool = True, kernels: str | None = None) -> GptOssModel:
+def build_model(
+    ckpt: Checkpoint,
+    dtype: mx.Dtype | None,
+    progress: bool = False,
+    materialize: bool = True,
+    kernels: str | None = None,
+) -> GptOssModel:
     """Instantiate the model for `ckpt` and load its tensors; floats cast to `dtype` (None keeps them).
 
     Parameters stay lazy until evaluated one layer at a time (`materialize`), so peak memory stays
@@ -111,9 +121,11 @@ def build_model(ckpt: Checkpoint, dtype: mx.Dtype | None, progress: bool = False
         return model
     total = sum(w.nbytes for w in weights.values())
     if total > available_memory():
-        raise GptOssError(f"the model needs {total / 1e9:.1f} GB for its weights but this machine "
-                          f"offers {available_memory() / 1e9:.1f} GB; use a smaller model or "
-                          "`gptoss-mlx convert --dense-bits 8|4` to shrink the dense weights")
+        raise GptOssError(
+            f"the model needs {total / 1e9:.1f} GB for its weights but this machine "
+            f"offers {available_memory() / 1e9:.1f} GB; use a smaller model or "
+            "`gptoss-mlx convert --dense-bits 8|4` to shrink the dense weights"
+        )
     groups = [model.embed_tokens, *model.layers, model.norm, model.lm_head]
     with progress_bar(len(groups), "Loading weights", progress) as bar:
         for part in groups:
@@ -123,8 +135,9 @@ def build_model(ckpt: Checkpoint, dtype: mx.Dtype | None, progress: bool = False
     return model
 
 
-def load_model(path_or_repo: str, dtype=None, *, progress: bool = False,
-               kernels: str | None = None) -> GptOssModel:
+def load_model(
+    path_or_repo: str, dtype=None, *, progress: bool = False, kernels: str | None = None
+) -> GptOssModel:
     """Load gpt-oss from a local folder of any supported layout or a Hugging Face repo id.
 
     `dtype=None` computes in bfloat16; `"float32"` computes in float32 (for parity checks). Expert
@@ -149,7 +162,9 @@ def load(path_or_repo: str, dtype=None, *, progress: bool = False, kernels: str 
     model = load_model(folder, dtype, progress=progress, kernels=kernels)
     needed = max(SPECIAL_TOKENS.values()) + 1
     if model.config.vocab_size < needed:
-        raise GptOssError(f"{path_or_repo}: the model's vocabulary has {model.config.vocab_size} "
-                          f"tokens, too few for o200k_harmony (needs {needed}); use load_model and "
-                          "token ids instead")
+        raise GptOssError(
+            f"{path_or_repo}: the model's vocabulary has {model.config.vocab_size} "
+            f"tokens, too few for o200k_harmony (needs {needed}); use load_model and "
+            "token ids instead"
+        )
     return model, load_tokenizer(folder)

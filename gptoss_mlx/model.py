@@ -60,8 +60,9 @@ class GptOssModel(nn.Module):
         feed the cache), and the unembedding runs once."""
         return self.lm_head(self.hidden_states(input_ids, cache, last_only=True))[:, -1, :]
 
-    def hidden_states(self, input_ids: mx.array, cache: list | None = None,
-                      last_only: bool = False) -> mx.array:
+    def hidden_states(
+        self, input_ids: mx.array, cache: list | None = None, last_only: bool = False
+    ) -> mx.array:
         """Final-normed hidden states `[B, T, hidden]` (`[B, 1, hidden]` with `last_only`)."""
         x = self.embed_tokens(input_ids)
         last = len(self.layers) - 1
@@ -78,7 +79,9 @@ class GptOssModel(nn.Module):
         """
         c = self.config
         for layer_cache in cache:
-            layer_cache.reserve(input_ids.shape[0], c.num_key_value_heads, c.head_dim, self.dtype, 1)
+            layer_cache.reserve(
+                input_ids.shape[0], c.num_key_value_heads, c.head_dim, self.dtype, 1
+            )
         if self._compiled_decode is None:
             self._compiled_decode = mx.compile(self._decode_graph, inputs=self.state)
         # The emulated kernels run on the host and cannot be traced: no compile with them.
@@ -92,8 +95,12 @@ class GptOssModel(nn.Module):
 
     def _decode_graph(self, input_ids: mx.array, offset: mx.array, *buffers: mx.array):
         slots = [
-            DecodeSlot(buffers[2 * i], buffers[2 * i + 1], offset,
-                       self.config.sliding_window if t == SLIDING else None)
+            DecodeSlot(
+                buffers[2 * i],
+                buffers[2 * i + 1],
+                offset,
+                self.config.sliding_window if t == SLIDING else None,
+            )
             for i, t in enumerate(self.config.layer_types)
         ]
         logits = self.lm_head(self.hidden_states(input_ids, slots))

@@ -35,7 +35,9 @@ class MXFP4SwitchLinear(nn.Module):
     def __init__(self, num_experts: int, input_dims: int, output_dims: int):
         super().__init__()
         self.weight = mx.zeros((num_experts, output_dims, input_dims // 8), dtype=mx.uint32)
-        self.scales = mx.zeros((num_experts, output_dims, input_dims // MXFP4_BLOCK), dtype=mx.uint8)
+        self.scales = mx.zeros(
+            (num_experts, output_dims, input_dims // MXFP4_BLOCK), dtype=mx.uint8
+        )
         self.bias = mx.zeros((num_experts, output_dims))
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:

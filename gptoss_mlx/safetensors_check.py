@@ -14,8 +14,23 @@ from dataclasses import dataclass
 
 from .errors import GptOssError
 
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2,
-                "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+_DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "I16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "U32": 4,
+    "I32": 4,
+    "F32": 4,
+    "U64": 8,
+    "I64": 8,
+    "F64": 8,
+}
 
 
 @dataclass(frozen=True)
@@ -32,11 +47,15 @@ def read_header(path: str) -> dict[str, TensorInfo]:
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
-            raise GptOssError(f"{name}: truncated safetensors file ({size} bytes); download it again")
+            raise GptOssError(
+                f"{name}: truncated safetensors file ({size} bytes); download it again"
+            )
         (header_len,) = struct.unpack("<Q", raw)
         if header_len > size - 8:
-            raise GptOssError(f"{name}: truncated or not a safetensors file (header claims "
-                              f"{header_len} bytes, file has {size}); download it again")
+            raise GptOssError(
+                f"{name}: truncated or not a safetensors file (header claims "
+                f"{header_len} bytes, file has {size}); download it again"
+            )
         try:
             header = json.loads(f.read(header_len))
         except (ValueError, UnicodeDecodeError):
@@ -47,17 +66,25 @@ def read_header(path: str) -> dict[str, TensorInfo]:
         if key == "__metadata__":
             continue
         try:
-            dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            dtype, shape, (start, end) = (
+                entry["dtype"],
+                tuple(entry["shape"]),
+                entry["data_offsets"],
+            )
         except (KeyError, TypeError, ValueError):
             raise GptOssError(f"{name}: corrupt safetensors entry for {key}") from None
         count = 1
         for dim in shape:
             count *= dim
         if dtype in _DTYPE_BYTES and end - start != count * _DTYPE_BYTES[dtype]:
-            raise GptOssError(f"{name}: tensor {key} has {end - start} bytes for shape "
-                              f"{list(shape)} {dtype}; the file is corrupt")
+            raise GptOssError(
+                f"{name}: tensor {key} has {end - start} bytes for shape "
+                f"{list(shape)} {dtype}; the file is corrupt"
+            )
         if end > data_size:
-            raise GptOssError(f"{name}: truncated: tensor {key} ends at byte {end} of the data but "
-                              f"the file holds {data_size}; download it again")
+            raise GptOssError(
+                f"{name}: truncated: tensor {key} ends at byte {end} of the data but "
+                f"the file holds {data_size}; download it again"
+            )
         tensors[key] = TensorInfo(path, dtype, shape)
     return tensors

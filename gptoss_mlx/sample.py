@@ -31,9 +31,11 @@ from .errors import GptOssError
 __all__ = ["Sampler", "make_sampler", "sampling_probs", "filter_logits", "check_sampling"]
 
 
-def check_sampling(temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                   min_p: float = 0.0) -> None:
+def check_sampling(
+    temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0
+) -> None:
     """Raise GptOssError for out-of-range sampling parameters."""
+
     def bad(name, value, allowed):
         raise GptOssError(f"{name} must be {allowed}, got {value!r}")
 
@@ -52,8 +54,9 @@ def check_sampling(temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
         bad("min_p", min_p, "in [0, 1) (0 disables it)")
 
 
-def filter_logits(logits: mx.array, top_k: int = 0, top_p: float = 1.0,
-                  min_p: float = 0.0) -> mx.array:
+def filter_logits(
+    logits: mx.array, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
+) -> mx.array:
     """Float32 logits `[..., V]` with the tokens top-k, then top-p, then min-p drop set to -inf."""
     x = logits.astype(mx.float32)
     vocab = x.shape[-1]
@@ -73,8 +76,13 @@ def filter_logits(logits: mx.array, top_k: int = 0, top_p: float = 1.0,
     return x
 
 
-def sampling_probs(logits: mx.array, temperature: float = 1.0, top_p: float = 1.0,
-                   top_k: int = 0, min_p: float = 0.0) -> mx.array:
+def sampling_probs(
+    logits: mx.array,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+) -> mx.array:
     """The distribution `[..., V]` (float32) the sampler draws from for these parameters.
 
     ``temperature=0`` gives a one-hot on the argmax (the first one on ties, as ``mx.argmax``).
@@ -93,12 +101,19 @@ class Sampler:
     every call, so the same seed and the same logits give the same tokens.
     """
 
-    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 min_p: float = 0.0, seed: int | None = None):
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        seed: int | None = None,
+    ):
         check_sampling(temperature, top_p, top_k, min_p)
         self.temperature, self.top_p, self.top_k, self.min_p = temperature, top_p, top_k, min_p
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
-                                 or not 0 <= seed < 2**64):
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64
+        ):
             raise GptOssError(f"seed must be an integer in [0, 2**64), got {seed!r}")
         self.seed = secrets.randbits(63) if seed is None else seed
         self._key = mx.random.key(self.seed)
@@ -121,11 +136,18 @@ class Sampler:
         return sampling_probs(logits, self.temperature, self.top_p, self.top_k, self.min_p)
 
     def __repr__(self) -> str:
-        return (f"Sampler(temperature={self.temperature}, top_p={self.top_p}, top_k={self.top_k}, "
-                f"min_p={self.min_p}, seed={self.seed})")
+        return (
+            f"Sampler(temperature={self.temperature}, top_p={self.top_p}, top_k={self.top_k}, "
+            f"min_p={self.min_p}, seed={self.seed})"
+        )
 
 
-def make_sampler(temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-                 seed: int | None = None) -> Sampler:
+def make_sampler(
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    seed: int | None = None,
+) -> Sampler:
     """A :class:`Sampler`; GptOssError when a parameter is out of range."""
     return Sampler(temperature, top_p, top_k, min_p, seed)

@@ -42,8 +42,12 @@ def random_checkpoint(config: ModelConfig, seed: int = 0, dtype=mx.bfloat16) -> 
         p = f"model.layers.{i}."
         t[p + "input_layernorm.weight"] = 1 + normal((H,), 0.1)
         t[p + "post_attention_layernorm.weight"] = 1 + normal((H,), 0.1)
-        for name, out_dims, in_dims in (("q", Hq * D, H), ("k", Hkv * D, H), ("v", Hkv * D, H),
-                                        ("o", H, Hq * D)):
+        for name, out_dims, in_dims in (
+            ("q", Hq * D, H),
+            ("k", Hkv * D, H),
+            ("v", Hkv * D, H),
+            ("o", H, Hq * D),
+        ):
             t[p + f"self_attn.{name}_proj.weight"] = normal((out_dims, in_dims), in_dims**-0.5)
             t[p + f"self_attn.{name}_proj.bias"] = normal((out_dims,), 0.1)
         t[p + "self_attn.sinks"] = normal((Hq,), 2.0)
@@ -52,22 +56,28 @@ def random_checkpoint(config: ModelConfig, seed: int = 0, dtype=mx.bfloat16) -> 
         for proj, out_dims, in_dims in (("gate_up_proj", 2 * I, H), ("down_proj", H, I)):
             g = in_dims // 32
             t[p + f"mlp.experts.{proj}_blocks"] = mx.random.randint(
-                0, 256, (E, out_dims, g, 16), key=next(keys)).astype(mx.uint8)
-            t[p + f"mlp.experts.{proj}_scales"] = _expert_scales(next(keys), (E, out_dims, g), in_dims)
+                0, 256, (E, out_dims, g, 16), key=next(keys)
+            ).astype(mx.uint8)
+            t[p + f"mlp.experts.{proj}_scales"] = _expert_scales(
+                next(keys), (E, out_dims, g), in_dims
+            )
             t[p + f"mlp.experts.{proj}_bias"] = normal((E, out_dims), 0.1)
     return t
 
 
-def save_checkpoint(folder: str, tensors: dict[str, mx.array], config_json: dict,
-                    shards: int = 1) -> None:
+def save_checkpoint(
+    folder: str, tensors: dict[str, mx.array], config_json: dict, shards: int = 1
+) -> None:
     """Write `tensors` as safetensors shards (with an index when more than one) plus config.json."""
     os.makedirs(folder, exist_ok=True)
     names = list(tensors)
     per_shard = math.ceil(len(names) / shards)
     weight_map = {}
     for s in range(shards):
-        file = "model.safetensors" if shards == 1 else f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        part = {n: tensors[n] for n in names[s * per_shard:(s + 1) * per_shard]}
+        file = (
+            "model.safetensors" if shards == 1 else f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        )
+        part = {n: tensors[n] for n in names[s * per_shard : (s + 1) * per_shard]}
         mx.save_safetensors(os.path.join(folder, file), part, metadata={"format": "pt"})
         weight_map.update({n: file for n in part})
     if shards > 1:
@@ -79,5 +89,9 @@ def save_checkpoint(folder: str, tensors: dict[str, mx.array], config_json: dict
 
 def hf_config_json(config: ModelConfig) -> dict:
     """config.json as Hugging Face publishes it for the MXFP4 checkpoints."""
-    return {**config.to_hf(), "quantization_config": {"quant_method": "mxfp4"},
-            "eos_token_id": 200002, "pad_token_id": 199999}
+    return {
+        **config.to_hf(),
+        "quantization_config": {"quant_method": "mxfp4"},
+        "eos_token_id": 200002,
+        "pad_token_id": 199999,
+    }

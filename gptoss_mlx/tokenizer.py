@@ -19,8 +19,8 @@ import codecs
 import functools
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from gptoss_mlx.errors import GptOssError
 
@@ -122,7 +122,8 @@ def _check_special_ids(specials: dict[str, int], *, source: str) -> None:
     ]
     if wrong:
         raise GptOssError(
-            f"The tokenizer from {source} is not gpt-oss's o200k_harmony: " + "; ".join(wrong)
+            f"The tokenizer from {source} is not gpt-oss's o200k_harmony: "
+            + "; ".join(wrong)
             + ". Use the checkpoint's original tokenizer.json, or remove it to use tiktoken's "
             "o200k_harmony."
         )

@@ -61,8 +61,10 @@ def find_weights_folder(path: str) -> str:
             or os.path.isfile(os.path.join(folder, "model.safetensors.index.json"))
         ):
             return folder
-    raise GptOssError(f"{path}: not a gpt-oss checkpoint (no config.json with *.safetensors "
-                      "weights here or in original/)")
+    raise GptOssError(
+        f"{path}: not a gpt-oss checkpoint (no config.json with *.safetensors "
+        "weights here or in original/)"
+    )
 
 
 def _shard_files(folder: str) -> list[str]:
@@ -75,8 +77,10 @@ def _shard_files(folder: str) -> list[str]:
             raise GptOssError(f"{index}: corrupt index file") from None
         missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
         if missing:
-            raise GptOssError(f"{folder}: missing shard {missing[0]} listed in "
-                              "model.safetensors.index.json; download it again")
+            raise GptOssError(
+                f"{folder}: missing shard {missing[0]} listed in "
+                "model.safetensors.index.json; download it again"
+            )
         return [os.path.join(folder, n) for n in names]
     return sorted(glob.glob(os.path.join(folder, "*.safetensors")))
 
@@ -86,9 +90,11 @@ def _detect_layout(names, folder: str) -> str:
         if marker in names:
             return layout
     sample = ", ".join(sorted(names)[:3])
-    raise GptOssError(f"{folder}: unknown checkpoint layout (tensors like {sample}); expected the "
-                      "Hugging Face gpt-oss layout (MXFP4 or bf16), OpenAI's original/, an "
-                      "mlx-community conversion or a gptoss-mlx folder")
+    raise GptOssError(
+        f"{folder}: unknown checkpoint layout (tensors like {sample}); expected the "
+        "Hugging Face gpt-oss layout (MXFP4 or bf16), OpenAI's original/, an "
+        "mlx-community conversion or a gptoss-mlx folder"
+    )
 
 
 def read_checkpoint(path: str) -> Checkpoint:
@@ -112,11 +118,17 @@ def read_checkpoint(path: str) -> Checkpoint:
     return checkpoint_from_tensors(arrays, raw_config, folder, infos)
 
 
-def checkpoint_from_tensors(arrays: dict[str, mx.array], raw_config: dict, folder: str = "<memory>",
-                            infos: dict[str, TensorInfo] | None = None) -> Checkpoint:
+def checkpoint_from_tensors(
+    arrays: dict[str, mx.array],
+    raw_config: dict,
+    folder: str = "<memory>",
+    infos: dict[str, TensorInfo] | None = None,
+) -> Checkpoint:
     """Recognise the layout of `arrays` (named as in some checkpoint) and map them to our names."""
     layout = _detect_layout(arrays.keys(), folder)
-    config = (ModelConfig.from_original if layout == "original" else ModelConfig.from_hf)(raw_config)
+    config = (ModelConfig.from_original if layout == "original" else ModelConfig.from_hf)(
+        raw_config
+    )
     source = _Source(dict(arrays), infos or {})
     tensors = _MAPPERS[layout](source, config)
     source.reject_leftovers()
@@ -140,8 +152,9 @@ class _Source:
 
     def take(self, name: str, dtype: mx.Dtype | None = None) -> mx.array:
         if name not in self.arrays:
-            raise GptOssError(f"checkpoint is missing tensor {name} (does config.json match "
-                              "the weights?)")
+            raise GptOssError(
+                f"checkpoint is missing tensor {name} (does config.json match the weights?)"
+            )
         array = self.arrays.pop(name)
         if dtype is not None and array.dtype != dtype:
             raise GptOssError(f"{self.where(name)} has dtype {array.dtype}, expected {dtype}")
@@ -157,8 +170,10 @@ class _Source:
     def reject_leftovers(self) -> None:
         if self.arrays:
             extra = sorted(self.arrays)
-            raise GptOssError(f"{self.where(extra[0])}: unexpected tensor ({len(extra)} in all) "
-                              "that config.json does not account for")
+            raise GptOssError(
+                f"{self.where(extra[0])}: unexpected tensor ({len(extra)} in all) "
+                "that config.json does not account for"
+            )
 
 
 def mxfp4_blocks_to_weight(blocks: mx.array) -> mx.array:
@@ -193,7 +208,7 @@ def _dense_hf(src: _Source, out: dict, prefix: str = "model.") -> None:
     suffixes = (".weight", ".bias", ".scales", ".biases", ".sinks")
     for name in [n for n in src.arrays if n.startswith(prefix) and ".mlp.experts." not in n]:
         if name.endswith(suffixes):
-            src.move(out, name[len(prefix):], name)
+            src.move(out, name[len(prefix) :], name)
     for name in [n for n in src.arrays if n.startswith("lm_head.")]:
         src.move(out, name, name)
 
@@ -204,7 +219,9 @@ def _map_hf_mxfp4(src: _Source, config: ModelConfig) -> dict:
     for i in range(config.num_hidden_layers):
         p, q = f"model.layers.{i}.mlp.experts.", f"layers.{i}.mlp.experts."
         for proj in ("gate_up_proj", "down_proj"):
-            _move_mxfp4(src, out, q + proj, p + proj + "_blocks", p + proj + "_scales", p + proj + "_bias")
+            _move_mxfp4(
+                src, out, q + proj, p + proj + "_blocks", p + proj + "_scales", p + proj + "_bias"
+            )
     return out
 
 
@@ -216,8 +233,10 @@ def _map_hf_bf16(src: _Source, config: ModelConfig) -> dict:
         for proj in ("gate_up_proj", "down_proj"):
             dense = src.take(p + proj)
             if dense.ndim != 3:
-                raise GptOssError(f"{src.where(p + proj)} must be 3-D "
-                                  f"[experts, in, out], got shape {list(dense.shape)}")
+                raise GptOssError(
+                    f"{src.where(p + proj)} must be 3-D "
+                    f"[experts, in, out], got shape {list(dense.shape)}"
+                )
             weight, scales = quantize_mxfp4(dense.swapaxes(1, 2))
             src.put(out, q + proj + ".weight", weight, p + proj)
             src.put(out, q + proj + ".scales", scales, p + proj)
@@ -232,15 +251,20 @@ def _map_original(src: _Source, config: ModelConfig) -> dict:
     src.move(out, "norm.weight", "norm.scale")
     q_width = config.num_attention_heads * config.head_dim
     kv_width = config.num_key_value_heads * config.head_dim
-    bounds = {"q_proj": (0, q_width), "k_proj": (q_width, q_width + kv_width),
-              "v_proj": (q_width + kv_width, q_width + 2 * kv_width)}
+    bounds = {
+        "q_proj": (0, q_width),
+        "k_proj": (q_width, q_width + kv_width),
+        "v_proj": (q_width + kv_width, q_width + 2 * kv_width),
+    }
     for i in range(config.num_hidden_layers):
         b, ours = f"block.{i}.", f"layers.{i}."
         src.move(out, ours + "input_layernorm.weight", b + "attn.norm.scale")
         qkv_w, qkv_b = src.take(b + "attn.qkv.weight"), src.take(b + "attn.qkv.bias")
         if qkv_w.shape[0] != q_width + 2 * kv_width:
-            raise GptOssError(f"{b}attn.qkv.weight has {qkv_w.shape[0]} rows, config implies "
-                              f"{q_width + 2 * kv_width}")
+            raise GptOssError(
+                f"{b}attn.qkv.weight has {qkv_w.shape[0]} rows, config implies "
+                f"{q_width + 2 * kv_width}"
+            )
         for proj, (lo, hi) in bounds.items():
             src.put(out, f"{ours}self_attn.{proj}.weight", qkv_w[lo:hi], b + "attn.qkv.weight")
             src.put(out, f"{ours}self_attn.{proj}.bias", qkv_b[lo:hi], b + "attn.qkv.bias")
@@ -251,8 +275,14 @@ def _map_original(src: _Source, config: ModelConfig) -> dict:
         src.move(out, ours + "mlp.router.weight", b + "mlp.gate.weight")
         src.move(out, ours + "mlp.router.bias", b + "mlp.gate.bias")
         for theirs, proj in (("mlp1", "gate_up_proj"), ("mlp2", "down_proj")):
-            _move_mxfp4(src, out, ours + "mlp.experts." + proj, f"{b}mlp.{theirs}_weight.blocks",
-                        f"{b}mlp.{theirs}_weight.scales", f"{b}mlp.{theirs}_bias")
+            _move_mxfp4(
+                src,
+                out,
+                ours + "mlp.experts." + proj,
+                f"{b}mlp.{theirs}_weight.blocks",
+                f"{b}mlp.{theirs}_weight.scales",
+                f"{b}mlp.{theirs}_bias",
+            )
     return out
 
 
@@ -262,14 +292,24 @@ def _map_mlx_community(src: _Source, config: ModelConfig) -> dict:
     for i in range(config.num_hidden_layers):
         p, q = f"model.layers.{i}.mlp.experts.", f"layers.{i}.mlp.experts."
         if src.has(p + "gate_proj.biases") or src.has(p + "down_proj.biases"):
-            raise GptOssError(f"{src.where(p + 'gate_proj.biases')}: experts are affine-quantized; "
-                              "gptoss-mlx runs MXFP4 experts: use an MXFP4 upload or the original "
-                              "openai/gpt-oss checkpoint")
+            raise GptOssError(
+                f"{src.where(p + 'gate_proj.biases')}: experts are affine-quantized; "
+                "gptoss-mlx runs MXFP4 experts: use an MXFP4 upload or the original "
+                "openai/gpt-oss checkpoint"
+            )
         for part in ("weight", "scales", "bias"):
             dtype = {"weight": mx.uint32, "scales": mx.uint8}.get(part)
-            gate, up = src.take(f"{p}gate_proj.{part}", dtype), src.take(f"{p}up_proj.{part}", dtype)
-            src.put(out, f"{q}gate_up_proj.{part}", _interleave_rows(gate, up, axis=1),
-                    f"{p}gate_proj.{part}", f"{p}up_proj.{part}")
+            gate, up = (
+                src.take(f"{p}gate_proj.{part}", dtype),
+                src.take(f"{p}up_proj.{part}", dtype),
+            )
+            src.put(
+                out,
+                f"{q}gate_up_proj.{part}",
+                _interleave_rows(gate, up, axis=1),
+                f"{p}gate_proj.{part}",
+                f"{p}up_proj.{part}",
+            )
             src.move(out, f"{q}down_proj.{part}", f"{p}down_proj.{part}", dtype)
     return out
 

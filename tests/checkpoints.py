@@ -16,17 +16,33 @@ from gptoss_mlx.config import ModelConfig
 from gptoss_mlx.synthetic import hf_config_json, random_checkpoint, save_checkpoint
 
 # E2M1: bit 3 sign, bits 2-1 exponent, bit 0 mantissa.
-FP4_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+FP4_VALUES = np.array(
+    [0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32
+)
 
 TINY = ModelConfig(
-    num_hidden_layers=4, num_experts=8, experts_per_token=4, vocab_size=512, hidden_size=64,
-    intermediate_size=96, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+    num_hidden_layers=4,
+    num_experts=8,
+    experts_per_token=4,
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=96,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=16,
     sliding_window=8,
 )
 # The real head geometry (64-dim heads, 8 query heads per KV head) at a small width.
 REAL_HEADS = ModelConfig(
-    num_hidden_layers=2, num_experts=4, experts_per_token=4, vocab_size=512, hidden_size=128,
-    intermediate_size=64, num_attention_heads=16, num_key_value_heads=2, head_dim=64,
+    num_hidden_layers=2,
+    num_experts=4,
+    experts_per_token=4,
+    vocab_size=512,
+    hidden_size=128,
+    intermediate_size=64,
+    num_attention_heads=16,
+    num_key_value_heads=2,
+    head_dim=64,
     sliding_window=8,
 )
 
@@ -60,7 +76,9 @@ def dequantized_experts(tensors: dict, config: ModelConfig) -> dict:
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}.mlp.experts."
         out[i] = tuple(
-            dequantize_mxfp4(np.array(tensors[p + f"{proj}_blocks"]), np.array(tensors[p + f"{proj}_scales"]))
+            dequantize_mxfp4(
+                np.array(tensors[p + f"{proj}_blocks"]), np.array(tensors[p + f"{proj}_scales"])
+            )
             for proj in ("gate_up_proj", "down_proj")
         )
     return out
@@ -81,14 +99,21 @@ def write_hf_bf16(folder, config, tensors, dtype=mx.float32) -> str:
 def write_original(folder, config, tensors) -> str:
     """OpenAI's `original/` layout inside `folder/original`."""
     t = tensors
-    out = {"embedding.weight": t["model.embed_tokens.weight"],
-           "unembedding.weight": t["lm_head.weight"], "norm.scale": t["model.norm.weight"]}
+    out = {
+        "embedding.weight": t["model.embed_tokens.weight"],
+        "unembedding.weight": t["lm_head.weight"],
+        "norm.scale": t["model.norm.weight"],
+    }
     for i in range(config.num_hidden_layers):
         p, b = f"model.layers.{i}.", f"block.{i}."
         a = p + "self_attn."
         out[b + "attn.norm.scale"] = t[p + "input_layernorm.weight"]
-        out[b + "attn.qkv.weight"] = mx.concatenate([t[a + "q_proj.weight"], t[a + "k_proj.weight"], t[a + "v_proj.weight"]])
-        out[b + "attn.qkv.bias"] = mx.concatenate([t[a + "q_proj.bias"], t[a + "k_proj.bias"], t[a + "v_proj.bias"]])
+        out[b + "attn.qkv.weight"] = mx.concatenate(
+            [t[a + "q_proj.weight"], t[a + "k_proj.weight"], t[a + "v_proj.weight"]]
+        )
+        out[b + "attn.qkv.bias"] = mx.concatenate(
+            [t[a + "q_proj.bias"], t[a + "k_proj.bias"], t[a + "v_proj.bias"]]
+        )
         out[b + "attn.sinks"] = t[a + "sinks"]
         out[b + "attn.out.weight"] = t[a + "o_proj.weight"]
         out[b + "attn.out.bias"] = t[a + "o_proj.bias"]
@@ -101,14 +126,22 @@ def write_original(folder, config, tensors) -> str:
             out[f"{b}mlp.{theirs}_weight.scales"] = t[e + "_scales"]
             out[f"{b}mlp.{theirs}_bias"] = t[e + "_bias"]
     original = {
-        "num_hidden_layers": config.num_hidden_layers, "num_experts": config.num_experts,
-        "experts_per_token": config.experts_per_token, "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
-        "swiglu_limit": 7.0, "head_dim": config.head_dim,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_experts": config.num_experts,
+        "experts_per_token": config.experts_per_token,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "swiglu_limit": 7.0,
+        "head_dim": config.head_dim,
         "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_key_value_heads, "sliding_window": config.sliding_window,
-        "initial_context_length": 4096, "rope_theta": 150000, "rope_scaling_factor": 32.0,
-        "rope_ntk_alpha": 1, "rope_ntk_beta": 32,
+        "num_key_value_heads": config.num_key_value_heads,
+        "sliding_window": config.sliding_window,
+        "initial_context_length": 4096,
+        "rope_theta": 150000,
+        "rope_scaling_factor": 32.0,
+        "rope_ntk_alpha": 1,
+        "rope_ntk_beta": 32,
     }
     save_checkpoint(os.path.join(str(folder), "original"), out, original, shards=1)
     return str(folder)
@@ -120,7 +153,11 @@ def write_mlx_community(folder, config, tensors, dense_bits=8) -> str:
     for k, v in tensors.items():
         if "mlp.experts." in k:
             continue
-        quantize = dense_bits and k.endswith(".weight") and ("_proj." in k or "embed_tokens" in k or "lm_head" in k)
+        quantize = (
+            dense_bits
+            and k.endswith(".weight")
+            and ("_proj." in k or "embed_tokens" in k or "lm_head" in k)
+        )
         if quantize:
             w, s, b = mx.quantize(v, group_size=64, bits=dense_bits)
             base = k[: -len(".weight")]
@@ -138,7 +175,10 @@ def write_mlx_community(folder, config, tensors, dense_bits=8) -> str:
                 out[p + "down_proj.scales"] = mx.array(scales)
                 out[p + "down_proj.bias"] = bias
             else:
-                for name, rows in (("gate_proj", slice(0, None, 2)), ("up_proj", slice(1, None, 2))):
+                for name, rows in (
+                    ("gate_proj", slice(0, None, 2)),
+                    ("up_proj", slice(1, None, 2)),
+                ):
                     out[p + name + ".weight"] = mx.array(np.ascontiguousarray(weight[:, rows]))
                     out[p + name + ".scales"] = mx.array(np.ascontiguousarray(scales[:, rows]))
                     out[p + name + ".bias"] = bias[:, rows]
@@ -156,8 +196,11 @@ def reference_model(tensors: dict, config: ModelConfig):
     hf_config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = GptOssForCausalLM(hf_config).to(torch.float32).eval()
-    state = {k: torch.from_numpy(np32(v).copy()) for k, v in tensors.items()
-             if "_blocks" not in k and "_scales" not in k}
+    state = {
+        k: torch.from_numpy(np32(v).copy())
+        for k, v in tensors.items()
+        if "_blocks" not in k and "_scales" not in k
+    }
     for i, (gate_up, down) in dequantized_experts(tensors, config).items():
         p = f"model.layers.{i}.mlp.experts."
         state[p + "gate_up_proj"] = torch.from_numpy(gate_up.transpose(0, 2, 1).copy())

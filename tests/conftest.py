@@ -3,9 +3,8 @@ the o200k vocabulary (those fixtures skip, with the reason, only where it cannot
 
 from __future__ import annotations
 
-import pytest
-
 import checkpoints as ck
+import pytest
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "gptoss_mlx.cli", "bench", *args],
-                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+    return subprocess.run(
+        [sys.executable, "-m", "gptoss_mlx.cli", "bench", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
 
 
 def expected_bytes_per_token(c) -> int:
@@ -34,8 +39,20 @@ def expected_bytes_per_token(c) -> int:
 
 
 def test_bench_json_smoke():
-    done = run_cli("--synthetic", "tiny", "--json", "--prompt-tokens", "8,12", "--gen-tokens", "3",
-                   "--repeats", "1", "--no-warmup", "--bandwidth", "100")
+    done = run_cli(
+        "--synthetic",
+        "tiny",
+        "--json",
+        "--prompt-tokens",
+        "8,12",
+        "--gen-tokens",
+        "3",
+        "--repeats",
+        "1",
+        "--no-warmup",
+        "--bandwidth",
+        "100",
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["model"] == "synthetic-tiny" and result["engines"] == ["gptoss-mlx"]
@@ -49,12 +66,15 @@ def test_bench_json_smoke():
     assert result["decode_ceiling_tps"] == pytest.approx(100e9 / result["weight_bytes_per_token"])
 
 
-@pytest.mark.parametrize("args,message", [
-    ([], "exactly one of --model"),
-    (["--synthetic", "tiny", "--chip", "Z80"], "unknown chip"),
-    (["--synthetic", "tiny", "--prompt-tokens", "1,x"], "comma-separated"),
-    (["--synthetic", "tiny", "--gen-tokens", "1"], "gen-tokens"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ([], "exactly one of --model"),
+        (["--synthetic", "tiny", "--chip", "Z80"], "unknown chip"),
+        (["--synthetic", "tiny", "--prompt-tokens", "1,x"], "comma-separated"),
+        (["--synthetic", "tiny", "--gen-tokens", "1"], "gen-tokens"),
+    ],
+)
 def test_bench_errors_are_one_line(args, message):
     done = run_cli(*args)
     assert done.returncode != 0

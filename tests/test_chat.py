@@ -3,11 +3,11 @@ kept cache is exactly what a fresh prefill of the conversation would give."""
 
 from __future__ import annotations
 
+import checkpoints as ck
 import mlx.core as mx
 import numpy as np
 import pytest
 
-import checkpoints as ck
 from gptoss_mlx import ChatSession, GptOssError, harmony, load, load_model, stream_generate
 from gptoss_mlx.chat import trim_cache
 from gptoss_mlx.tokenizer import SPECIAL_TOKENS
@@ -32,8 +32,12 @@ def assert_cache_is_a_fresh_prefill(model, session, probe=17):
     """The session's cache gives the same next-token logits as prefilling `session.cached` anew."""
     fresh = model.make_cache()
     model(mx.array([session.cached]), cache=fresh)
-    np.testing.assert_allclose(next_logits(model, session.cache, probe),
-                               next_logits(model, fresh, probe), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        next_logits(model, session.cache, probe),
+        next_logits(model, fresh, probe),
+        atol=1e-4,
+        rtol=1e-4,
+    )
 
 
 def test_second_turn_prefills_only_its_new_tokens(chat_model):
@@ -58,7 +62,13 @@ def test_second_turn_prefills_only_its_new_tokens(chat_model):
     # And it is the same reply as a fresh one-shot generation over the whole conversation.
     assert turn2 == tokens(stream_generate(model, second_prompt, max_tokens=5, temperature=0))
     assert_cache_is_a_fresh_prefill(model, session)
-    assert [m["role"] for m in session.messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert [m["role"] for m in session.messages] == [
+        "system",
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+    ]
 
 
 class ForceReturn:
@@ -105,8 +115,11 @@ def test_reasoning_change_re_renders_and_re_prefills(chat_model):
     list(session.send("One"))
     session.set_reasoning_effort("high")
     prompt = session.next_prompt("Two")
-    assert prompt == harmony.render_prompt(session.messages + [{"role": "user", "content": "Two"}],
-                                           reasoning_effort="high", tokenizer=tok)
+    assert prompt == harmony.render_prompt(
+        session.messages + [{"role": "user", "content": "Two"}],
+        reasoning_effort="high",
+        tokenizer=tok,
+    )
     list(session.send("Two"))
     assert session.stats.last_prefill_tokens == len(prompt) and session.stats.full_prefills == 2
     assert_cache_is_a_fresh_prefill(model, session)

@@ -18,8 +18,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def cli(*args, input=None):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "gptoss_mlx.cli", *args], input=input, cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "gptoss_mlx.cli", *args],
+        input=input,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def ok(result):
@@ -35,21 +42,43 @@ def model_tok(o200k_dir):
 
 def user(text, system=None):
     return ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": text}]
+        {"role": "user", "content": text}
+    ]
 
 
 def test_generate_json(o200k_dir, model_tok):
     model, tok = model_tok
-    r = ok(cli("generate", "Why is the sky blue?", "-m", o200k_dir, "--max-tokens", "5",
-               "--temperature", "0", "--json"))
+    r = ok(
+        cli(
+            "generate",
+            "Why is the sky blue?",
+            "-m",
+            o200k_dir,
+            "--max-tokens",
+            "5",
+            "--temperature",
+            "0",
+            "--json",
+        )
+    )
     out = json.loads(r.stdout)
-    assert set(out) >= {"reasoning", "content", "tool_calls", "prompt_token_ids",
-                        "completion_token_ids", "finish_reason", "stats"}
-    assert out["prompt_token_ids"] == harmony.render_prompt(user("Why is the sky blue?"), tokenizer=tok)
+    assert set(out) >= {
+        "reasoning",
+        "content",
+        "tool_calls",
+        "prompt_token_ids",
+        "completion_token_ids",
+        "finish_reason",
+        "stats",
+    }
+    assert out["prompt_token_ids"] == harmony.render_prompt(
+        user("Why is the sky blue?"), tokenizer=tok
+    )
     expected = generate(model, out["prompt_token_ids"], tokenizer=tok, max_tokens=5, temperature=0)
     assert out["completion_token_ids"] == expected["tokens"]
     assert {k: out[k] for k in ("reasoning", "content", "tool_calls")} == {
-        k: expected[k] for k in ("reasoning", "content", "tool_calls")}
+        k: expected[k] for k in ("reasoning", "content", "tool_calls")
+    }
     assert out["finish_reason"] == "length"
     assert out["stats"]["prompt_tokens"] == len(out["prompt_token_ids"])
     assert out["stats"]["generation_tokens"] == 5 and out["stats"]["peak_memory"] > 0
@@ -58,18 +87,47 @@ def test_generate_json(o200k_dir, model_tok):
 
 def test_prompt_from_stdin_system_and_reasoning_effort(o200k_dir, model_tok):
     _, tok = model_tok
-    r = ok(cli("generate", "-m", o200k_dir, "--max-tokens", "2", "--json", "--seed", "1",
-               "--system", "Talk like a pirate.", "--reasoning-effort", "high",
-               input="What is MLX?\n"))
-    want = harmony.render_prompt(user("What is MLX?", "Talk like a pirate."),
-                                 reasoning_effort="high", tokenizer=tok)
+    r = ok(
+        cli(
+            "generate",
+            "-m",
+            o200k_dir,
+            "--max-tokens",
+            "2",
+            "--json",
+            "--seed",
+            "1",
+            "--system",
+            "Talk like a pirate.",
+            "--reasoning-effort",
+            "high",
+            input="What is MLX?\n",
+        )
+    )
+    want = harmony.render_prompt(
+        user("What is MLX?", "Talk like a pirate."), reasoning_effort="high", tokenizer=tok
+    )
     assert json.loads(r.stdout)["prompt_token_ids"] == want
 
 
 def test_streamed_raw_and_json_agree(o200k_dir, model_tok):
     _, tok = model_tok
-    common = ("generate", "Hello", "-m", o200k_dir, "--max-tokens", "6", "--seed", "7",
-              "--top-p", "0.9", "--top-k", "40", "--min-p", "0.01")
+    common = (
+        "generate",
+        "Hello",
+        "-m",
+        o200k_dir,
+        "--max-tokens",
+        "6",
+        "--seed",
+        "7",
+        "--top-p",
+        "0.9",
+        "--top-k",
+        "40",
+        "--min-p",
+        "0.01",
+    )
     out = json.loads(ok(cli(*common, "--json")).stdout)
     raw = ok(cli(*common, "--raw")).stdout
     assert raw == tok.decode(out["completion_token_ids"]) + "\n"  # same seed, same tokens
@@ -78,19 +136,22 @@ def test_streamed_raw_and_json_agree(o200k_dir, model_tok):
     assert "Traceback" not in streamed
 
 
-@pytest.mark.parametrize("args", [
-    ["--temperature", "-1"],
-    ["--temperature", "nan"],
-    ["--max-tokens", "0"],
-    ["--max-tokens", "-5"],
-    ["--top-p", "2"],
-    ["--top-p", "0"],
-    ["--top-k", "-1"],
-    ["--min-p", "1"],
-    ["--reasoning-effort", "extreme"],
-    ["--seed", "-1"],
-    ["--raw", "--json"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--temperature", "-1"],
+        ["--temperature", "nan"],
+        ["--max-tokens", "0"],
+        ["--max-tokens", "-5"],
+        ["--top-p", "2"],
+        ["--top-p", "0"],
+        ["--top-k", "-1"],
+        ["--min-p", "1"],
+        ["--reasoning-effort", "extreme"],
+        ["--seed", "-1"],
+        ["--raw", "--json"],
+    ],
+)
 def test_bad_flags_are_one_line_errors(o200k_dir, args):
     r = cli("generate", "Hi", "-m", o200k_dir, *args)
     assert r.returncode != 0 and r.stdout == ""
@@ -101,7 +162,9 @@ def test_bad_flags_are_one_line_errors(o200k_dir, args):
 
 @pytest.mark.parametrize("model", ["does/not/exist/anywhere", "EMPTY"])
 def test_unknown_model_is_a_one_line_error(tmp_path, model):
-    r = cli("generate", "Hi", "-m", str(tmp_path) if model == "EMPTY" else model, "--max-tokens", "2")
+    r = cli(
+        "generate", "Hi", "-m", str(tmp_path) if model == "EMPTY" else model, "--max-tokens", "2"
+    )
     assert r.returncode == 1 and r.stdout == ""
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
@@ -114,8 +177,18 @@ def test_empty_prompt_is_an_error(o200k_dir):
 
 def test_chat_keeps_the_cache_across_turns(o200k_dir, model_tok):
     _, tok = model_tok
-    r = ok(cli("chat", "-m", o200k_dir, "--max-tokens", "4", "--temperature", "0",
-               input="hi\n/stats\nagain\n/stats\n/reasoning high\n/bogus\n/quit\nnever sent\n"))
+    r = ok(
+        cli(
+            "chat",
+            "-m",
+            o200k_dir,
+            "--max-tokens",
+            "4",
+            "--temperature",
+            "0",
+            input="hi\n/stats\nagain\n/stats\n/reasoning high\n/bogus\n/quit\nnever sent\n",
+        )
+    )
     stats = re.findall(r"prefilled: (\d+) tokens in all, (\d+) last turn", r.stderr)
     first = len(harmony.render_prompt(user("hi"), tokenizer=tok))
     turn = len(harmony.render_turn(user("again"), tokenizer=tok))

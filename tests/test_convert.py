@@ -7,11 +7,11 @@ import os
 import subprocess
 import sys
 
+import checkpoints as ck
 import mlx.core as mx
 import numpy as np
 import pytest
 
-import checkpoints as ck
 from gptoss_mlx import GptOssError, load_model
 from gptoss_mlx.convert import convert
 from gptoss_mlx.weights import read_checkpoint
@@ -109,7 +109,9 @@ def test_existing_destination_needs_force(tmp_path, hf_mxfp4_dir):
 
 def test_failed_conversion_writes_nothing(tmp_path, hf_tensors):
     bad = dict(hf_tensors)
-    bad["model.layers.3.mlp.experts.gate_up_proj_scales"] = bad["model.layers.3.mlp.experts.gate_up_proj_scales"][:, :-1]
+    bad["model.layers.3.mlp.experts.gate_up_proj_scales"] = bad[
+        "model.layers.3.mlp.experts.gate_up_proj_scales"
+    ][:, :-1]
     src = ck.write_hf_mxfp4(tmp_path / "src", ck.TINY, bad, shards=1)
     out = tmp_path / "out"
     out.mkdir()
@@ -120,8 +122,13 @@ def test_failed_conversion_writes_nothing(tmp_path, hf_tensors):
 
 def run_cli(*args, script=None):
     command = [sys.executable, script] if script else [sys.executable, "-m", "gptoss_mlx.cli"]
-    return subprocess.run(command + list(args), capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": REPO})
+    return subprocess.run(
+        command + list(args),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
 
 
 def test_cli_and_script_convert(tmp_path, hf_mxfp4_dir, ids, ref_logits):

@@ -57,8 +57,11 @@ GEN_CASES = [
         ),
         inputs=[0, (2.0,), 1],
         arrays=[mx.zeros((16,)), mx.zeros((3,))],
-        call=dict(template=[("T", mx.float32), ("N", 3), ("B", True)], output_shapes=[(16,)],
-                  output_dtypes=[mx.float32]),
+        call=dict(
+            template=[("T", mx.float32), ("N", 3), ("B", True)],
+            output_shapes=[(16,)],
+            output_dtypes=[mx.float32],
+        ),
     ),
     # atomic outputs, half/bfloat, 0-d array and int/bool scalars, 8 elements is `device`
     dict(
@@ -109,7 +112,9 @@ GEN_CASES = [
 
 @pytest.mark.parametrize("case", GEN_CASES, ids=[c["kernel"]["name"] for c in GEN_CASES])
 def test_generated_source_matches_mlx(case, capfd, tmp_path):
-    assert mx.__version__.startswith("0.32."), "the generator reproduces MLX 0.32; re-check it for " + mx.__version__
+    assert mx.__version__.startswith("0.32."), (
+        "the generator reproduces MLX 0.32; re-check it for " + mx.__version__
+    )
     call = dict(case["call"], inputs=case["inputs"], grid=(32, 1, 1), threadgroup=(32, 1, 1))
     want = _mlx_generated(capfd, tmp_path, case["kernel"], call, case["arrays"])
     kw = case["kernel"]
@@ -125,9 +130,22 @@ def test_generated_source_matches_mlx(case, capfd, tmp_path):
 
 N_THREADS = 38
 FLOAT_OPS = [
-    "sum", "product", "max", "min", "prefix_inclusive_sum", "prefix_exclusive_sum",
-    "prefix_inclusive_product", "prefix_exclusive_product", "shuffle", "shuffle_down", "shuffle_up",
-    "shuffle_xor", "shuffle_rotate_down", "shuffle_rotate_up", "broadcast", "broadcast_first",
+    "sum",
+    "product",
+    "max",
+    "min",
+    "prefix_inclusive_sum",
+    "prefix_exclusive_sum",
+    "prefix_inclusive_product",
+    "prefix_exclusive_product",
+    "shuffle",
+    "shuffle_down",
+    "shuffle_up",
+    "shuffle_xor",
+    "shuffle_rotate_down",
+    "shuffle_rotate_up",
+    "broadcast",
+    "broadcast_first",
 ]
 INT_OPS = ["and", "or", "xor"]
 BOOL_OPS = ["all", "any", "ballot", "is_first"]
@@ -202,9 +220,11 @@ def _coll_ref(prefix, op, x, u, b):
 @pytest.mark.parametrize("prefix", ["simd", "quad"])
 def test_collectives_on_partial_groups(prefix):
     ops = FLOAT_OPS + INT_OPS + BOOL_OPS
-    lines = ["uint t = thread_position_in_grid.x; uint l = thread_index_in_simdgroup;",
-             f"uint G = {32 if prefix == 'simd' else 4}; uint gl = l % G;",
-             "float v = x[t]; uint w = u[t]; bool bb = b[t] != 0;"]
+    lines = [
+        "uint t = thread_position_in_grid.x; uint l = thread_index_in_simdgroup;",
+        f"uint G = {32 if prefix == 'simd' else 4}; uint gl = l % G;",
+        "float v = x[t]; uint w = u[t]; bool bb = b[t] != 0;",
+    ]
     for i, op in enumerate(ops):
         p = f"{prefix}_{op}"
         if op == "shuffle":
@@ -231,8 +251,13 @@ def test_collectives_on_partial_groups(prefix):
     x = rng.uniform(0.5, 1.5, N_THREADS).astype(np.float32)
     u = rng.integers(0, 2**32, N_THREADS, dtype=np.uint64).astype(np.uint32)
     b = (rng.uniform(size=N_THREADS) < 0.8).astype(np.uint8)
-    (out,) = k(inputs=[mx.array(x), mx.array(u), mx.array(b)], grid=(N_THREADS, 1, 1),
-               threadgroup=(64, 1, 1), output_shapes=[(len(ops), N_THREADS)], output_dtypes=[mx.float32])
+    (out,) = k(
+        inputs=[mx.array(x), mx.array(u), mx.array(b)],
+        grid=(N_THREADS, 1, 1),
+        threadgroup=(64, 1, 1),
+        output_shapes=[(len(ops), N_THREADS)],
+        output_dtypes=[mx.float32],
+    )
     out = np.array(out)
     for i, op in enumerate(ops):
         want = _coll_ref(prefix, op, x.astype(np.float64), u, b.astype(bool))
@@ -246,7 +271,9 @@ def test_collectives_on_partial_groups(prefix):
 
 def test_atomics_with_init_value():
     k = metal_kernel(
-        "histogram", ["idx", "val"], ["count", "total", "top"],
+        "histogram",
+        ["idx", "val"],
+        ["count", "total", "top"],
         """
         uint t = thread_position_in_grid.x;
         uint bin = idx[t];
@@ -260,8 +287,11 @@ def test_atomics_with_init_value():
     idx = rng.integers(0, 10, 5000).astype(np.uint32)
     val = rng.uniform(0, 1, 5000).astype(np.float32)
     count, total, top = k(
-        inputs=[mx.array(idx), mx.array(val)], grid=(5000, 1, 1), threadgroup=(256, 1, 1),
-        output_shapes=[(10,), (10,), (10,)], output_dtypes=[mx.uint32, mx.float32, mx.uint32],
+        inputs=[mx.array(idx), mx.array(val)],
+        grid=(5000, 1, 1),
+        threadgroup=(256, 1, 1),
+        output_shapes=[(10,), (10,), (10,)],
+        output_dtypes=[mx.uint32, mx.float32, mx.uint32],
         init_value=5,
     )
     np.testing.assert_array_equal(np.array(count), np.bincount(idx, minlength=10) + 5)
@@ -273,7 +303,9 @@ def test_atomics_with_init_value():
 
 def test_strided_inputs_through_elem_to_loc():
     k = metal_kernel(
-        "strided_copy", ["inp"], ["out"],
+        "strided_copy",
+        ["inp"],
+        ["out"],
         """
         uint elem = thread_position_in_grid.x;
         out[elem] = inp[elem_to_loc(elem, inp_shape, inp_strides, inp_ndim)] * 2.0f;
@@ -282,19 +314,33 @@ def test_strided_inputs_through_elem_to_loc():
     )
     base = mx.arange(4 * 6 * 5, dtype=mx.float32).reshape(4, 6, 5)
     x = base.transpose(2, 0, 1)[:, ::2, 1:]  # strided, offset, not row-contiguous
-    (out,) = k(inputs=[x], grid=(x.size, 1, 1), threadgroup=(32, 1, 1), output_shapes=[x.shape],
-               output_dtypes=[mx.float32])
+    (out,) = k(
+        inputs=[x],
+        grid=(x.size, 1, 1),
+        threadgroup=(32, 1, 1),
+        output_shapes=[x.shape],
+        output_dtypes=[mx.float32],
+    )
     np.testing.assert_array_equal(np.array(out), np.array(x) * 2)
     # with ensure_row_contiguous=True the kernel sees a row-contiguous copy
-    k2 = metal_kernel("strided_copy2", ["inp"], ["out"], "uint e = thread_position_in_grid.x; out[e] = inp[e];")
-    (out2,) = k2(inputs=[x], grid=(x.size, 1, 1), threadgroup=(32, 1, 1), output_shapes=[x.shape],
-                 output_dtypes=[mx.float32])
+    k2 = metal_kernel(
+        "strided_copy2", ["inp"], ["out"], "uint e = thread_position_in_grid.x; out[e] = inp[e];"
+    )
+    (out2,) = k2(
+        inputs=[x],
+        grid=(x.size, 1, 1),
+        threadgroup=(32, 1, 1),
+        output_shapes=[x.shape],
+        output_dtypes=[mx.float32],
+    )
     np.testing.assert_array_equal(np.array(out2), np.array(x))
 
 
 def test_half_and_bfloat_vector_math():
     k = metal_kernel(
-        "vecmath", ["h", "bf"], ["oh", "obf"],
+        "vecmath",
+        ["h", "bf"],
+        ["oh", "obf"],
         """
         uint i = thread_position_in_grid.x;
         half4 a = ((const device half4*)h)[i];
@@ -310,23 +356,34 @@ def test_half_and_bfloat_vector_math():
     rng = np.random.default_rng(2)
     h = rng.uniform(-1, 1, 64).astype(np.float16)
     bf = mx.array(rng.uniform(-1, 1, 64).astype(np.float32)).astype(mx.bfloat16)
-    oh, obf = k(inputs=[mx.array(h), bf], grid=(16, 1, 1), threadgroup=(16, 1, 1),
-                output_shapes=[(64,), (64,)], output_dtypes=[mx.float16, mx.bfloat16])
+    oh, obf = k(
+        inputs=[mx.array(h), bf],
+        grid=(16, 1, 1),
+        threadgroup=(16, 1, 1),
+        output_shapes=[(64,), (64,)],
+        output_dtypes=[mx.float16, mx.bfloat16],
+    )
     a = h.astype(np.float32).reshape(16, 4)
     want = a * 2 + 1 + np.exp(a) - np.abs(a) * a[:, :1]
     want[:, 2] = a[:, 3] * 0.5
     want[:, 3] = a[:, 2] * 0.5
-    np.testing.assert_allclose(np.array(oh).astype(np.float32).reshape(16, 4), want, rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(
+        np.array(oh).astype(np.float32).reshape(16, 4), want, rtol=1e-2, atol=1e-2
+    )
     f = np.array(bf.astype(mx.float32))
     g = (np.exp(f) + np.sqrt(np.abs(f)) + np.maximum(f, 0.25)) * 2
     assert obf.dtype == mx.bfloat16
     np.testing.assert_allclose(np.array(obf.astype(mx.float32)), g, rtol=2e-2)
 
 
-@pytest.mark.parametrize("dtype,n,flag", [(mx.float32, 3, True), (mx.int32, 5, False), (mx.float16, 2, True)])
+@pytest.mark.parametrize(
+    "dtype,n,flag", [(mx.float32, 3, True), (mx.int32, 5, False), (mx.float16, 2, True)]
+)
 def test_template_parameters(dtype, n, flag):
     k = metal_kernel(
-        "templ", ["x"], ["out"],
+        "templ",
+        ["x"],
+        ["out"],
         """
         uint i = thread_position_in_grid.x;
         T acc = T(0);
@@ -335,8 +392,14 @@ def test_template_parameters(dtype, n, flag):
         """,
     )
     x = mx.arange(10).astype(dtype)
-    (out,) = k(inputs=[x], template=[("T", dtype), ("N", n), ("B", flag)], grid=(10, 1, 1),
-               threadgroup=(4, 1, 1), output_shapes=[(10,)], output_dtypes=[dtype])
+    (out,) = k(
+        inputs=[x],
+        template=[("T", dtype), ("N", n), ("B", flag)],
+        grid=(10, 1, 1),
+        threadgroup=(4, 1, 1),
+        output_shapes=[(10,)],
+        output_dtypes=[dtype],
+    )
     want = np.arange(10) * (n * (n + 1) // 2) * (1 if flag else -1)
     assert out.dtype == dtype
     np.testing.assert_array_equal(np.array(out.astype(mx.float32)), want)
@@ -344,12 +407,19 @@ def test_template_parameters(dtype, n, flag):
 
 def test_scalar_inputs():
     k = metal_kernel(
-        "scalars", ["x", "a", "n", "flag", "z"], ["out"],
+        "scalars",
+        ["x", "a", "n", "flag", "z"],
+        ["out"],
         "uint i = thread_position_in_grid.x; out[i] = flag ? x[i] * a + float(n) + z : 0.0f;",
     )
     x = mx.arange(20, dtype=mx.float32)
-    (out,) = k(inputs=[x, 1.5, 7, True, mx.array(0.25)], grid=(20, 1, 1), threadgroup=(8, 1, 1),
-               output_shapes=[(20,)], output_dtypes=[mx.float32])
+    (out,) = k(
+        inputs=[x, 1.5, 7, True, mx.array(0.25)],
+        grid=(20, 1, 1),
+        threadgroup=(8, 1, 1),
+        output_shapes=[(20,)],
+        output_dtypes=[mx.float32],
+    )
     np.testing.assert_allclose(np.array(out), np.arange(20) * 1.5 + 7 + 0.25)
 
 
@@ -372,9 +442,16 @@ if (l == 0) out[g] = buf[0];
 def test_threadgroup_reduction(order):
     k = metal_kernel("tg_reduce", ["x"], ["out"], REDUCE)
     x = np.random.default_rng(3).uniform(size=1000).astype(np.float32)
-    (out,) = k(inputs=[mx.array(x)], grid=(1000, 1, 1), threadgroup=(256, 1, 1), output_shapes=[(4,)],
-               output_dtypes=[mx.float32], lane_order=order, seed=7)
-    want = [x[i:i + 256].sum() for i in range(0, 1000, 256)]  # last threadgroup is partial (232)
+    (out,) = k(
+        inputs=[mx.array(x)],
+        grid=(1000, 1, 1),
+        threadgroup=(256, 1, 1),
+        output_shapes=[(4,)],
+        output_dtypes=[mx.float32],
+        lane_order=order,
+        seed=7,
+    )
+    want = [x[i : i + 256].sum() for i in range(0, 1000, 256)]  # last threadgroup is partial (232)
     np.testing.assert_allclose(np.array(out), want, rtol=1e-5)
 
 
@@ -414,11 +491,20 @@ if (lane == 0) out[row] = acc;
 
 
 def _mxfp4_matvec(wq, scales, x, **kw):
-    k = metal_kernel("mxfp4_matvec", ["w", "scales", "x"], ["out"], MXFP4_SOURCE, header=MXFP4_HEADER)
+    k = metal_kernel(
+        "mxfp4_matvec", ["w", "scales", "x"], ["out"], MXFP4_SOURCE, header=MXFP4_HEADER
+    )
     rows = 2
     n = wq.shape[0]
-    return k(inputs=[wq, scales, x], template=[("ROWS", rows)], grid=(32 * rows * ((n + rows - 1) // rows), 1, 1),
-             threadgroup=(32 * rows, 1, 1), output_shapes=[(n,)], output_dtypes=[mx.float32], **kw)[0]
+    return k(
+        inputs=[wq, scales, x],
+        template=[("ROWS", rows)],
+        grid=(32 * rows * ((n + rows - 1) // rows), 1, 1),
+        threadgroup=(32 * rows, 1, 1),
+        output_shapes=[(n,)],
+        output_dtypes=[mx.float32],
+        **kw,
+    )[0]
 
 
 def _decode_mxfp4(wq: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -451,7 +537,9 @@ def test_mxfp4_matvec_2880_speed():
     t1 = time.perf_counter()
     out = np.array(_mxfp4_matvec(wq, scales, x))
     t2 = time.perf_counter()
-    print(f"\n2880x2880 MXFP4 matvec: {t2 - t1:.3f} s run, {t1 - t0:.3f} s compile/load, {os.cpu_count()} cores")
+    print(
+        f"\n2880x2880 MXFP4 matvec: {t2 - t1:.3f} s run, {t1 - t0:.3f} s compile/load, {os.cpu_count()} cores"
+    )
     deq = np.array(mx.dequantize(wq, scales, mode="mxfp4", dtype=mx.float32))
     np.testing.assert_allclose(out, deq @ np.array(x), rtol=1e-3, atol=1e-2)
     assert t2 - t1 < 5.0
@@ -471,25 +559,43 @@ def test_missing_barrier_is_detected():
     """
     x = mx.arange(64, dtype=mx.float32)
     want = np.roll(np.arange(64, dtype=np.float32), -1)
-    good = metal_kernel("rotate_ok", ["x"], ["out"], src % "threadgroup_barrier(mem_flags::mem_threadgroup);")
+    good = metal_kernel(
+        "rotate_ok", ["x"], ["out"], src % "threadgroup_barrier(mem_flags::mem_threadgroup);"
+    )
     bad = metal_kernel("rotate_bad", ["x"], ["out"], src % "")
     for order in ("forward", "reverse", "random"):
-        kw = dict(inputs=[x], grid=(64, 1, 1), threadgroup=(64, 1, 1), output_shapes=[(64,)],
-                  output_dtypes=[mx.float32], lane_order=order)
+        kw = dict(
+            inputs=[x],
+            grid=(64, 1, 1),
+            threadgroup=(64, 1, 1),
+            output_shapes=[(64,)],
+            output_dtypes=[mx.float32],
+            lane_order=order,
+        )
         np.testing.assert_array_equal(np.array(good(**kw)[0]), want)
         got = np.array(bad(**kw)[0])
         assert np.isnan(got).any(), order  # read the poisoned threadgroup memory
     # Without poison (memory written before an earlier barrier), lane order exposes the race.
-    racy = metal_kernel("rotate_racy", ["x"], ["out"], """
+    racy = metal_kernel(
+        "rotate_racy",
+        ["x"],
+        ["out"],
+        """
     threadgroup float buf[64];
     uint l = thread_position_in_threadgroup.x;
     buf[l] = 0.0f;
     threadgroup_barrier(mem_flags::mem_threadgroup);
     buf[l] = x[l];
     out[l] = buf[(l + 1) % 64];
-    """)
-    kw = dict(inputs=[x], grid=(64, 1, 1), threadgroup=(64, 1, 1), output_shapes=[(64,)],
-              output_dtypes=[mx.float32])
+    """,
+    )
+    kw = dict(
+        inputs=[x],
+        grid=(64, 1, 1),
+        threadgroup=(64, 1, 1),
+        output_shapes=[(64,)],
+        output_dtypes=[mx.float32],
+    )
     fwd = np.array(racy(**kw, lane_order="forward")[0])
     rev = np.array(racy(**kw, lane_order="reverse")[0])
     assert not np.array_equal(fwd, rev)
@@ -498,7 +604,9 @@ def test_missing_barrier_is_detected():
 
 def test_barrier_in_divergent_branch_is_detected():
     k = metal_kernel(
-        "divergent", ["x"], ["out"],
+        "divergent",
+        ["x"],
+        ["out"],
         """
         threadgroup float buf[32];
         uint l = thread_position_in_threadgroup.x;
@@ -510,12 +618,21 @@ def test_barrier_in_divergent_branch_is_detected():
         out[l] = buf[31 - l];
         """,
     )
-    with pytest.raises(KernelRuntimeError, match=r"barrier divergence in kernel 'divergent'.*source:6.*source:8"):
-        k(inputs=[mx.zeros(32)], grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(32,)],
-          output_dtypes=[mx.float32])
+    with pytest.raises(
+        KernelRuntimeError, match=r"barrier divergence in kernel 'divergent'.*source:6.*source:8"
+    ):
+        k(
+            inputs=[mx.zeros(32)],
+            grid=(32, 1, 1),
+            threadgroup=(32, 1, 1),
+            output_shapes=[(32,)],
+            output_dtypes=[mx.float32],
+        )
     # a barrier skipped by threads that returned: allowed by default, an error when strict
     k2 = metal_kernel(
-        "early_return", ["x"], ["out"],
+        "early_return",
+        ["x"],
+        ["out"],
         """
         uint l = thread_position_in_threadgroup.x;
         if (l >= 8) return;
@@ -523,29 +640,55 @@ def test_barrier_in_divergent_branch_is_detected():
         out[l] = x[l];
         """,
     )
-    kw = dict(inputs=[mx.ones(32)], grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(8,)],
-              output_dtypes=[mx.float32])
+    kw = dict(
+        inputs=[mx.ones(32)],
+        grid=(32, 1, 1),
+        threadgroup=(32, 1, 1),
+        output_shapes=[(8,)],
+        output_dtypes=[mx.float32],
+    )
     np.testing.assert_array_equal(np.array(k2(**kw)[0]), np.ones(8))
     with pytest.raises(KernelRuntimeError, match="early_return.*returned without reaching"):
         k2(**kw, strict_barriers=True)
 
 
 def test_out_of_bounds_read_is_detected_in_guarded_mode():
-    k = metal_kernel("oob", ["x"], ["out"], "uint i = thread_position_in_grid.x; out[i] = x[i + 1];")
-    kw = dict(inputs=[mx.arange(16, dtype=mx.float32)], grid=(16, 1, 1), threadgroup=(16, 1, 1),
-              output_shapes=[(16,)], output_dtypes=[mx.float32])
-    with pytest.raises(KernelRuntimeError, match=r"out-of-bounds.*'oob'.*x\[16\].*\[0, 16\).*\(15, 0, 0\)"):
+    k = metal_kernel(
+        "oob", ["x"], ["out"], "uint i = thread_position_in_grid.x; out[i] = x[i + 1];"
+    )
+    kw = dict(
+        inputs=[mx.arange(16, dtype=mx.float32)],
+        grid=(16, 1, 1),
+        threadgroup=(16, 1, 1),
+        output_shapes=[(16,)],
+        output_dtypes=[mx.float32],
+    )
+    with pytest.raises(
+        KernelRuntimeError, match=r"out-of-bounds.*'oob'.*x\[16\].*\[0, 16\).*\(15, 0, 0\)"
+    ):
         k(**kw, guarded=True)
-    ok = metal_kernel("in_bounds", ["x"], ["out"], "uint i = thread_position_in_grid.x; out[i] = x[i];")
+    ok = metal_kernel(
+        "in_bounds", ["x"], ["out"], "uint i = thread_position_in_grid.x; out[i] = x[i];"
+    )
     np.testing.assert_array_equal(np.array(ok(**kw, guarded=True)[0]), np.arange(16))
 
 
 def test_syntax_error_reported_at_body_line():
-    k = metal_kernel("broken", ["x"], ["out"], "uint i = thread_position_in_grid.x;\nfloat y = x[i];\nout[i] = y +;\n",
-                     header="// header line 1\n// header line 2\n")
+    k = metal_kernel(
+        "broken",
+        ["x"],
+        ["out"],
+        "uint i = thread_position_in_grid.x;\nfloat y = x[i];\nout[i] = y +;\n",
+        header="// header line 1\n// header line 2\n",
+    )
     with pytest.raises(KernelCompileError) as e:
-        k(inputs=[mx.zeros(4)], grid=(4, 1, 1), threadgroup=(4, 1, 1), output_shapes=[(4,)],
-          output_dtypes=[mx.float32])
+        k(
+            inputs=[mx.zeros(4)],
+            grid=(4, 1, 1),
+            threadgroup=(4, 1, 1),
+            output_shapes=[(4,)],
+            output_dtypes=[mx.float32],
+        )
     assert e.value.line == 3
     assert "source line 3" in str(e.value)
     assert isinstance(e.value, GptOssError)
@@ -560,35 +703,61 @@ def test_syntax_error_reported_at_body_line():
     ],
 )
 def test_lint_rejects_what_metal_forbids(src, what):
-    header = "int fact(int n) { return n <= 1 ? 1 : n * fact(n - 1); }\n" if what == "recursion" else ""
+    header = (
+        "int fact(int n) { return n <= 1 ? 1 : n * fact(n - 1); }\n" if what == "recursion" else ""
+    )
     k = metal_kernel("forbidden", ["x"], ["out"], src, header=header)
     with pytest.raises(KernelLintError, match=what):
-        k(inputs=[mx.zeros(4)], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(1,)],
-          output_dtypes=[mx.float32])
+        k(
+            inputs=[mx.zeros(4)],
+            grid=(1, 1, 1),
+            threadgroup=(1, 1, 1),
+            output_shapes=[(1,)],
+            output_dtypes=[mx.float32],
+        )
 
 
 def test_limits_enforced():
-    k = metal_kernel("big_tg", ["x"], ["out"], "threadgroup float buf[9000]; buf[0] = x[0]; out[0] = buf[0];")
+    k = metal_kernel(
+        "big_tg", ["x"], ["out"], "threadgroup float buf[9000]; buf[0] = x[0]; out[0] = buf[0];"
+    )
     with pytest.raises(KernelRuntimeError, match="36000 bytes of threadgroup memory"):
-        k(inputs=[mx.zeros(4)], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(1,)],
-          output_dtypes=[mx.float32])
+        k(
+            inputs=[mx.zeros(4)],
+            grid=(1, 1, 1),
+            threadgroup=(1, 1, 1),
+            output_shapes=[(1,)],
+            output_dtypes=[mx.float32],
+        )
     k2 = metal_kernel("many_threads", ["x"], ["out"], "out[0] = x[0];")
     with pytest.raises(KernelRuntimeError, match="1025"):
-        k2(inputs=[mx.zeros(4)], grid=(2048, 1, 1), threadgroup=(1025, 1, 1), output_shapes=[(1,)],
-           output_dtypes=[mx.float32])
+        k2(
+            inputs=[mx.zeros(4)],
+            grid=(2048, 1, 1),
+            threadgroup=(1025, 1, 1),
+            output_shapes=[(1,)],
+            output_dtypes=[mx.float32],
+        )
 
 
 def test_dispatch_is_by_threads_with_partial_threadgroups():
     k = metal_kernel(
-        "positions", ["x"], ["out"],
+        "positions",
+        ["x"],
+        ["out"],
         """
         uint3 p = thread_position_in_grid;
         uint i = (p.z * threads_per_grid.y + p.y) * threads_per_grid.x + p.x;
         out[i] = threads_per_threadgroup.x * 1000 + threadgroup_position_in_grid.x * 10 + thread_position_in_threadgroup.x * 0;
         """,
     )
-    (out,) = k(inputs=[mx.zeros(1)], grid=(10, 3, 2), threadgroup=(4, 2, 8), output_shapes=[(2, 3, 10)],
-               output_dtypes=[mx.uint32])
+    (out,) = k(
+        inputs=[mx.zeros(1)],
+        grid=(10, 3, 2),
+        threadgroup=(4, 2, 8),
+        output_shapes=[(2, 3, 10)],
+        output_dtypes=[mx.uint32],
+    )
     out = np.array(out)
     want_x = np.array([4000, 4000, 4000, 4000, 4010, 4010, 4010, 4010, 2020, 2020])
     np.testing.assert_array_equal(out, np.broadcast_to(want_x, (2, 3, 10)))
@@ -604,19 +773,36 @@ threadgroup_barrier(mem_flags::mem_threadgroup);
 
 
 def test_spin_wait_on_threadgroup_atomic_progresses_and_deadlock_is_reported():
-    ok = metal_kernel("spin_ok", ["x"], ["out"], SPIN % """
+    ok = metal_kernel(
+        "spin_ok",
+        ["x"],
+        ["out"],
+        SPIN
+        % """
         if (l == 1) atomic_store_explicit(&flag, 42u, memory_order_relaxed);
         if (l == 0) { while (atomic_load_explicit(&flag, memory_order_relaxed) != 42u) {} out[0] = x[0]; }
-        """)
-    kw = dict(inputs=[mx.array([3.0])], grid=(2, 1, 1), threadgroup=(2, 1, 1), output_shapes=[(1,)],
-              output_dtypes=[mx.float32])
+        """,
+    )
+    kw = dict(
+        inputs=[mx.array([3.0])],
+        grid=(2, 1, 1),
+        threadgroup=(2, 1, 1),
+        output_shapes=[(1,)],
+        output_dtypes=[mx.float32],
+    )
     assert np.array(ok(**kw)[0])[0] == 3.0
-    bad = metal_kernel("spin_deadlock", ["x"], ["out"], SPIN % """
+    bad = metal_kernel(
+        "spin_deadlock",
+        ["x"],
+        ["out"],
+        SPIN
+        % """
         if (l == 0) { while (atomic_load_explicit(&flag, memory_order_relaxed) != 42u) {} }
         threadgroup_barrier(mem_flags::mem_threadgroup);
         if (l == 1) atomic_store_explicit(&flag, 42u, memory_order_relaxed);
         out[0] = x[0];
-        """)
+        """,
+    )
     with pytest.raises(KernelRuntimeError, match="deadlock in kernel 'spin_deadlock'"):
         bad(**kw)
 
@@ -651,22 +837,43 @@ template <typename T> METAL_FUNC T twice(T v) { return v + v; }
     """
     k = metal_kernel("subset", ["x"], ["out"], src, header=header)
     x = np.random.default_rng(6).normal(size=96).astype(np.float32)
-    (out,) = k(inputs=[mx.array(x)], grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(32,)],
-               output_dtypes=[mx.float32])
+    (out,) = k(
+        inputs=[mx.array(x)],
+        grid=(32, 1, 1),
+        threadgroup=(32, 1, 1),
+        output_shapes=[(32,)],
+        output_dtypes=[mx.float32],
+    )
     v = x.reshape(32, 3)[::-1]
     want = v[:, 0] / 2 + 2 * v[:, 0] + (v[:, 1] > 0) + np.minimum(np.arange(32), 5) + 31 + 1 + 32
     np.testing.assert_allclose(np.array(out), want, rtol=1e-5)
 
 
 def test_header_error_line_and_verbose_source(capsys):
-    k = metal_kernel("bad_header", ["x"], ["out"], "out[0] = helper(x[0]);",
-                     header="// line 1\nfloat helper(float v) { return v * ; }\n")
+    k = metal_kernel(
+        "bad_header",
+        ["x"],
+        ["out"],
+        "out[0] = helper(x[0]);",
+        header="// line 1\nfloat helper(float v) { return v * ; }\n",
+    )
     with pytest.raises(KernelCompileError, match="header line 2"):
-        k(inputs=[mx.zeros(1)], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(1,)],
-          output_dtypes=[mx.float32])
+        k(
+            inputs=[mx.zeros(1)],
+            grid=(1, 1, 1),
+            threadgroup=(1, 1, 1),
+            output_shapes=[(1,)],
+            output_dtypes=[mx.float32],
+        )
     k2 = metal_kernel("verbose_k", ["x"], ["out"], "out[0] = x[0];")
-    k2(inputs=[mx.zeros(1)], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(1,)],
-       output_dtypes=[mx.float32], verbose=True)
+    k2(
+        inputs=[mx.zeros(1)],
+        grid=(1, 1, 1),
+        threadgroup=(1, 1, 1),
+        output_shapes=[(1,)],
+        output_dtypes=[mx.float32],
+        verbose=True,
+    )
     printed = capsys.readouterr().out
     assert "[[kernel]] void custom_kernel_verbose_k_floatc_float(" in printed
     assert "const constant float* x [[buffer(0)]]" in printed
@@ -684,17 +891,33 @@ def test_threadgroup_out_of_bounds_is_detected_in_guarded_mode():
     out[l] = p[31 - l] + grid2[(31 - l) / 16][(31 - l) % 16] + buf[l + OFF];
     """
     k = metal_kernel("tg_bounds", ["x"], ["out"], src)
-    kw = dict(inputs=[mx.arange(32, dtype=mx.float32)], grid=(32, 1, 1), threadgroup=(32, 1, 1),
-              output_shapes=[(32,)], output_dtypes=[mx.float32], guarded=True)
+    kw = dict(
+        inputs=[mx.arange(32, dtype=mx.float32)],
+        grid=(32, 1, 1),
+        threadgroup=(32, 1, 1),
+        output_shapes=[(32,)],
+        output_dtypes=[mx.float32],
+        guarded=True,
+    )
     (out,) = k(**kw, template=[("OFF", 0)])
     np.testing.assert_array_equal(np.array(out), 2 * np.arange(32)[::-1] + np.arange(32))
-    with pytest.raises(KernelRuntimeError, match=r"out-of-bounds threadgroup.*'tg_bounds'.*index 32 of .* 32 elements"):
+    with pytest.raises(
+        KernelRuntimeError,
+        match=r"out-of-bounds threadgroup.*'tg_bounds'.*index 32 of .* 32 elements",
+    ):
         k(**kw, template=[("OFF", 1)])
 
 
 def test_lint_allows_qualified_calls_of_same_name():
     header = "template <typename T> METAL_FUNC T max(T a, T b, T c) { return metal::max(metal::max(a, b), c); }\n"
-    k = metal_kernel("not_recursive", ["x"], ["out"], "out[0] = max(x[0], x[1], x[2]);", header=header)
-    (out,) = k(inputs=[mx.array([1.0, 5.0, 3.0])], grid=(1, 1, 1), threadgroup=(1, 1, 1),
-               output_shapes=[(1,)], output_dtypes=[mx.float32])
+    k = metal_kernel(
+        "not_recursive", ["x"], ["out"], "out[0] = max(x[0], x[1], x[2]);", header=header
+    )
+    (out,) = k(
+        inputs=[mx.array([1.0, 5.0, 3.0])],
+        grid=(1, 1, 1),
+        threadgroup=(1, 1, 1),
+        output_shapes=[(1,)],
+        output_dtypes=[mx.float32],
+    )
     assert np.array(out)[0] == 5.0

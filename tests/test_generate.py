@@ -6,15 +6,19 @@ from __future__ import annotations
 import json
 import os
 
+import checkpoints as ck
 import mlx.core as mx
 import numpy as np
 import pytest
 
-import checkpoints as ck
 from gptoss_mlx import GptOssError, generate, harmony, load, load_model, stream_generate
 from gptoss_mlx.tokenizer import SPECIAL_TOKENS
 
-RETURN, CALL, END = SPECIAL_TOKENS["<|return|>"], SPECIAL_TOKENS["<|call|>"], SPECIAL_TOKENS["<|end|>"]
+RETURN, CALL, END = (
+    SPECIAL_TOKENS["<|return|>"],
+    SPECIAL_TOKENS["<|call|>"],
+    SPECIAL_TOKENS["<|end|>"],
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +41,17 @@ def transformers_greedy(reference, prompt, n):
     import torch
     from transformers import GenerationConfig
 
-    config = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                              eos_token_id=None, pad_token_id=0, bos_token_id=None)
+    config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        eos_token_id=None,
+        pad_token_id=0,
+        bos_token_id=None,
+    )
     with torch.no_grad():
         out = reference.generate(torch.tensor([prompt]), generation_config=config)
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("length", [5, 13, 30])  # shorter and longer than the 8-token window
@@ -64,8 +74,12 @@ def test_chunked_prefill_gives_the_same_tokens(model32):
 
 def test_chunked_prefill_bounds_peak_memory(model32):
     prompt = prompt_ids(500, seed=6)
-    runs = {chunk: list(stream_generate(model32, prompt, max_tokens=2, temperature=0,
-                                        prefill_chunk=chunk)) for chunk in (500, 32)}
+    runs = {
+        chunk: list(
+            stream_generate(model32, prompt, max_tokens=2, temperature=0, prefill_chunk=chunk)
+        )
+        for chunk in (500, 32)
+    }
     assert [e.token for e in runs[32]] == [e.token for e in runs[500]]
     # One-shot attention scores are [heads, 500, 500]; in chunks of 32 they are [heads, 32, <=500].
     assert runs[32][-1].stats.peak_memory < runs[500][-1].stats.peak_memory / 3
@@ -138,19 +152,26 @@ def test_length_finish_queues_no_extra_step():
 
 def test_custom_stop_tokens_and_no_stop_tokens():
     model = ScriptedModel([7, RETURN, 8, 9])
-    assert [e.token for e in stream_generate(model, [1], max_tokens=3, temperature=0,
-                                             stop_tokens=())] == [7, RETURN, 8]
-    events = list(stream_generate(ScriptedModel([7, 9, 8]), [1], max_tokens=5, temperature=0,
-                                  stop_tokens=[9]))
+    assert [
+        e.token for e in stream_generate(model, [1], max_tokens=3, temperature=0, stop_tokens=())
+    ] == [7, RETURN, 8]
+    events = list(
+        stream_generate(ScriptedModel([7, 9, 8]), [1], max_tokens=5, temperature=0, stop_tokens=[9])
+    )
     assert [e.token for e in events] == [7, 9] and events[-1].finish_reason == "stop"
 
 
 def test_events_carry_parsed_deltas_by_channel(tok):
-    completion = tok.encode("<|channel|>analysis<|message|>Let me think: ünïcode 🙂.<|end|>"
-                            "<|start|>assistant<|channel|>final<|message|>The answer is 42.<|return|>",
-                            allow_special=True)
-    events = list(stream_generate(ScriptedModel(completion), [1, 2], tokenizer=tok,
-                                  max_tokens=100, temperature=0))
+    completion = tok.encode(
+        "<|channel|>analysis<|message|>Let me think: ünïcode 🙂.<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>The answer is 42.<|return|>",
+        allow_special=True,
+    )
+    events = list(
+        stream_generate(
+            ScriptedModel(completion), [1, 2], tokenizer=tok, max_tokens=100, temperature=0
+        )
+    )
     assert [e.token for e in events] == completion
     by_kind = {}
     for e in events:
@@ -163,12 +184,18 @@ def test_events_carry_parsed_deltas_by_channel(tok):
 
 
 def test_generate_returns_the_parsed_tool_call(tok):
-    completion = tok.encode('<|channel|>commentary to=functions.get_weather <|constrain|>json'
-                            '<|message|>{"city": "Paris"}<|call|>', allow_special=True)
+    completion = tok.encode(
+        "<|channel|>commentary to=functions.get_weather <|constrain|>json"
+        '<|message|>{"city": "Paris"}<|call|>',
+        allow_special=True,
+    )
     out = generate(ScriptedModel(completion), [1, 2], tokenizer=tok, max_tokens=100, temperature=0)
     assert out["tokens"] == completion and out["finish_reason"] == "tool_calls"
     assert out["tool_calls"] == harmony.parse_completion(completion, tok)["tool_calls"]
-    assert out["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert out["tool_calls"][0]["function"] == {
+        "name": "get_weather",
+        "arguments": '{"city": "Paris"}',
+    }
     assert out["prompt_tokens"] == [1, 2]
 
 
@@ -205,20 +232,23 @@ def test_generate_without_a_tokenizer(model32):
     assert out["stats"]["generation_tokens"] == 3 and out["finish_reason"] == "length"
 
 
-@pytest.mark.parametrize("prompt, kw, match", [
-    ([], {}, "empty"),
-    ([1, 2], {"max_tokens": 0}, "max_tokens"),
-    ([1, 2], {"max_tokens": -3}, "max_tokens"),
-    ([1, 2], {"prefill_chunk": 0}, "prefill_chunk"),
-    ([1, 512], {}, "vocabulary"),
-    ([1, -1], {}, "vocabulary"),
-    ([1, 2], {"temperature": -1}, "temperature"),
-    ([1, 2], {"top_p": 2}, "top_p"),
-    ([1.5, 2], {}, "integers"),
-    ([1, 2], {"seed": -1}, "seed"),
-    (np.array([3, 4], np.int64), {"max_tokens": 0}, "max_tokens"),
-    ([object()], {}, "token ids"),
-])
+@pytest.mark.parametrize(
+    "prompt, kw, match",
+    [
+        ([], {}, "empty"),
+        ([1, 2], {"max_tokens": 0}, "max_tokens"),
+        ([1, 2], {"max_tokens": -3}, "max_tokens"),
+        ([1, 2], {"prefill_chunk": 0}, "prefill_chunk"),
+        ([1, 512], {}, "vocabulary"),
+        ([1, -1], {}, "vocabulary"),
+        ([1, 2], {"temperature": -1}, "temperature"),
+        ([1, 2], {"top_p": 2}, "top_p"),
+        ([1.5, 2], {}, "integers"),
+        ([1, 2], {"seed": -1}, "seed"),
+        (np.array([3, 4], np.int64), {"max_tokens": 0}, "max_tokens"),
+        ([object()], {}, "token ids"),
+    ],
+)
 def test_bad_arguments_raise_gptosserror(model32, prompt, kw, match):
     with pytest.raises(GptOssError, match=match):
         stream_generate(model32, prompt, **kw)
@@ -230,10 +260,12 @@ def test_bad_arguments_raise_gptosserror(model32, prompt, kw, match):
 def test_messages_prompt_is_rendered_with_harmony(o200k_dir):
     model, tokenizer = load(o200k_dir)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
-    out = generate(model, messages, tokenizer=tokenizer, max_tokens=4, temperature=0,
-                   reasoning_effort="high")
-    assert out["prompt_tokens"] == harmony.render_prompt(messages, reasoning_effort="high",
-                                                         tokenizer=tokenizer)
+    out = generate(
+        model, messages, tokenizer=tokenizer, max_tokens=4, temperature=0, reasoning_effort="high"
+    )
+    assert out["prompt_tokens"] == harmony.render_prompt(
+        messages, reasoning_effort="high", tokenizer=tokenizer
+    )
     assert len(out["tokens"]) == 4
     assert out["content"] == harmony.parse_completion(out["tokens"], tokenizer)["content"]
     # A plain string is one user message; messages imply the default tokenizer.
@@ -246,7 +278,10 @@ def test_load_reads_the_folders_tokenizer_json(o200k_dir, tmp_path):
     assert tokenizer.vocab_size == model.config.vocab_size == 201088
     for name in os.listdir(o200k_dir):
         os.symlink(os.path.join(o200k_dir, name), tmp_path / name)
-    bad = {"model": {"type": "BPE", "vocab": {"a": 0}}, "added_tokens": [{"id": 1, "content": "<|x|>"}]}
+    bad = {
+        "model": {"type": "BPE", "vocab": {"a": 0}},
+        "added_tokens": [{"id": 1, "content": "<|x|>"}],
+    }
     (tmp_path / "tokenizer.json").write_text(json.dumps(bad))
     with pytest.raises(GptOssError, match="not gpt-oss's o200k_harmony"):
         load(str(tmp_path))

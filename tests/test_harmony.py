@@ -117,14 +117,21 @@ def openai_tools(*fns):
 
 
 def oracle_tools(*fns):
-    return [ToolDescription.new(fn["name"], fn.get("description", ""), fn.get("parameters")) for fn in fns]
+    return [
+        ToolDescription.new(fn["name"], fn.get("description", ""), fn.get("parameters"))
+        for fn in fns
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
 # Oracle conversation builders (openai-harmony's API only)
 # ---------------------------------------------------------------------------------------------
 
-EFFORT = {"low": ReasoningEffort.LOW, "medium": ReasoningEffort.MEDIUM, "high": ReasoningEffort.HIGH}
+EFFORT = {
+    "low": ReasoningEffort.LOW,
+    "medium": ReasoningEffort.MEDIUM,
+    "high": ReasoningEffort.HIGH,
+}
 
 
 def o_system(effort="medium", date=None):
@@ -187,7 +194,12 @@ CASES = [
         {"reasoning_effort": "high"},
         [o_system("high"), o_developer("Be terse."), o_user("2+2?")],
     ),
-    ("low effort", [{"role": "user", "content": "Hi"}], {"reasoning_effort": "low"}, [o_system("low"), o_user("Hi")]),
+    (
+        "low effort",
+        [{"role": "user", "content": "Hi"}],
+        {"reasoning_effort": "low"},
+        [o_system("low"), o_user("Hi")],
+    ),
     (
         "current date",
         [{"role": "user", "content": "What day is it?"}],
@@ -212,9 +224,16 @@ CASES = [
     ),
     (
         "nested, arrays, optional, oneOf, nullable, examples",
-        [{"role": "system", "content": "Book travel."}, {"role": "user", "content": "Fly me to Rome"}],
+        [
+            {"role": "system", "content": "Book travel."},
+            {"role": "user", "content": "Fly me to Rome"},
+        ],
         {"tools": openai_tools(SEARCH, WEATHER), "current_date": "2025-01-31"},
-        [o_system(date="2025-01-31"), o_developer("Book travel.", [SEARCH, WEATHER]), o_user("Fly me to Rome")],
+        [
+            o_system(date="2025-01-31"),
+            o_developer("Book travel.", [SEARCH, WEATHER]),
+            o_user("Fly me to Rome"),
+        ],
     ),
     (
         "tool without parameters or description",
@@ -346,7 +365,10 @@ CASES = [
         {"tools": openai_tools({"name": "lookup", "description": "Cherche un mot — dictionnaire"})},
         [
             o_system(),
-            o_developer("Réponds en français 🇫🇷", [{"name": "lookup", "description": "Cherche un mot — dictionnaire"}]),
+            o_developer(
+                "Réponds en français 🇫🇷",
+                [{"name": "lookup", "description": "Cherche un mot — dictionnaire"}],
+            ),
             o_user("東京の天気は？ 🌧️ Ünïcödé — “quotes”"),
             o_assistant("雨です。", "final"),
             o_user("Ω≈ç√∫ 😀\nnew line\ttab"),
@@ -407,7 +429,9 @@ def test_render_prompt_ends_with_start_assistant_and_is_deterministic(tok):
 def test_system_tool_line_only_with_function_tools(tok):
     line = "Calls to these tools must go to the commentary channel: 'functions'."
     assert line not in tok.decode(render_prompt([{"role": "user", "content": "x"}], tokenizer=tok))
-    with_tools = render_prompt([{"role": "user", "content": "x"}], tools=openai_tools(GET_TIME), tokenizer=tok)
+    with_tools = render_prompt(
+        [{"role": "user", "content": "x"}], tools=openai_tools(GET_TIME), tokenizer=tok
+    )
     assert line in tok.decode(with_tools)
 
 
@@ -470,23 +494,31 @@ def test_chat_history_is_a_prefix_of_the_next_turn(tok, harmony_enc):
     # The default rendering drops the first turn's reasoning: it diverges at the first channel
     # name (analysis in the cache, final in the re-rendering), one token after the prompt.
     full = render_prompt(
-        first + [{"role": "assistant", "reasoning": "Greet back.", "content": "Hello!"},
-                 {"role": "user", "content": "How are you?"}],
+        first
+        + [
+            {"role": "assistant", "reasoning": "Greet back.", "content": "Hello!"},
+            {"role": "user", "content": "How are you?"},
+        ],
         tokenizer=tok,
     )
     assert common_prefix_length(history, full) == len(prompt) + 1  # + <|channel|>
 
 
 def test_chat_history_after_tool_call(tok):
-    prompt = render_prompt([{"role": "user", "content": "Time?"}], tools=openai_tools(GET_TIME), tokenizer=tok)
+    prompt = render_prompt(
+        [{"role": "user", "content": "Time?"}], tools=openai_tools(GET_TIME), tokenizer=tok
+    )
     completion = tok.encode(
-        "<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>{}<|call|>", allow_special=True
+        "<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>{}<|call|>",
+        allow_special=True,
     )
     history = chat_history_tokens(prompt, completion, tokenizer=tok)
     assert history == prompt + completion  # <|call|> stays
     turn = render_turn(
         [{"role": "tool", "tool_call_id": "call_0", "content": "12:00"}],
-        history=[{"role": "assistant", "tool_calls": parse_completion(completion, tok)["tool_calls"]}],
+        history=[
+            {"role": "assistant", "tool_calls": parse_completion(completion, tok)["tool_calls"]}
+        ],
         tokenizer=tok,
     )
     assert tok.decode(turn) == (
@@ -512,9 +544,17 @@ def oracle_result(messages):
     for m in messages:
         text = "".join(c.text for c in m.content)
         if m.recipient and m.recipient not in ("all", "assistant", "user"):
-            name = m.recipient[len("functions."):] if m.recipient.startswith("functions.") else m.recipient
+            name = (
+                m.recipient[len("functions.") :]
+                if m.recipient.startswith("functions.")
+                else m.recipient
+            )
             calls.append(
-                {"id": f"call_{len(calls)}", "type": "function", "function": {"name": name, "arguments": text}}
+                {
+                    "id": f"call_{len(calls)}",
+                    "type": "function",
+                    "function": {"name": name, "arguments": text},
+                }
             )
         elif m.channel == "analysis":
             reasoning.append(text)
@@ -525,13 +565,20 @@ def oracle_result(messages):
 
 
 def o_call_analysis(name, arguments):
-    return Message.from_role_and_content(Role.ASSISTANT, arguments).with_channel("analysis").with_recipient(name)
+    return (
+        Message.from_role_and_content(Role.ASSISTANT, arguments)
+        .with_channel("analysis")
+        .with_recipient(name)
+    )
 
 
 # Assistant outputs, as openai-harmony renders them.
 COMPLETIONS = {
     "final only": [o_assistant("The answer is 4.", "final")],
-    "reasoning then final": [o_assistant("User asks 2+2. Easy.", "analysis"), o_assistant("4", "final")],
+    "reasoning then final": [
+        o_assistant("User asks 2+2. Easy.", "analysis"),
+        o_assistant("4", "final"),
+    ],
     "reasoning then tool call": [
         o_assistant("Need weather.", "analysis"),
         o_call("get_weather", '{"location": "東京", "unit": "celsius"}'),
@@ -542,14 +589,20 @@ COMPLETIONS = {
         o_assistant("Checking the weather…", "commentary"),
         o_call("get_weather", '{"location":"Oslo"}'),
     ],
-    "built-in tool on analysis": [o_assistant("Search it.", "analysis"), o_call_analysis("browser.search", '{"query":"mlx"}')],
+    "built-in tool on analysis": [
+        o_assistant("Search it.", "analysis"),
+        o_call_analysis("browser.search", '{"query":"mlx"}'),
+    ],
     "call without constrain": [
         Message.from_role_and_content(Role.ASSISTANT, '{"a": 1}')
         .with_channel("commentary")
         .with_recipient("functions.f")
         .with_content_type("json")
     ],
-    "multi-byte final": [o_assistant("Ünïcödé 你好世界 👩‍👩‍👧‍👦 ǅ", "analysis"), o_assistant("🇫🇷🇯🇵 ok", "final")],
+    "multi-byte final": [
+        o_assistant("Ünïcödé 你好世界 👩‍👩‍👧‍👦 ǅ", "analysis"),
+        o_assistant("🇫🇷🇯🇵 ok", "final"),
+    ],
     "empty final": [o_assistant("", "analysis"), o_assistant("", "final")],
 }
 
@@ -562,7 +615,7 @@ def completion_tokens(harmony_enc, tok, messages):
         ids += harmony_enc.render(m)
     head = [tok.start_id] + tok.encode("assistant")
     assert ids[: len(head)] == head
-    ids = ids[len(head):]
+    ids = ids[len(head) :]
     if messages[-1].channel == "final":
         assert ids[-1] == tok.end_id
         ids[-1] = tok.return_id
@@ -583,18 +636,22 @@ MODEL_STYLE = [
     (
         "<|channel|>analysis<|message|>Need tool.<|end|><|start|>assistant<|channel|>commentary "
         'to=functions.get_weather <|constrain|>json<|message|>{"location":"Paris"}<|call|>',
-        {"reasoning": "Need tool.", "content": "", "tool_calls": [("get_weather", '{"location":"Paris"}')]},
+        {
+            "reasoning": "Need tool.",
+            "content": "",
+            "tool_calls": [("get_weather", '{"location":"Paris"}')],
+        },
     ),
     (  # to= before the channel, no constrain
         '<|channel|>analysis<|message|>x<|end|><|start|>assistant to=functions.f<|channel|>commentary json<|message|>{"a":1}<|call|>',
         {"reasoning": "x", "content": "", "tool_calls": [("f", '{"a":1}')]},
     ),
     (  # constrain glued to the recipient
-        '<|channel|>commentary to=functions.g<|constrain|>json<|message|>{}<|call|>',
+        "<|channel|>commentary to=functions.g<|constrain|>json<|message|>{}<|call|>",
         {"reasoning": "", "content": "", "tool_calls": [("g", "{}")]},
     ),
     (  # tool call on analysis, to= after channel
-        '<|channel|>analysis to=python<|message|>print(1)<|call|>',
+        "<|channel|>analysis to=python<|message|>print(1)<|call|>",
         {"reasoning": "", "content": "", "tool_calls": [("python", "print(1)")]},
     ),
 ]
@@ -606,8 +663,12 @@ def test_parse_model_style_headers(tok, harmony_enc, text, expected):
     result = parse_completion(ids, tok)
     assert result["reasoning"] == expected["reasoning"]
     assert result["content"] == expected["content"]
-    assert [(c["function"]["name"], c["function"]["arguments"]) for c in result["tool_calls"]] == expected["tool_calls"]
-    assert [c["id"] for c in result["tool_calls"]] == [f"call_{i}" for i in range(len(expected["tool_calls"]))]
+    assert [
+        (c["function"]["name"], c["function"]["arguments"]) for c in result["tool_calls"]
+    ] == expected["tool_calls"]
+    assert [c["id"] for c in result["tool_calls"]] == [
+        f"call_{i}" for i in range(len(expected["tool_calls"]))
+    ]
     want = oracle_result(harmony_enc.parse_messages_from_completion_tokens(ids, Role.ASSISTANT))
     assert result == want
     check_all_splits(tok, ids)
@@ -620,13 +681,21 @@ def deltas_to_result(events):
     for e in events:
         if e.kind == "tool_call":
             if e.tool_call is not None:
-                calls[e.tool_call_index] = {"id": e.tool_call["id"], "name": e.tool_call["name"], "args": ""}
+                calls[e.tool_call_index] = {
+                    "id": e.tool_call["id"],
+                    "name": e.tool_call["name"],
+                    "args": "",
+                }
             calls[e.tool_call_index]["args"] += e.text
     return {
         "reasoning": reasoning,
         "content": content,
         "tool_calls": [
-            {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["args"]}}
+            {
+                "id": c["id"],
+                "type": "function",
+                "function": {"name": c["name"], "arguments": c["args"]},
+            }
             for _, c in sorted(calls.items())
         ],
     }
@@ -687,7 +756,7 @@ MALFORMED = [
     "<|channel|><|message|>empty channel<|end|>",
     "<|message|>no channel<|end|>",
     "<|channel|>analysis<|message|>cut off mid-reasoning",
-    "<|channel|>commentary to=functions.f <|constrain|>json<|message|>{\"a\": ",
+    '<|channel|>commentary to=functions.f <|constrain|>json<|message|>{"a": ',
     "<|channel|>commentary to=functions.f",  # header never finished
     "<|start|><|start|>assistant<|channel|>final<|message|>x<|return|><|start|>assistant",
     "<|channel|>final<|message|>a<|constrain|><|message|><|startoftext|><|reserved_200013|>b<|return|>",
@@ -709,20 +778,37 @@ def test_malformed_output_never_raises(tok, text):
 def test_malformed_text_goes_to_content(tok):
     enc = lambda s: tok.encode(s, allow_special=True)  # noqa: E731
     assert parse_completion(enc("Hello with no header"), tok)["content"] == "Hello with no header"
-    assert parse_completion(enc("<|channel|>final Hello there<|return|>"), tok)["content"] == "Hello there"
-    r = parse_completion(enc("<|channel|>analysis<|message|>a<|channel|>final<|message|>b<|return|>"), tok)
+    assert (
+        parse_completion(enc("<|channel|>final Hello there<|return|>"), tok)["content"]
+        == "Hello there"
+    )
+    r = parse_completion(
+        enc("<|channel|>analysis<|message|>a<|channel|>final<|message|>b<|return|>"), tok
+    )
     assert (r["reasoning"], r["content"]) == ("a", "b")
 
 
 def test_random_token_soup_never_raises(tok):
-    specials = [200002, 200003, 200005, 200006, 200007, 200008, 200012, 199998, 199999, 200013, 201087]
-    words = tok.encode(" to=functions.f analysis final commentary json assistant 你好 🎉 {\"a\":1}")
+    specials = [
+        200002,
+        200003,
+        200005,
+        200006,
+        200007,
+        200008,
+        200012,
+        199998,
+        199999,
+        200013,
+        201087,
+    ]
+    words = tok.encode(' to=functions.f analysis final commentary json assistant 你好 🎉 {"a":1}')
     pool = specials + words + [5, 201088, 10**9, -1]
     rng = random.Random(1)
     for _ in range(300):
         ids = [rng.choice(pool) for _ in range(rng.randint(0, 25))]
         whole = parse_completion(ids, tok)
-        result, events = run_chunks(tok, [ids[: len(ids) // 2], ids[len(ids) // 2:]])
+        result, events = run_chunks(tok, [ids[: len(ids) // 2], ids[len(ids) // 2 :]])
         assert result == whole and deltas_to_result(events) == whole
         json.dumps(whole)
 
@@ -745,9 +831,17 @@ def test_parsed_tool_call_renders_back_like_openai_harmony(tok, harmony_enc):
         allow_special=True,
     )
     parsed = parse_completion(completion, tok)
-    messages.append({"role": "assistant", "content": parsed["content"] or None,
-                     "reasoning": parsed["reasoning"], "tool_calls": parsed["tool_calls"]})
-    messages.append({"role": "tool", "tool_call_id": parsed["tool_calls"][0]["id"], "content": "sunny"})
+    messages.append(
+        {
+            "role": "assistant",
+            "content": parsed["content"] or None,
+            "reasoning": parsed["reasoning"],
+            "tool_calls": parsed["tool_calls"],
+        }
+    )
+    messages.append(
+        {"role": "tool", "tool_call_id": parsed["tool_calls"][0]["id"], "content": "sunny"}
+    )
     ours = render_prompt(messages, tools=openai_tools(WEATHER), tokenizer=tok)
     want = harmony_enc.render_conversation_for_completion(
         Conversation.from_messages(
@@ -781,12 +875,26 @@ def test_feed_accepts_numpy_ids_and_arrays(tok):
 # Randomized: random JSON schemas and random conversations, rendered by both libraries
 # ---------------------------------------------------------------------------------------------
 
-WORDS = ["alpha", "beta", "gamma", "δέλτα", "東京", "x y", "🎉", "a\"q", "multi\nline"]
+WORDS = ["alpha", "beta", "gamma", "δέλτα", "東京", "x y", "🎉", 'a"q', "multi\nline"]
 
 
 def random_schema(rng, depth=0):
-    kind = rng.choice(["string", "integer", "number", "boolean", "array", "object", "enum", "list", "oneOf", "none"]
-                      if depth < 3 else ["string", "integer", "boolean", "enum"])
+    kind = rng.choice(
+        [
+            "string",
+            "integer",
+            "number",
+            "boolean",
+            "array",
+            "object",
+            "enum",
+            "list",
+            "oneOf",
+            "none",
+        ]
+        if depth < 3
+        else ["string", "integer", "boolean", "enum"]
+    )
     if kind == "enum":
         schema = {"type": "string", "enum": rng.sample(WORDS, rng.randint(1, 3))}
     elif kind == "list":
@@ -802,7 +910,9 @@ def random_schema(rng, depth=0):
     elif kind == "object":
         schema = {"type": "object"}
         if rng.random() < 0.9:
-            names = rng.sample(["id", "name", "when", "from", "to", "limit", "opts", "q"], rng.randint(0, 4))
+            names = rng.sample(
+                ["id", "name", "when", "from", "to", "limit", "opts", "q"], rng.randint(0, 4)
+            )
             schema["properties"] = {n: random_schema(rng, depth + 1) for n in names}
             schema["required"] = [n for n in names if rng.random() < 0.5]
     else:
@@ -810,7 +920,9 @@ def random_schema(rng, depth=0):
     if rng.random() < 0.4:
         schema["description"] = rng.choice(WORDS)
     if rng.random() < 0.3:
-        schema["default"] = rng.choice([rng.choice(WORDS), 3, 2.5, True, None, ["a", 1], {"k": "v"}])
+        schema["default"] = rng.choice(
+            [rng.choice(WORDS), 3, 2.5, True, None, ["a", 1], {"k": "v"}]
+        )
     if rng.random() < 0.1:
         schema["title"] = rng.choice(WORDS)
     if rng.random() < 0.1:
@@ -824,14 +936,20 @@ def test_random_schemas_render_like_openai_harmony(tok, harmony_enc):
     rng = random.Random(7)
     for i in range(150):
         fns = [
-            {"name": f"fn_{i}_{j}", "description": rng.choice(["", "Does things.", "Two\nlines\r\n"]),
-             "parameters": random_schema(rng) if rng.random() < 0.9 else None}
+            {
+                "name": f"fn_{i}_{j}",
+                "description": rng.choice(["", "Does things.", "Two\nlines\r\n"]),
+                "parameters": random_schema(rng) if rng.random() < 0.9 else None,
+            }
             for j in range(rng.randint(1, 3))
         ]
         fns = [{k: v for k, v in fn.items() if v is not None} for fn in fns]
-        ours = render_prompt([{"role": "user", "content": "go"}], tools=openai_tools(*fns), tokenizer=tok)
+        ours = render_prompt(
+            [{"role": "user", "content": "go"}], tools=openai_tools(*fns), tokenizer=tok
+        )
         want = harmony_enc.render_conversation_for_completion(
-            Conversation.from_messages([o_system(), o_developer(None, fns), o_user("go")]), Role.ASSISTANT
+            Conversation.from_messages([o_system(), o_developer(None, fns), o_user("go")]),
+            Role.ASSISTANT,
         )
         assert ours == want, json.dumps(fns, ensure_ascii=False)
 
@@ -849,7 +967,9 @@ def test_random_conversations_render_like_openai_harmony(tok, harmony_enc):
             instructions.append(rng.choice(WORDS))
             ours.append({"role": rng.choice(["system", "developer"]), "content": instructions[-1]})
         if instructions or use_tools:
-            oracle.append(o_developer(instructions[0] if instructions else None, tools if use_tools else ()))
+            oracle.append(
+                o_developer(instructions[0] if instructions else None, tools if use_tools else ())
+            )
         n_call = 0
         for _turn in range(rng.randint(1, 4)):
             text = rng.choice(WORDS)
@@ -882,19 +1002,32 @@ def test_random_conversations_render_like_openai_harmony(tok, harmony_enc):
                 reasoning = None
             ours.append({"role": "assistant", "reasoning": reasoning, "content": answer})
             oracle.append(o_assistant(answer, "final"))
-        kwargs = {"reasoning_effort": effort, "current_date": date, "tools": openai_tools(*tools) if use_tools else None}
+        kwargs = {
+            "reasoning_effort": effort,
+            "current_date": date,
+            "tools": openai_tools(*tools) if use_tools else None,
+        }
         mine = render_prompt(ours, tokenizer=tok, **kwargs)
-        want = harmony_enc.render_conversation_for_completion(Conversation.from_messages(oracle), Role.ASSISTANT)
+        want = harmony_enc.render_conversation_for_completion(
+            Conversation.from_messages(oracle), Role.ASSISTANT
+        )
         assert mine == want, json.dumps(ours, ensure_ascii=False)
 
 
 def test_random_completions_parse_like_openai_harmony(tok, harmony_enc):
     rng = random.Random(3)
-    texts = WORDS + ["", '{"location": "Zürich", "n": [1, 2]}', "ends in emoji 👍🏽", " leading space"]
+    texts = WORDS + [
+        "",
+        '{"location": "Zürich", "n": [1, 2]}',
+        "ends in emoji 👍🏽",
+        " leading space",
+    ]
     for _ in range(150):
         msgs = []
         for _ in range(rng.randint(1, 4)):
-            kind = rng.choice(["analysis", "commentary", "final", "call", "call_analysis", "call_json"])
+            kind = rng.choice(
+                ["analysis", "commentary", "final", "call", "call_analysis", "call_json"]
+            )
             text = rng.choice(texts)
             if kind == "call":
                 msgs.append(o_call(rng.choice(["get_weather", "get_time"]), text))

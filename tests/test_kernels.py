@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import warnings
 
+import checkpoints as ck
 import mlx.core as mx
 import numpy as np
 import pytest
 
-import checkpoints as ck
 import gptoss_mlx.kernels as K
 from gptoss_mlx.cache import attention_mask
 from gptoss_mlx.errors import GptOssError
@@ -45,6 +45,7 @@ def rel(a, b) -> float:
 
 
 # --- dispatch -------------------------------------------------------------------------------------
+
 
 def test_resolve_backends(monkeypatch):
     monkeypatch.delenv(K.ENV_VAR, raising=False)
@@ -92,13 +93,29 @@ def test_wheel_ships_the_kernel_sources(tmp_path):
     import zipfile
 
     root = sources.source_dir().parent
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation",
-                        "-q", "-w", str(tmp_path)], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(root),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot build a wheel here: {r.stderr.strip()[-300:]}")
     (wheel,) = tmp_path.glob("*.whl")
     with zipfile.ZipFile(wheel) as z:
-        shipped = {n.split("/")[-1]: z.read(n) for n in z.namelist() if n.startswith("gptoss_mlx/metal/")}
+        shipped = {
+            n.split("/")[-1]: z.read(n) for n in z.namelist() if n.startswith("gptoss_mlx/metal/")
+        }
     assert shipped == {p.name: p.read_bytes() for p in sources.source_dir().glob("*.metal")}
 
 
@@ -126,7 +143,9 @@ def test_gate_up_swiglu_matches_mlx(lane_order, E, H, I, N, Kp):
 @pytest.mark.parametrize("E,H,I,N,Kp", [(4, 100, 64, 1, 4), (3, 64, 96, 2, 3), (5, 40, 1056, 3, 4)])
 def test_down_combine_matches_mlx(lane_order, E, H, I, N, Kp):
     ex = km.random_experts(E, 32, I, seed=H)
-    ex.down_proj = km.random_experts(E, I, H // 2 if H % 2 == 0 else H, seed=H).gate_up_proj  # [E, H', I]
+    ex.down_proj = km.random_experts(
+        E, I, H // 2 if H % 2 == 0 else H, seed=H
+    ).gate_up_proj  # [E, H', I]
     H = ex.down_proj.weight.shape[1]
     idx, w = km.random_routing(N, Kp, E, seed=I)
     act = mx.array(np.random.default_rng(H).normal(size=(N * Kp, I)).astype(np.float32))
@@ -147,10 +166,15 @@ def test_moe_kernels_bfloat16():
     assert act.dtype == mx.bfloat16
     want = km.mlx_gate_up_swiglu(up32, f32(x), idx, ex.alpha, ex.limit)
     assert rel(act, want) < TOL[mx.bfloat16]
-    assert rel(act, want) <= rel(km.mlx_gate_up_swiglu(ex.gate_up_proj, x, idx, ex.alpha, ex.limit), want)
+    assert rel(act, want) <= rel(
+        km.mlx_gate_up_swiglu(ex.gate_up_proj, x, idx, ex.alpha, ex.limit), want
+    )
     y = km.down_combine("emulate", ex.down_proj, act, idx, w)
     assert y.dtype == mx.bfloat16
-    assert rel(y, km.mlx_down_combine(km.in_float32(ex.down_proj), f32(act), idx, f32(w))) < TOL[mx.bfloat16]
+    assert (
+        rel(y, km.mlx_down_combine(km.in_float32(ex.down_proj), f32(act), idx, f32(w)))
+        < TOL[mx.bfloat16]
+    )
 
 
 # --- decode attention -----------------------------------------------------------------------------
@@ -158,8 +182,13 @@ def test_moe_kernels_bfloat16():
 # (batch, query heads, KV heads, slots, position): a ring not yet full, a ring after the context
 # passed the window (contexts longer than the window), the 128-slot ring, a full cache of 1024 slots
 # (split in 4 and merged) partly filled, and a long one filled to the end.
-DECODE_CASES = [(1, 16, 2, 8, 5), (2, 16, 2, 8, 37), (2, 16, 2, 128, 300), (2, 16, 2, 1024, 700),
-                (1, 8, 1, 4096, 4095)]
+DECODE_CASES = [
+    (1, 16, 2, 8, 5),
+    (2, 16, 2, 8, 37),
+    (2, 16, 2, 128, 300),
+    (2, 16, 2, 1024, 700),
+    (1, 8, 1, 4096, 4095),
+]
 
 
 @pytest.mark.parametrize("B,Hq,Hkv,S,offset", DECODE_CASES)
@@ -202,8 +231,9 @@ BANDED_CASES = [(1, 5, 0, 8), (2, 45, 7, 8), (2, 77, 3, 16), (1, 300, 127, 128),
 def test_banded_attention_matches_mlx(lane_order, B, T, P, W):
     q, k, v, sinks = ka.random_qkv(B, 16, 2, T, T + P, 64, seed=T + P)
     got = ka.banded_attention("emulate", q, k, v, sinks, 0.125, W)
-    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=attention_mask(T, T + P, W),
-                                                sinks=sinks)
+    want = mx.fast.scaled_dot_product_attention(
+        q, k, v, scale=0.125, mask=attention_mask(T, T + P, W), sinks=sinks
+    )
     assert rel(got, want) < TOL[mx.float32]
     assert rel(got, ka.mlx_banded_attention(q, k, v, sinks, 0.125, W)) < TOL[mx.float32]
 
@@ -243,6 +273,7 @@ def test_banded_work_grows_linearly_with_T():
 
 # --- self-check and fallback ----------------------------------------------------------------------
 
+
 def _broken(family: str, name: str, old: str, new: str):
     real = sources.family.__wrapped__
 
@@ -270,12 +301,17 @@ def test_self_check_passes_quietly(fresh_checks):
 
 
 def test_wrong_kernel_warns_once_and_falls_back(fresh_checks, monkeypatch):
-    monkeypatch.setattr(sources, "family", _broken("moe", "moe_down_combine",
-                                                   "acc[r] + bsum[r]", "1.01f * (acc[r] + bsum[r])"))
+    monkeypatch.setattr(
+        sources,
+        "family",
+        _broken("moe", "moe_down_combine", "acc[r] + bsum[r]", "1.01f * (acc[r] + bsum[r])"),
+    )
     ex = _experts_module()
     idx, w = km.random_routing(2, 4, 4, seed=22)
     x = mx.random.normal((2, 64), key=mx.random.key(22))
-    with pytest.warns(RuntimeWarning, match=r"kernel 'moe_down_combine' \(emulate\) failed its self-check"):
+    with pytest.warns(
+        RuntimeWarning, match=r"kernel 'moe_down_combine' \(emulate\) failed its self-check"
+    ):
         out = km.experts(ex, x, idx, w)
     act = km.mlx_gate_up_swiglu(ex.gate_up_proj, x, idx, ex.alpha, ex.limit)
     want = km.mlx_down_combine(ex.down_proj, act, idx, w)
@@ -288,7 +324,9 @@ def test_wrong_kernel_warns_once_and_falls_back(fresh_checks, monkeypatch):
 
 
 def test_kernel_that_does_not_build_falls_back(fresh_checks, monkeypatch):
-    monkeypatch.setattr(sources, "family", _broken("attention", "sdpa_decode", "simd_sum(part)", "simd_sum(part"))
+    monkeypatch.setattr(
+        sources, "family", _broken("attention", "sdpa_decode", "simd_sum(part)", "simd_sum(part")
+    )
     from gptoss_mlx.cache import DecodeSlot
 
     q, k, v, sinks = ka.random_qkv(1, 16, 2, 1, 8, 64, seed=4)
@@ -299,6 +337,7 @@ def test_kernel_that_does_not_build_falls_back(fresh_checks, monkeypatch):
 
 
 # --- the whole model ------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def real_heads(tmp_path_factory):
@@ -344,5 +383,7 @@ def test_model_with_emulated_kernels_matches_transformers(real_heads, monkeypatc
     # the 2 x 3-token prompt is few enough token-expert pairs for the MoE kernels too
     assert calls["moe_gate_up_swiglu"] == calls["moe_down_combine"] == (n + 1) * L
     assert calls["sdpa_banded"] == 2  # the full prompt above, and the 3-token one (sliding layer)
-    assert calls["sdpa_decode"] == n * L and calls["sdpa_decode_merge"] == n * L // 2  # full layers split
+    assert (
+        calls["sdpa_decode"] == n * L and calls["sdpa_decode_merge"] == n * L // 2
+    )  # full layers split
     assert cache[0].offset == ids.shape[1]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 
+import checkpoints as ck
 import mlx.core as mx
 import numpy as np
 import pytest
 
-import checkpoints as ck
 from gptoss_mlx import load_model
 from gptoss_mlx.rope import yarn_inv_freq
 
@@ -36,7 +36,9 @@ def test_float32_matches_transformers(hf_mxfp4_dir, ids, ref_logits):
     assert ck.relative_error(logits(model, ids), ref_logits) < FLOAT32_TOL
 
 
-def test_bfloat16_is_as_close_as_transformers_own_bfloat16(hf_mxfp4_dir, reference, ids, ref_logits):
+def test_bfloat16_is_as_close_as_transformers_own_bfloat16(
+    hf_mxfp4_dir, reference, ids, ref_logits
+):
     """bf16 against the float32 reference. On this random 4-layer model transformers' own bf16 is
     ~5% off its float32 (routing and residual rounding compound), so the issue's 2e-2 cannot be
     met here by any bf16 implementation; we require ours to be within 2x of transformers' bf16
@@ -89,7 +91,9 @@ def test_chunked_prefill_through_the_cache_matches_full_forward(hf_mxfp4_dir, id
     model = load_model(hf_mxfp4_dir, dtype="float32")
     full = logits(model, ids)
     cache = model.make_cache()
-    chunks = [logits(model, ids[:, a:b], cache=cache) for a, b in ((0, 3), (3, 12), (12, 14), (14, 21))]
+    chunks = [
+        logits(model, ids[:, a:b], cache=cache) for a, b in ((0, 3), (3, 12), (12, 14), (14, 21))
+    ]
     assert ck.relative_error(np.concatenate(chunks, axis=1), full) < FLOAT32_TOL
 
 
@@ -104,8 +108,15 @@ def test_cache_kinds_and_sizes(hf_mxfp4_dir, ids):
     assert full.keys.shape[2] >= ids.shape[1]
 
 
-def reference_yarn(head_dim, theta=150000.0, factor=32.0, context=4096, beta_fast=32.0,
-                   beta_slow=1.0, rounded=False):
+def reference_yarn(
+    head_dim,
+    theta=150000.0,
+    factor=32.0,
+    context=4096,
+    beta_fast=32.0,
+    beta_slow=1.0,
+    rounded=False,
+):
     """The reference doc's formula, in numpy; `rounded` is the known deviation (floor/ceil)."""
     low = (head_dim / 2) * math.log(context / (beta_fast * 2 * math.pi)) / math.log(theta)
     high = (head_dim / 2) * math.log(context / (beta_slow * 2 * math.pi)) / math.log(theta)

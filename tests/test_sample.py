@@ -67,7 +67,9 @@ SETTINGS = [
 ]
 
 
-@pytest.mark.parametrize("kw", SETTINGS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
+@pytest.mark.parametrize(
+    "kw", SETTINGS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default"
+)
 def test_filtered_distribution_matches_numpy(logits, kw):
     ours = np.array(sampling_probs(mx.array(logits), **kw))
     ref = reference_probs(logits, **kw)
@@ -84,7 +86,9 @@ def test_filters_really_filter(logits):
 
 
 def test_bfloat16_logits_are_filtered_in_float32():
-    x = mx.array(np.random.RandomState(2).normal(0, 1, (1, 32)).astype(np.float32)).astype(mx.bfloat16)
+    x = mx.array(np.random.RandomState(2).normal(0, 1, (1, 32)).astype(np.float32)).astype(
+        mx.bfloat16
+    )
     ours = np.array(sampling_probs(x, temperature=0.8, top_p=0.7))
     ref = reference_probs(np.array(x.astype(mx.float32)), temperature=0.8, top_p=0.7)
     np.testing.assert_allclose(ours, ref, atol=2e-6)
@@ -97,8 +101,14 @@ def chi_square(counts, probs):
     return float(((counts[nz] - expected) ** 2 / expected).sum()), int(nz.sum() - 1)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.6, top_k=6, top_p=0.9, min_p=0.05),
-                                dict(temperature=1.5, top_p=0.8)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(temperature=0.6, top_k=6, top_p=0.9, min_p=0.05),
+        dict(temperature=1.5, top_p=0.8),
+    ],
+)
 def test_sampled_frequencies_follow_the_distribution(kw):
     row = np.random.RandomState(5).normal(0, 1.5, 12).astype(np.float32)
     n = 40_000
@@ -132,8 +142,9 @@ def test_same_seed_same_tokens_different_seed_different_tokens():
 def test_greedy_is_argmax_and_ignores_the_seed(logits):
     x = mx.array(logits)
     for seed in (0, 1):
-        np.testing.assert_array_equal(np.array(make_sampler(temperature=0, seed=seed)(x)),
-                                      logits.argmax(axis=1))
+        np.testing.assert_array_equal(
+            np.array(make_sampler(temperature=0, seed=seed)(x)), logits.argmax(axis=1)
+        )
 
 
 def test_sampler_does_not_touch_global_random_state():
@@ -144,10 +155,21 @@ def test_sampler_does_not_touch_global_random_state():
     np.testing.assert_array_equal(np.array(mx.random.uniform(shape=(3,))), expected)
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=-0.1), dict(temperature=float("nan")),
-                                dict(temperature=float("inf")), dict(top_p=0.0),
-                                dict(top_p=1.01), dict(top_k=-1), dict(top_k=2.5),
-                                dict(min_p=1.0), dict(min_p=-0.1), dict(temperature="hot")])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(temperature=-0.1),
+        dict(temperature=float("nan")),
+        dict(temperature=float("inf")),
+        dict(top_p=0.0),
+        dict(top_p=1.01),
+        dict(top_k=-1),
+        dict(top_k=2.5),
+        dict(min_p=1.0),
+        dict(min_p=-0.1),
+        dict(temperature="hot"),
+    ],
+)
 def test_out_of_range_parameters_are_rejected(kw):
     with pytest.raises(GptOssError):
         make_sampler(**kw)

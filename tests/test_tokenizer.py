@@ -33,7 +33,12 @@ def test_special_ids_and_stop_tokens(tok):
         assert tok.special_tokens[text] == want
         assert tok.encode(text, allow_special=True) == [want]
         assert tok.decode([want]) == text
-    assert (tok.start_id, tok.end_id, tok.message_id, tok.channel_id) == (200006, 200007, 200008, 200005)
+    assert (tok.start_id, tok.end_id, tok.message_id, tok.channel_id) == (
+        200006,
+        200007,
+        200008,
+        200005,
+    )
     assert (tok.constrain_id, tok.return_id, tok.call_id) == (200003, 200002, 200012)
     assert (tok.startoftext_id, tok.endoftext_id) == (199998, 199999)
     assert tok.stop_tokens == STOP_TOKENS == (200002, 200012)
@@ -69,8 +74,15 @@ def hf_tokenizer_json(tok, tmp_path_factory):
     ranks = tok.encoding._mergeable_ranks
     vocab = {bytes_to_hf_token(b): r for b, r in ranks.items()}
     added = [
-        {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-         "normalized": False, "special": True}
+        {
+            "id": i,
+            "content": s,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
         for s, i in sorted(tok.special_tokens.items(), key=lambda kv: kv[1])
     ]
     data = {

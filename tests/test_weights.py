@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 
+import checkpoints as ck
 import mlx.core as mx
 import numpy as np
 import pytest
 
-import checkpoints as ck
 from gptoss_mlx import GptOssError, load_model
 from gptoss_mlx.weights import read_checkpoint
 
@@ -30,12 +30,18 @@ def model_logits(path, ids, dtype="float32"):
     return ck.np32(load_model(path, dtype=dtype)(mx.array(ids)))
 
 
-@pytest.mark.parametrize("writer,layout", [
-    (ck.write_hf_mxfp4, "hf-mxfp4"),
-    (ck.write_hf_bf16, "hf-bf16"),
-    (ck.write_original, "original"),
-    (lambda folder, cfg, t: ck.write_mlx_community(folder, cfg, t, dense_bits=0), "mlx-community"),
-])
+@pytest.mark.parametrize(
+    "writer,layout",
+    [
+        (ck.write_hf_mxfp4, "hf-mxfp4"),
+        (ck.write_hf_bf16, "hf-bf16"),
+        (ck.write_original, "original"),
+        (
+            lambda folder, cfg, t: ck.write_mlx_community(folder, cfg, t, dense_bits=0),
+            "mlx-community",
+        ),
+    ],
+)
 def test_each_layout_matches_transformers(tmp_path, hf_tensors, ids, ref_logits, writer, layout):
     folder = writer(tmp_path / layout, ck.TINY, hf_tensors)
     assert read_checkpoint(folder).layout == layout
@@ -47,11 +53,19 @@ def test_published_layout_experts_are_the_checkpoint_bytes(hf_mxfp4_dir, hf_tens
     model = load_model(hf_mxfp4_dir, dtype="float32")
     experts = model.layers[1].mlp.experts.gate_up_proj
     blocks = np.array(hf_tensors["model.layers.1.mlp.experts.gate_up_proj_blocks"])
-    assert np.array_equal(np.array(experts.weight).view(np.uint8), blocks.reshape(blocks.shape[0], blocks.shape[1], -1))
-    assert np.array_equal(np.array(experts.scales), np.array(hf_tensors["model.layers.1.mlp.experts.gate_up_proj_scales"]))
+    assert np.array_equal(
+        np.array(experts.weight).view(np.uint8),
+        blocks.reshape(blocks.shape[0], blocks.shape[1], -1),
+    )
+    assert np.array_equal(
+        np.array(experts.scales),
+        np.array(hf_tensors["model.layers.1.mlp.experts.gate_up_proj_scales"]),
+    )
 
 
-def test_mlx_community_quantized_dense_matches_reference_with_same_weights(tmp_path, hf_tensors, ids):
+def test_mlx_community_quantized_dense_matches_reference_with_same_weights(
+    tmp_path, hf_tensors, ids
+):
     """8-bit affine dense weights: equal to transformers holding the dequantized 8-bit weights."""
     folder = ck.write_mlx_community(tmp_path / "q8", ck.TINY, hf_tensors, dense_bits=8)
     on_disk = mx.load(os.path.join(folder, "model.safetensors"))
@@ -59,8 +73,13 @@ def test_mlx_community_quantized_dense_matches_reference_with_same_weights(tmp_p
     for name in hf_tensors:
         base = name[: -len(".weight")]
         if name.endswith(".weight") and base + ".scales" in on_disk:
-            dequantized[name] = mx.dequantize(on_disk[name], on_disk[base + ".scales"],
-                                              on_disk[base + ".biases"], group_size=64, bits=8)
+            dequantized[name] = mx.dequantize(
+                on_disk[name],
+                on_disk[base + ".scales"],
+                on_disk[base + ".biases"],
+                group_size=64,
+                bits=8,
+            )
     ref = ck.reference_logits(ck.reference_model(dequantized, ck.TINY), ids)
     model = load_model(folder, dtype="float32")
     assert type(model.layers[0].self_attn.q_proj).__name__ == "QuantizedLinear"
@@ -140,7 +159,10 @@ def test_config_that_does_not_match_the_weights(hf_mxfp4_dir, tmp_path):
 
 
 def test_unknown_layout(tmp_path):
-    mx.save_safetensors(str(tmp_path / "model.safetensors"), {"transformer.h.0.attn.c_attn.weight": mx.zeros((4, 4))})
+    mx.save_safetensors(
+        str(tmp_path / "model.safetensors"),
+        {"transformer.h.0.attn.c_attn.weight": mx.zeros((4, 4))},
+    )
     (tmp_path / "config.json").write_text(json.dumps(ck.TINY.to_hf()))
     expect_error(str(tmp_path), "unknown checkpoint layout")
 

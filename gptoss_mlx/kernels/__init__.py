@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 
@@ -37,12 +37,16 @@ def resolve(choice: str | None = None) -> str:
     raw = choice if choice is not None else (os.environ.get(ENV_VAR) or "auto")
     value = str(raw).strip().lower()
     if value not in BACKENDS:
-        raise GptOssError(f"unknown kernel backend {source}{raw!r}; choose one of {', '.join(BACKENDS)}")
+        raise GptOssError(
+            f"unknown kernel backend {source}{raw!r}; choose one of {', '.join(BACKENDS)}"
+        )
     if value == "auto":
         return "metal" if mx.metal.is_available() else "mlx"
     if value == "metal" and not mx.metal.is_available():
-        raise GptOssError(f"{source}metal needs a Metal GPU (Apple Silicon) and none is available; "
-                          "use auto, mlx, or emulate (the CPU emulator, slow, for tests)")
+        raise GptOssError(
+            f"{source}metal needs a Metal GPU (Apple Silicon) and none is available; "
+            "use auto, mlx, or emulate (the CPU emulator, slow, for tests)"
+        )
     return value
 
 
@@ -81,11 +85,19 @@ def compilable(model) -> bool:
 
 # --- kernel objects ------------------------------------------------------------------------------
 
+
 class Kernel:
     """One kernel body of a `metal/<family>.metal` file, built per backend on first use."""
 
-    def __init__(self, family: str, name: str, input_names, output_names, defines: str = "",
-                 variant: str = ""):
+    def __init__(
+        self,
+        family: str,
+        name: str,
+        input_names,
+        output_names,
+        defines: str = "",
+        variant: str = "",
+    ):
         self.family, self.name = family, name
         self.input_names, self.output_names = list(input_names), list(output_names)
         self.defines = defines  # preprocessor lines put before the header (a variant of the body)
@@ -109,8 +121,13 @@ class Kernel:
                 from .emulator import metal_kernel as factory
             else:
                 raise ValueError(f"no kernel for backend {backend!r}")
-            self._built[backend] = factory(name=self.kernel_name, input_names=self.input_names,
-                                           output_names=self.output_names, source=body, header=header)
+            self._built[backend] = factory(
+                name=self.kernel_name,
+                input_names=self.input_names,
+                output_names=self.output_names,
+                source=body,
+                header=header,
+            )
         return self._built[backend]
 
     def __call__(self, backend: str, **kwargs) -> list[mx.array]:
@@ -128,9 +145,11 @@ _STATUS: dict[tuple[str, str], bool] = {}
 
 def self_check(name: str):
     """Register `fn(backend) -> (ok, detail)` as the self-check of kernel `name`."""
+
     def register(fn):
         _CHECKS[name] = fn
         return fn
+
     return register
 
 
@@ -145,9 +164,12 @@ def enabled(name: str, backend: str) -> bool:
         except Exception as e:  # a kernel that fails to build or run is as wrong as a bad result
             ok, detail = False, f"{type(e).__name__}: {e}"
         if not ok:
-            warnings.warn(f"gptoss-mlx: kernel '{name}' ({backend}) failed its self-check against the "
-                          f"MLX ops ({detail}); using the MLX ops for it instead",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"gptoss-mlx: kernel '{name}' ({backend}) failed its self-check against the "
+                f"MLX ops ({detail}); using the MLX ops for it instead",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         _STATUS[key] = ok
     return _STATUS[key]
 
@@ -171,5 +193,16 @@ def relative_error(ours: mx.array, ref: mx.array) -> float:
 from .attention import attend  # noqa: E402
 from .moe import experts  # noqa: E402
 
-__all__ = ["BACKENDS", "ENV_VAR", "resolve", "use", "backend_for", "compilable", "enabled",
-           "experts", "attend", "Kernel", "reset_self_checks"]
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "resolve",
+    "use",
+    "backend_for",
+    "compilable",
+    "enabled",
+    "experts",
+    "attend",
+    "Kernel",
+    "reset_self_checks",
+]

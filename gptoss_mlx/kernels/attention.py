@@ -22,11 +22,19 @@ FINAL_MAX_KEYS = 256  # buffers up to this many slots (the 128-slot rings) take 
 MAX_SPLITS = 64  # longer buffers are cut into at most this many splits per (row, KV head)
 QUERY_BLOCK = 32  # banded: queries per threadgroup (one per lane)
 
-DECODE = Kernel("attention", "sdpa_decode", ["q", "k", "v", "sinks", "offset", "params"], ["o", "ml"])
+DECODE = Kernel(
+    "attention", "sdpa_decode", ["q", "k", "v", "sinks", "offset", "params"], ["o", "ml"]
+)
 MERGE = Kernel("attention", "sdpa_decode_merge", ["o", "ml", "sinks"], ["out"])
 BANDED = Kernel("attention", "sdpa_banded", ["q", "k", "v", "sinks", "params"], ["o"])
-BANDED_COUNTING = Kernel("attention", "sdpa_banded", ["q", "k", "v", "sinks", "params"], ["o", "visited_keys"],
-                         defines="#define GPTOSS_COUNT_VISITED 1\n", variant="counting")
+BANDED_COUNTING = Kernel(
+    "attention",
+    "sdpa_banded",
+    ["q", "k", "v", "sinks", "params"],
+    ["o", "visited_keys"],
+    defines="#define GPTOSS_COUNT_VISITED 1\n",
+    variant="counting",
+)
 KERNELS = (DECODE, MERGE, BANDED, BANDED_COUNTING)
 
 
@@ -52,21 +60,39 @@ def decode_attention(backend: str, q, k, v, sinks, scale: float, offset) -> mx.a
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
     split, ns = decode_splits(S, D)
-    offset = (offset if isinstance(offset, mx.array) else mx.array(offset)).reshape(1).astype(mx.int32)
+    offset = (
+        (offset if isinstance(offset, mx.array) else mx.array(offset)).reshape(1).astype(mx.int32)
+    )
     params = mx.array([scale], dtype=mx.float32)
     final = ns == 1
     o_shape, ml_shape = ((B, Hq, 1, D), (1,)) if final else ((B, Hq, ns, D), (B, Hq, ns, 2))
     o_dtype = q.dtype if final else mx.float32
-    o, ml = DECODE(backend, inputs=[q, k, v, sinks, offset, params],
-                   template=[("OT", o_dtype), ("D", D), ("TK", keys_per_tile(D)), ("SPLIT", split),
-                             ("FINAL", final)],
-                   grid=(32 * G, B * Hkv, ns), threadgroup=(32 * G, 1, 1),
-                   output_shapes=[o_shape, ml_shape], output_dtypes=[o_dtype, mx.float32])
+    o, ml = DECODE(
+        backend,
+        inputs=[q, k, v, sinks, offset, params],
+        template=[
+            ("OT", o_dtype),
+            ("D", D),
+            ("TK", keys_per_tile(D)),
+            ("SPLIT", split),
+            ("FINAL", final),
+        ],
+        grid=(32 * G, B * Hkv, ns),
+        threadgroup=(32 * G, 1, 1),
+        output_shapes=[o_shape, ml_shape],
+        output_dtypes=[o_dtype, mx.float32],
+    )
     if final:
         return o
-    return MERGE(backend, inputs=[o, ml, sinks], template=[("T", q.dtype), ("D", D)],
-                 grid=(32, B * Hq, 1), threadgroup=(32, 1, 1),
-                 output_shapes=[(B, Hq, 1, D)], output_dtypes=[q.dtype])[0]
+    return MERGE(
+        backend,
+        inputs=[o, ml, sinks],
+        template=[("T", q.dtype), ("D", D)],
+        grid=(32, B * Hq, 1),
+        threadgroup=(32, 1, 1),
+        output_shapes=[(B, Hq, 1, D)],
+        output_dtypes=[q.dtype],
+    )[0]
 
 
 def banded_attention(backend: str, q, k, v, sinks, scale: float, window: int, count: bool = False):
@@ -76,15 +102,20 @@ def banded_attention(backend: str, q, k, v, sinks, scale: float, window: int, co
     Hkv = k.shape[1]
     G = Hq // Hkv
     kernel = BANDED_COUNTING if count else BANDED
-    outs = kernel(backend, inputs=[q, k, v, sinks, mx.array([scale], dtype=mx.float32)],
-                  template=[("OT", q.dtype), ("D", D), ("TK", keys_per_tile(D)), ("W", window)],
-                  grid=(32 * G, B * Hkv, -(-T // QUERY_BLOCK)), threadgroup=(32 * G, 1, 1),
-                  output_shapes=[(B, Hq, T, D), (B, Hq, T)][: 2 if count else 1],
-                  output_dtypes=[q.dtype, mx.int32][: 2 if count else 1])
+    outs = kernel(
+        backend,
+        inputs=[q, k, v, sinks, mx.array([scale], dtype=mx.float32)],
+        template=[("OT", q.dtype), ("D", D), ("TK", keys_per_tile(D)), ("W", window)],
+        grid=(32 * G, B * Hkv, -(-T // QUERY_BLOCK)),
+        threadgroup=(32 * G, 1, 1),
+        output_shapes=[(B, Hq, T, D), (B, Hq, T)][: 2 if count else 1],
+        output_dtypes=[q.dtype, mx.int32][: 2 if count else 1],
+    )
     return (outs[0], outs[1]) if count else outs[0]
 
 
 # --- the mlx ops these kernels replace ----------------------------------------------------------
+
 
 def mlx_decode_attention(q, k, v, sinks, scale, offset):
     filled = mx.arange(k.shape[2]) <= offset
@@ -98,18 +129,28 @@ def mlx_banded_attention(q, k, v, sinks, scale, window):
     T, S = q.shape[2], k.shape[2]
     if T > 2 * window:
         return banded(q, k, v, sinks, scale, window)
-    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=attention_mask(T, S, window),
-                                                sinks=sinks)
+    return mx.fast.scaled_dot_product_attention(
+        q, k, v, scale=scale, mask=attention_mask(T, S, window), sinks=sinks
+    )
 
 
 # --- dispatch -----------------------------------------------------------------------------------
 
+
 def _supported(q, k, v, max_dim: int) -> bool:
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
-    return (q.dtype in _FLOATS and k.dtype == q.dtype and v.dtype == q.dtype
-            and D % 32 == 0 and D <= max_dim and Hq % Hkv == 0 and 32 * (Hq // Hkv) <= 1024
-            and k.shape[0] == B and v.shape == k.shape)
+    return (
+        q.dtype in _FLOATS
+        and k.dtype == q.dtype
+        and v.dtype == q.dtype
+        and D % 32 == 0
+        and D <= max_dim
+        and Hq % Hkv == 0
+        and 32 * (Hq // Hkv) <= 1024
+        and k.shape[0] == B
+        and v.shape == k.shape
+    )
 
 
 def attend(module, q, k, v, sinks, cache) -> mx.array | None:
@@ -147,12 +188,18 @@ def random_qkv(B, Hq, Hkv, T, S, D, seed=0, dtype=mx.float32):
 @self_check(DECODE.name)
 def _check_decode(backend: str):
     for dtype, tol in _TOL.items():
-        for S, offset in ((16, 9), (FINAL_MAX_KEYS + 64, FINAL_MAX_KEYS + 40)):  # one pass; split + merge
+        for S, offset in (
+            (16, 9),
+            (FINAL_MAX_KEYS + 64, FINAL_MAX_KEYS + 40),
+        ):  # one pass; split + merge
             q, k, v, sinks = random_qkv(1, 4, 2, 1, S, 64, seed=S, dtype=dtype)
             got = decode_attention(backend, q, k, v, sinks, 0.125, offset)
             err = relative_error(got, mlx_decode_attention(*_f32(q, k, v, sinks), 0.125, offset))
             if not (got.dtype == dtype and err < tol):
-                return False, f"relative error {err:.3g} in {dtype} with {S} slots, tolerance {tol:g}"
+                return (
+                    False,
+                    f"relative error {err:.3g} in {dtype} with {S} slots, tolerance {tol:g}",
+                )
     return True, ""
 
 

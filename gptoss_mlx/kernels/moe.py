@@ -19,8 +19,12 @@ DOWN_ROWS = 2  # output rows per simdgroup
 MAX_PAIRS = 64  # token-expert pairs: from here the mlx path sorts by expert (moe.SORT_THRESHOLD)
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 
-GATE_UP = Kernel("moe", "moe_gate_up_swiglu", ["x", "indices", "w", "scales", "bias", "params"], ["act"])
-DOWN = Kernel("moe", "moe_down_combine", ["act", "indices", "weights", "w", "scales", "bias"], ["y"])
+GATE_UP = Kernel(
+    "moe", "moe_gate_up_swiglu", ["x", "indices", "w", "scales", "bias", "params"], ["act"]
+)
+DOWN = Kernel(
+    "moe", "moe_down_combine", ["act", "indices", "weights", "w", "scales", "bias"], ["y"]
+)
 KERNELS = (GATE_UP, DOWN)
 
 
@@ -29,25 +33,41 @@ def _grid(n_out: int, rows: int, batch: int):
     return (32 * SIMDGROUPS * (-(-n_out // per_tg)), batch, 1), (32 * SIMDGROUPS, 1, 1)
 
 
-def gate_up_swiglu(backend: str, proj, x: mx.array, indices: mx.array, alpha: float, limit: float) -> mx.array:
+def gate_up_swiglu(
+    backend: str, proj, x: mx.array, indices: mx.array, alpha: float, limit: float
+) -> mx.array:
     """x `[N, H]`, indices `[N, K]` -> SwiGLU activations `[N*K, I]` (one kernel)."""
     N, K = indices.shape
     I = proj.weight.shape[1] // 2
     grid, tg = _grid(I, UP_ROWS, N * K)
     params = mx.array([alpha, limit], dtype=mx.float32)
-    return GATE_UP(backend, inputs=[x, indices, proj.weight, proj.scales, proj.bias, params],
-                   template=[("T", x.dtype), ("ROWS", UP_ROWS)], grid=grid, threadgroup=tg,
-                   output_shapes=[(N * K, I)], output_dtypes=[x.dtype])[0]
+    return GATE_UP(
+        backend,
+        inputs=[x, indices, proj.weight, proj.scales, proj.bias, params],
+        template=[("T", x.dtype), ("ROWS", UP_ROWS)],
+        grid=grid,
+        threadgroup=tg,
+        output_shapes=[(N * K, I)],
+        output_dtypes=[x.dtype],
+    )[0]
 
 
-def down_combine(backend: str, proj, act: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+def down_combine(
+    backend: str, proj, act: mx.array, indices: mx.array, weights: mx.array
+) -> mx.array:
     """act `[N*K, I]`, indices/weights `[N, K]` -> `sum_k w_k (W2[e_k] act_k + b2[e_k])` `[N, H]`."""
     N, K = indices.shape
     H = proj.weight.shape[1]
     grid, tg = _grid(H, DOWN_ROWS, N)
-    return DOWN(backend, inputs=[act, indices, weights, proj.weight, proj.scales, proj.bias],
-                template=[("T", act.dtype), ("ROWS", DOWN_ROWS)], grid=grid, threadgroup=tg,
-                output_shapes=[(N, H)], output_dtypes=[act.dtype])[0]
+    return DOWN(
+        backend,
+        inputs=[act, indices, weights, proj.weight, proj.scales, proj.bias],
+        template=[("T", act.dtype), ("ROWS", DOWN_ROWS)],
+        grid=grid,
+        threadgroup=tg,
+        output_shapes=[(N, H)],
+        output_dtypes=[act.dtype],
+    )[0]
 
 
 def mlx_gate_up_swiglu(proj, x, indices, alpha, limit) -> mx.array:
@@ -71,11 +91,17 @@ def supported(module, x: mx.array, indices: mx.array) -> bool:
     up, down = module.gate_up_proj, module.down_proj
     N, K = indices.shape
     return (
-        isinstance(up, MXFP4SwitchLinear) and isinstance(down, MXFP4SwitchLinear)
-        and x.ndim == 2 and x.dtype in _FLOATS and N * K < MAX_PAIRS
-        and up.weight.dtype == mx.uint32 and up.scales.dtype == mx.uint8
-        and down.weight.dtype == mx.uint32 and down.scales.dtype == mx.uint8
-        and x.shape[1] % 32 == 0 and down.weight.shape[2] * 8 % 32 == 0
+        isinstance(up, MXFP4SwitchLinear)
+        and isinstance(down, MXFP4SwitchLinear)
+        and x.ndim == 2
+        and x.dtype in _FLOATS
+        and N * K < MAX_PAIRS
+        and up.weight.dtype == mx.uint32
+        and up.scales.dtype == mx.uint8
+        and down.weight.dtype == mx.uint32
+        and down.scales.dtype == mx.uint8
+        and x.shape[1] % 32 == 0
+        and down.weight.shape[2] * 8 % 32 == 0
         and up.weight.shape[1] == 2 * down.weight.shape[2] * 8
     )
 
@@ -100,6 +126,7 @@ def experts(module, x: mx.array, indices: mx.array, weights: mx.array) -> mx.arr
 
 # --- self-checks: small random experts, the kernel against the mlx ops --------------------------
 
+
 def random_experts(E: int, H: int, I: int, seed: int = 0, dtype=mx.float32):
     """An Experts-like namespace with random MXFP4 weights (scales near 2^0) and biases."""
     from ..moe import MXFP4SwitchLinear
@@ -113,7 +140,9 @@ def random_experts(E: int, H: int, I: int, seed: int = 0, dtype=mx.float32):
         p.bias = mx.array(rng.normal(size=(E, n_out)).astype(np.float32)).astype(dtype)
         return p
 
-    return types.SimpleNamespace(gate_up_proj=proj(H, 2 * I), down_proj=proj(I, H), alpha=1.702, limit=7.0)
+    return types.SimpleNamespace(
+        gate_up_proj=proj(H, 2 * I), down_proj=proj(I, H), alpha=1.702, limit=7.0
+    )
 
 
 def in_float32(proj):
@@ -146,7 +175,9 @@ def _check_gate_up(backend: str):
     for dtype, tol in _TOL.items():
         ex = random_experts(s["E"], s["H"], s["I"], seed=11, dtype=dtype)
         idx, _ = random_routing(s["N"], s["K"], s["E"], seed=11)
-        x = mx.array(np.random.default_rng(12).normal(size=(s["N"], s["H"])).astype(np.float32)).astype(dtype)
+        x = mx.array(
+            np.random.default_rng(12).normal(size=(s["N"], s["H"])).astype(np.float32)
+        ).astype(dtype)
         got = gate_up_swiglu(backend, ex.gate_up_proj, x, idx, ex.alpha, ex.limit)
         want = mlx_gate_up_swiglu(in_float32(ex.gate_up_proj), _f32(x), idx, ex.alpha, ex.limit)
         err = relative_error(got, want)
@@ -161,9 +192,13 @@ def _check_down(backend: str):
     for dtype, tol in _TOL.items():
         ex = random_experts(s["E"], s["H"], s["I"], seed=13, dtype=dtype)
         idx, w = random_routing(s["N"], s["K"], s["E"], seed=13, dtype=dtype)
-        act = mx.array(np.random.default_rng(14).normal(size=(s["N"] * s["K"], s["I"])).astype(np.float32)).astype(dtype)
+        act = mx.array(
+            np.random.default_rng(14).normal(size=(s["N"] * s["K"], s["I"])).astype(np.float32)
+        ).astype(dtype)
         got = down_combine(backend, ex.down_proj, act, idx, w)
-        err = relative_error(got, mlx_down_combine(in_float32(ex.down_proj), _f32(act), idx, _f32(w)))
+        err = relative_error(
+            got, mlx_down_combine(in_float32(ex.down_proj), _f32(act), idx, _f32(w))
+        )
         if not (got.dtype == dtype and err < tol):
             return False, f"relative error {err:.3g} in {dtype}, tolerance {tol:g}"
     return True, ""

@@ -24,7 +24,7 @@ def source_dir() -> Path:
     raise FileNotFoundError(f"no Metal kernel sources next to {_PACKAGE} (metal/*.metal)")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def family(name: str) -> tuple[str, dict[str, str]]:
     """(header, {kernel name: body}) of `metal/<name>.metal`."""
     text = (source_dir() / f"{name}.metal").read_text()

@@ -73,7 +73,8 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -172,7 +173,9 @@ def _host_view(x: mx.array, contiguous: bool) -> np.ndarray:
 class EmulatedKernel:
     """What ``metal_kernel`` returns: call it like an MLX kernel."""
 
-    def __init__(self, name, input_names, output_names, source, header, ensure_row_contiguous, atomic_outputs):
+    def __init__(
+        self, name, input_names, output_names, source, header, ensure_row_contiguous, atomic_outputs
+    ):
         if not output_names:
             raise ValueError("[metal_kernel] Must specify at least one output.")
         self.name = name
@@ -187,11 +190,19 @@ class EmulatedKernel:
     def generated(self, inputs, output_dtypes, template=None):
         """MLX's generated source (without its prelude) for these inputs."""
         infos = [
-            InputInfo(n, a.dtype, a.ndim, a.size) for n, a in zip(self.input_names, map(_as_array, inputs))
+            InputInfo(n, a.dtype, a.ndim, a.size)
+            for n, a in zip(self.input_names, map(_as_array, inputs))
         ]
         return generate(
-            self.name, self.input_names, self.output_names, self.source, self.header, infos,
-            list(output_dtypes), template, self.atomic_outputs,
+            self.name,
+            self.input_names,
+            self.output_names,
+            self.source,
+            self.header,
+            infos,
+            list(output_dtypes),
+            template,
+            self.atomic_outputs,
         )
 
     def __call__(
@@ -219,14 +230,24 @@ class EmulatedKernel:
             ("output_dtypes", len(output_dtypes), len(self.output_names)),
         ):
             if got != want:
-                raise ValueError(f"[metal_kernel] Expected `{what}` to have size {want} but got size {got}.")
+                raise ValueError(
+                    f"[metal_kernel] Expected `{what}` to have size {want} but got size {got}."
+                )
         lane_order = lane_order or os.environ.get("GPTOSS_MLX_EMULATOR_LANE_ORDER", "forward")
         if lane_order not in _LANE_ORDERS:
-            raise ValueError(f"lane_order must be one of {sorted(_LANE_ORDERS)}, not {lane_order!r}")
+            raise ValueError(
+                f"lane_order must be one of {sorted(_LANE_ORDERS)}, not {lane_order!r}"
+            )
         guarded = _env_flag("GPTOSS_MLX_EMULATOR_GUARDED", False) if guarded is None else guarded
         poison = _env_flag("GPTOSS_MLX_EMULATOR_POISON", True) if poison is None else poison
-        strict = _env_flag("GPTOSS_MLX_EMULATOR_STRICT_BARRIERS", False) if strict_barriers is None else strict_barriers
-        workers = workers or int(os.environ.get("GPTOSS_MLX_EMULATOR_WORKERS", 0)) or os.cpu_count() or 1
+        strict = (
+            _env_flag("GPTOSS_MLX_EMULATOR_STRICT_BARRIERS", False)
+            if strict_barriers is None
+            else strict_barriers
+        )
+        workers = (
+            workers or int(os.environ.get("GPTOSS_MLX_EMULATOR_WORKERS", 0)) or os.cpu_count() or 1
+        )
 
         arrays = [_as_array(x) for x in inputs]
         output_dtypes = list(output_dtypes)
@@ -240,7 +261,9 @@ class EmulatedKernel:
         grid = tuple(int(g) for g in grid)
         tg = tuple(int(t) for t in threadgroup)
         if len(grid) != 3 or len(tg) != 3 or min(grid) < 1 or min(tg) < 1:
-            raise ValueError(f"grid and threadgroup must be three positive sizes, got {grid} and {tg}")
+            raise ValueError(
+                f"grid and threadgroup must be three positive sizes, got {grid} and {tg}"
+            )
         if tg[0] * tg[1] * tg[2] > MAX_THREADS_PER_THREADGROUP:
             raise KernelRuntimeError(
                 f"Thread group size ({tg[0] * tg[1] * tg[2]}) is greater than  the maximum allowed threads "
@@ -356,7 +379,9 @@ def metal_kernel(
     atomic_outputs: bool = False,
 ) -> EmulatedKernel:
     """Drop-in for ``mx.fast.metal_kernel`` that runs the kernel on the CPU (see module docstring)."""
-    return EmulatedKernel(name, input_names, output_names, source, header, ensure_row_contiguous, atomic_outputs)
+    return EmulatedKernel(
+        name, input_names, output_names, source, header, ensure_row_contiguous, atomic_outputs
+    )
 
 
 def full_source(kernel: EmulatedKernel, inputs, output_dtypes, template=None) -> str:

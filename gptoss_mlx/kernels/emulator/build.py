@@ -16,12 +16,32 @@ from gptoss_mlx.kernels.emulator.errors import KernelCompileError, KernelLintErr
 from gptoss_mlx.kernels.emulator.source import Generated
 
 HERE = Path(__file__).resolve().parent
-CXX_FLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-w", "-fno-strict-aliasing", "-pthread", "-fvisibility=hidden"]
+CXX_FLAGS = [
+    "-std=c++17",
+    "-O2",
+    "-fPIC",
+    "-shared",
+    "-w",
+    "-fno-strict-aliasing",
+    "-pthread",
+    "-fvisibility=hidden",
+]
 # Headers a Metal kernel may include; they resolve to empty stubs (msl.h already provides them).
 METAL_HEADERS = [
-    "metal_stdlib", "metal_simdgroup", "metal_math", "metal_atomic", "metal_compute", "metal_integer",
-    "metal_common", "metal_relational", "metal_geometric", "metal_types", "metal_type_traits",
-    "metal_numeric", "metal_simdgroup_matrix", "metal_config",
+    "metal_stdlib",
+    "metal_simdgroup",
+    "metal_math",
+    "metal_atomic",
+    "metal_compute",
+    "metal_integer",
+    "metal_common",
+    "metal_relational",
+    "metal_geometric",
+    "metal_types",
+    "metal_type_traits",
+    "metal_numeric",
+    "metal_simdgroup_matrix",
+    "metal_config",
 ]
 
 
@@ -35,14 +55,18 @@ def cache_dir() -> Path:
 def _compiler() -> str:
     cxx = os.environ.get("CXX") or shutil.which("g++")
     if not cxx:
-        raise KernelCompileError("the Metal emulator needs g++ (none found on PATH; set CXX to a g++)")
+        raise KernelCompileError(
+            "the Metal emulator needs g++ (none found on PATH; set CXX to a g++)"
+        )
     return cxx
 
 
 # ---------------------------------------------------------------------------------------------
 # Lint: what Metal forbids but g++ would accept.
 
-_COMMENT_OR_STRING = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', re.S)
+_COMMENT_OR_STRING = re.compile(
+    r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', re.S
+)
 
 _FORBIDDEN = [
     (re.compile(r"\bdouble\b"), "`double`: Metal has no 64-bit floating point; use float"),
@@ -55,7 +79,9 @@ _FORBIDDEN = [
     (re.compile(r"\bstd::"), "`std::`: the Metal standard library lives in namespace metal"),
     (re.compile(r"\b(printf|malloc|free|calloc|realloc)\s*\("), "`{0}` does not exist in Metal"),
 ]
-_FUNC_DEF = re.compile(r"\b([A-Za-z_]\w*)\s*\([^;{}()]*(?:\([^;{}()]*\)[^;{}()]*)*\)\s*(?:const\s*)?\{")
+_FUNC_DEF = re.compile(
+    r"\b([A-Za-z_]\w*)\s*\([^;{}()]*(?:\([^;{}()]*\)[^;{}()]*)*\)\s*(?:const\s*)?\{"
+)
 _NOT_FUNCS = {"if", "for", "while", "switch", "return", "sizeof", "catch", "decltype", "alignof"}
 
 
@@ -72,7 +98,9 @@ def lint(name: str, parts: list[tuple[str, str]]) -> None:
         for pattern, what in _FORBIDDEN:
             for m in pattern.finditer(clean):
                 line = clean.count("\n", 0, m.start()) + 1
-                problems.append(f"{label}:{line}: {what.format(m.group(1) if m.groups() else m.group(0))}")
+                problems.append(
+                    f"{label}:{line}: {what.format(m.group(1) if m.groups() else m.group(0))}"
+                )
         # direct recursion: a function whose body calls itself
         for m in _FUNC_DEF.finditer(clean):
             fname = m.group(1)
@@ -82,11 +110,17 @@ def lint(name: str, parts: list[tuple[str, str]]) -> None:
             while i < len(clean) and depth:
                 depth += {"{": 1, "}": -1}.get(clean[i], 0)
                 i += 1
-            if re.search(rf"(?<![\w.>:]){re.escape(fname)}\s*(<[^;{{}}]*>)?\s*\(", clean[m.end():i]):
+            if re.search(
+                rf"(?<![\w.>:]){re.escape(fname)}\s*(<[^;{{}}]*>)?\s*\(", clean[m.end() : i]
+            ):
                 line = clean.count("\n", 0, m.start()) + 1
-                problems.append(f"{label}:{line}: `{fname}` calls itself: Metal does not allow recursion")
+                problems.append(
+                    f"{label}:{line}: `{fname}` calls itself: Metal does not allow recursion"
+                )
     if problems:
-        raise KernelLintError(f"kernel '{name}' uses what Metal forbids:\n  " + "\n  ".join(problems))
+        raise KernelLintError(
+            f"kernel '{name}' uses what Metal forbids:\n  " + "\n  ".join(problems)
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,15 +169,17 @@ def translation_unit(gen: Generated, name: str, header: str, guarded: bool) -> s
     src = gen.source
     head_len = len(header)
     header_part = src[:head_len]
-    generated_head = src[head_len:gen.body_start]
-    body = src[gen.body_start:gen.body_end]
-    tail = src[gen.body_end:]
+    generated_head = src[head_len : gen.body_start]
+    body = src[gen.body_start : gen.body_end]
+    tail = src[gen.body_end :]
     if guarded:
         for p in gen.params:
             if p.kind in ("input", "shape", "strides", "output") and p.ctype.endswith("*"):
                 base = _strip_space(p.ctype[:-1])
                 old = f"  {p.ctype} {p.name} [[buffer({p.index})]]"
-                generated_head = generated_head.replace(old, f"  msl::guarded<{base}> {p.name} [[buffer({p.index})]]", 1)
+                generated_head = generated_head.replace(
+                    old, f"  msl::guarded<{base}> {p.name} [[buffer({p.index})]]", 1
+                )
     out = ['#include "msl.h"\n']
     # #line markers only where MLX's text already starts a new line: inserting a line break
     # elsewhere could change what the code means.
@@ -174,9 +210,13 @@ def translation_unit(gen: Generated, name: str, header: str, guarded: bool) -> s
             )
         else:
             args.append(f"({_strip_space(p.ctype)})bufs[{p.index}]")
-    out.append('\n#line 1 "emulator-entry"\nnamespace msl {\nstatic void kernel_entry(void** bufs, const Attrs& a) {\n')
+    out.append(
+        '\n#line 1 "emulator-entry"\nnamespace msl {\nstatic void kernel_entry(void** bufs, const Attrs& a) {\n'
+    )
     out.append("  (void)bufs; (void)a;\n")
-    out.append(f"  ::{gen.call_name}(\n    " + ",\n    ".join(args) + ");\n}\n}  // namespace msl\n")
+    out.append(
+        f"  ::{gen.call_name}(\n    " + ",\n    ".join(args) + ");\n}\n}  // namespace msl\n"
+    )
     return "".join(out)
 
 
@@ -192,7 +232,9 @@ def _stub_include_dir() -> Path:
     if not all((d / h).exists() for h in METAL_HEADERS):
         d.mkdir(parents=True, exist_ok=True)
         for h in METAL_HEADERS:
-            (d / h).write_text("// Metal standard header: provided by the emulator's msl.h\n#pragma once\n")
+            (d / h).write_text(
+                "// Metal standard header: provided by the emulator's msl.h\n#pragma once\n"
+            )
     return d
 
 
@@ -203,7 +245,10 @@ def _header_digest() -> str:
     return h.hexdigest()
 
 
-_PATH_LINE = re.compile(r"^(?P<file>[^:\n]+):(?P<line>\d+):(?:(?P<col>\d+):)?\s*(?P<kind>error|fatal error|warning|note):\s*(?P<msg>.*)$", re.M)
+_PATH_LINE = re.compile(
+    r"^(?P<file>[^:\n]+):(?P<line>\d+):(?:(?P<col>\d+):)?\s*(?P<kind>error|fatal error|warning|note):\s*(?P<msg>.*)$",
+    re.M,
+)
 
 
 def _compile_error(name: str, stderr: str) -> KernelCompileError:
@@ -213,8 +258,10 @@ def _compile_error(name: str, stderr: str) -> KernelCompileError:
         if m.group("kind") not in ("error", "fatal error"):
             continue
         f = m.group("file")
-        part = f[len(name) + 1:] if f.startswith(name + "/") else f
-        loc = f"{part} line {m.group('line')}" + (f", column {m.group('col')}" if m.group("col") else "")
+        part = f[len(name) + 1 :] if f.startswith(name + "/") else f
+        loc = f"{part} line {m.group('line')}" + (
+            f", column {m.group('col')}" if m.group("col") else ""
+        )
         if first_line is None and part == "source":
             first_line = int(m.group("line"))
         errors.append(f"{loc}: {m.group('msg')}")
@@ -231,7 +278,9 @@ def _compile_error(name: str, stderr: str) -> KernelCompileError:
 def load(name: str, tu: str) -> ctypes.CDLL:
     """Compile the translation unit (or reuse a cached build) and load it."""
     cxx = _compiler()
-    key = hashlib.sha256("\0".join([tu, " ".join(CXX_FLAGS), cxx, _header_digest()]).encode()).hexdigest()[:32]
+    key = hashlib.sha256(
+        "\0".join([tu, " ".join(CXX_FLAGS), cxx, _header_digest()]).encode()
+    ).hexdigest()[:32]
     with _lock:
         lib = _loaded.get(key)
         if lib is not None:

@@ -122,7 +122,10 @@ class Generated:
 
 
 def shape_infos(source: str, input_names: list[str]) -> list[tuple[bool, bool, bool]]:
-    return [(f"{n}_shape" in source, f"{n}_strides" in source, f"{n}_ndim" in source) for n in input_names]
+    return [
+        (f"{n}_shape" in source, f"{n}_strides" in source, f"{n}_ndim" in source)
+        for n in input_names
+    ]
 
 
 def attributes(source: str) -> list[tuple[str, str]]:
@@ -139,7 +142,9 @@ def template_def(template: list[tuple[str, object]]) -> str:
         elif isinstance(arg, mx.Dtype):
             parts.append(type_string(arg))
         else:
-            raise ValueError(f"[metal_kernel] Invalid template argument {arg!r}: must be int, bool or mx.Dtype.")
+            raise ValueError(
+                f"[metal_kernel] Invalid template argument {arg!r}: must be int, bool or mx.Dtype."
+            )
     return "<" + ", ".join(parts) + ">"
 
 
@@ -193,7 +198,9 @@ def generate(
     if template:
         kinds = []
         for tname, arg in template:
-            kind = "bool" if isinstance(arg, bool) else "int" if isinstance(arg, int) else "typename"
+            kind = (
+                "bool" if isinstance(arg, bool) else "int" if isinstance(arg, int) else "typename"
+            )
             kinds.append(f"{kind} {tname}")
         s += "template <" + ", ".join(kinds) + ">\n"
     signature_start = len(s)
@@ -215,7 +222,9 @@ def generate(
             ):
                 if flag:
                     s += f"  {ctype} {inp.name}_{suffix} [[buffer({index})]],\n"
-                    params.append(Param(suffix, f"{inp.name}_{suffix}", ctype, index, input_index=i))
+                    params.append(
+                        Param(suffix, f"{inp.name}_{suffix}", ctype, index, input_index=i)
+                    )
                     index += 1
     for i, (oname, dt) in enumerate(zip(output_names, output_dtypes)):
         t = type_string(dt)
@@ -238,7 +247,5 @@ def generate(
     call_name = kernel_name
     if template:
         call_name = kernel_name + tdef
-        s += (
-            f'\ntemplate [[host_name("{kernel_name}")]] [[kernel]] decltype({call_name}) {call_name};\n'
-        )
+        s += f'\ntemplate [[host_name("{kernel_name}")]] [[kernel]] decltype({call_name}) {call_name};\n'
     return Generated(kernel_name, s, signature_start, body_start, body_end, call_name, params)
