@@ -1,26 +1,34 @@
 """gptoss-mlx: OpenAI's gpt-oss models on Apple Silicon with MLX.
 
 The public API: `load_model` (and, with the tokenizer, `load`), `stream_generate`, `generate`,
-`ChatSession` (multi-turn chat keeping the KV cache), `harmony`, and the one error type
-`GptOssError`.
+`ChatSession` (multi-turn chat keeping the KV cache), `convert`, `Benchmark`, `harmony`, and the
+one error type `GptOssError`. The command line (`gptoss_mlx.cli`) uses nothing else.
 """
 
 from . import harmony
+from .benchmark import Benchmark
 from .chat import ChatSession
 from .config import ModelConfig, preset
+from .convert import convert
 from .errors import GptOssError
 from .generate import GenerationEvent, GenerationStats, generate, stream_generate
 from .loading import load, load_model
 from .model import GptOssModel
-from .sample import make_sampler
+from .sample import check_sampling, make_sampler
+from .tokenizer import StreamingDetokenizer, Tokenizer
 
 __all__ = [
+    "Benchmark",
     "ChatSession",
     "GenerationEvent",
     "GenerationStats",
     "GptOssError",
     "GptOssModel",
     "ModelConfig",
+    "StreamingDetokenizer",
+    "Tokenizer",
+    "check_sampling",
+    "convert",
     "generate",
     "harmony",
     "load",

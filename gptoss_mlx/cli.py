@@ -12,7 +12,19 @@ import sys
 
 import click
 
-from .errors import GptOssError
+from . import (
+    ChatSession,
+    GenerationEvent,
+    GenerationStats,
+    GptOssError,
+    StreamingDetokenizer,
+    Tokenizer,
+    check_sampling,
+    convert,
+    generate,
+    load,
+)
+from .harmony import Delta
 
 
 def user_errors(command):
@@ -33,7 +45,7 @@ def user_errors(command):
 
 
 class _Group(click.Group):
-    """click's group, but a usage error is one line (`error: ...`) instead of usage + hint + error."""
+    """click's group, but a usage error is one line (`error: ...`), not usage + hint + error."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
@@ -59,7 +71,12 @@ def main():
     """gpt-oss-20b and gpt-oss-120b on Apple Silicon with MLX."""
 
 
-@click.command("convert")
+DEFAULT_MODEL = "openai/gpt-oss-20b"
+EFFORTS = ["low", "medium", "high"]
+SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed")
+
+
+@main.command("convert")
 @click.argument("src")
 @click.option("-o", "--output", "dst", required=True, help="Folder to write (must not exist).")
 @click.option(
@@ -70,20 +87,11 @@ def main():
 )
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @user_errors
-def convert_command(src, dst, dense_bits, force):
+def convert_command(src: str, dst: str, dense_bits: str | None, force: bool) -> None:
     """Convert SRC (folder or Hugging Face repo id) to an MLX-native folder at DST."""
-    from .convert import convert
-
-    out = convert(
-        src, dst, dense_bits=int(dense_bits) if dense_bits else None, force=force, progress=True
-    )
+    bits = int(dense_bits) if dense_bits else None
+    out = convert(src, dst, dense_bits=bits, force=force, progress=True)
     click.echo(f"wrote {out}", err=True)
-
-
-main.add_command(convert_command)
-
-DEFAULT_MODEL = "openai/gpt-oss-20b"
-EFFORTS = ["low", "medium", "high"]
 
 
 def model_options(command):
@@ -103,6 +111,8 @@ def model_options(command):
 
 
 def sampling_options(command):
+    """The generation options shared by generate and chat; they reach the command as keywords
+    named as `stream_generate` names them (plus `reasoning_effort` and `system`)."""
     for option in reversed(
         [
             click.option(
@@ -164,18 +174,12 @@ def sampling_options(command):
     return command
 
 
-def _sampling(max_tokens, temperature, top_p, top_k, min_p, seed) -> dict:
-    from .sample import check_sampling
-
-    check_sampling(temperature, top_p, top_k, min_p)  # NaN gets past click's range types
-    return dict(
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        seed=seed,
-    )
+def _sampling(options: dict) -> dict:
+    """The sampling keywords of `options`, checked before the model loads (NaN gets past click's
+    range types)."""
+    sampling = {k: options[k] for k in SAMPLING}
+    check_sampling(sampling["temperature"], sampling["top_p"], sampling["top_k"], sampling["min_p"])
+    return sampling
 
 
 class _Printer:
@@ -199,7 +203,7 @@ class _Printer:
             self.line_open = False
         self.section = section
 
-    def delta(self, d) -> None:
+    def delta(self, d: Delta) -> None:
         if d.kind == "reasoning":
             if self.hide_reasoning:
                 return
@@ -214,18 +218,42 @@ class _Printer:
             self._enter("content")
             self._write(d.text)
 
+    def event(self, event: GenerationEvent) -> None:
+        for d in event.deltas:
+            self.delta(d)
+
     def end(self) -> None:
         if self.line_open:
             click.echo()
         self.section, self.line_open = None, False
 
 
-def _stats_line(stats) -> None:
-    if stats is not None:
-        click.secho(stats.summary(), dim=True, err=True)
+class _RawPrinter:
+    """Streams the completion as harmony text, special tokens included."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.detokenizer = StreamingDetokenizer(tokenizer)
+
+    def event(self, event: GenerationEvent) -> None:
+        click.echo(self.detokenizer.add(event.token), nl=False)
+
+    def end(self) -> None:
+        click.echo(self.detokenizer.finalize())
 
 
-@click.command("generate")
+def _read_prompt(prompt: str | None) -> str:
+    """PROMPT, or stdin when it is missing or "-"; a clear error when neither has text."""
+    if prompt is None or prompt == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            raise click.UsageError("give a PROMPT, or pipe one on stdin")
+        prompt = sys.stdin.read()
+    prompt = prompt.strip()
+    if not prompt:
+        raise GptOssError("the prompt is empty")
+    return prompt
+
+
+@main.command("generate")
 @click.argument("prompt", required=False)
 @model_options
 @sampling_options
@@ -241,77 +269,43 @@ def _stats_line(stats) -> None:
 )
 @user_errors
 def generate_command(
-    prompt,
-    model,
-    dtype,
-    max_tokens,
-    temperature,
-    top_p,
-    top_k,
-    min_p,
-    seed,
-    reasoning_effort,
-    system,
-    hide_reasoning,
-    raw,
-    as_json,
-):
+    prompt: str | None,
+    model: str,
+    dtype: str | None,
+    reasoning_effort: str,
+    system: str | None,
+    hide_reasoning: bool,
+    raw: bool,
+    as_json: bool,
+    **options,
+) -> None:
     """Answer PROMPT (or, without it, the text on stdin) with gpt-oss.
 
     Reasoning streams first (dimmed), then the answer; statistics go to stderr.
     """
-    from . import harmony, load, stream_generate
-    from .tokenizer import StreamingDetokenizer
-
     if raw and as_json:
         raise click.UsageError("choose one of --raw and --json")
-    if prompt is None or prompt == "-":
-        if sys.stdin is None or sys.stdin.isatty():
-            raise click.UsageError("give a PROMPT, or pipe one on stdin")
-        prompt = sys.stdin.read()
-    prompt = prompt.strip()
-    if not prompt:
-        raise GptOssError("the prompt is empty")
-    options = _sampling(max_tokens, temperature, top_p, top_k, min_p, seed)
+    prompt = _read_prompt(prompt)
+    sampling = _sampling(options)
     interactive = sys.stderr.isatty()
     mdl, tok = load(model, dtype, progress=interactive)
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": prompt}
-    ]
-    ids = harmony.render_prompt(messages, reasoning_effort=reasoning_effort, tokenizer=tok)
-
-    printer, detok = _Printer(hide_reasoning), StreamingDetokenizer(tok)
-    completion, stats = [], None
-    for event in stream_generate(mdl, ids, tokenizer=tok, progress=interactive, **options):
-        completion.append(event.token)
-        stats = event.stats or stats
-        if raw:
-            click.echo(detok.add(event.token), nl=False)
-        elif not as_json:
-            for d in event.deltas:
-                printer.delta(d)
-    if raw:
-        click.echo(detok.finalize())
-    elif as_json:
-        result = harmony.parse_completion(completion, tok)
-        click.echo(
-            json.dumps(
-                {
-                    "model": model,
-                    "reasoning": result["reasoning"],
-                    "content": result["content"],
-                    "tool_calls": result["tool_calls"],
-                    "finish_reason": stats.finish_reason,
-                    "prompt_token_ids": ids,
-                    "completion_token_ids": completion,
-                    "stats": stats.to_dict(),
-                },
-                ensure_ascii=False,
-            )
-        )
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": prompt})
+    printer = None if as_json else _RawPrinter(tok) if raw else _Printer(hide_reasoning)
+    result = generate(
+        mdl,
+        messages,
+        tokenizer=tok,
+        reasoning_effort=reasoning_effort,
+        progress=interactive,
+        on_event=printer.event if printer else None,
+        **sampling,
+    )
+    if as_json:
+        click.echo(json.dumps({"model": model, **result}, ensure_ascii=False))
     else:
         printer.end()
-    _stats_line(stats)
+    click.secho(GenerationStats(**result["stats"]).summary(), dim=True, err=True)
 
 
 CHAT_HELP = (
@@ -329,7 +323,7 @@ def _enable_line_editing() -> None:
             pass
 
 
-def _chat_command_line(session, line: str) -> bool:
+def _chat_command_line(session: ChatSession, line: str) -> bool:
     """Handle a /command; False when the chat should end."""
     name, _, arg = line[1:].strip().partition(" ")
     arg = arg.strip()
@@ -366,37 +360,31 @@ def _chat_command_line(session, line: str) -> bool:
     return True
 
 
-@click.command("chat")
+@main.command("chat")
 @model_options
 @sampling_options
 @click.option("--hide-reasoning", is_flag=True, help="Print only the answers (and tool calls).")
 @user_errors
 def chat_command(
-    model,
-    dtype,
-    max_tokens,
-    temperature,
-    top_p,
-    top_k,
-    min_p,
-    seed,
-    reasoning_effort,
-    system,
-    hide_reasoning,
-):
+    model: str,
+    dtype: str | None,
+    reasoning_effort: str,
+    system: str | None,
+    hide_reasoning: bool,
+    **options,
+) -> None:
     """Chat with gpt-oss. The KV cache is kept between turns: each turn prefills only its new
     tokens."""
-    from . import ChatSession, load
-
-    options = _sampling(max_tokens, temperature, top_p, top_k, min_p, seed)
-    mdl, tok = load(model, dtype, progress=sys.stderr.isatty())
+    sampling = _sampling(options)
+    interactive = sys.stderr.isatty()
+    mdl, tok = load(model, dtype, progress=interactive)
     session = ChatSession(
         mdl,
         tok,
         system=system,
         reasoning_effort=reasoning_effort,
-        progress=sys.stderr.isatty(),
-        **options,
+        progress=interactive,
+        **sampling,
     )
     _enable_line_editing()
     click.echo(f"Chatting with {model} (reasoning: {reasoning_effort}). {CHAT_HELP}", err=True)
@@ -420,16 +408,11 @@ def chat_command(
             continue
         try:
             for event in session.send(text):
-                for d in event.deltas:
-                    printer.delta(d)
+                printer.event(event)
         except KeyboardInterrupt:
             printer.end()
             click.echo("(reply interrupted)", err=True)
         printer.end()
-
-
-main.add_command(generate_command)
-main.add_command(chat_command)
 
 
 @main.command("bench")

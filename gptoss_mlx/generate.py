@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import operator
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
@@ -251,12 +251,20 @@ def _generate_events(
         y = next_y
 
 
-def generate(model, prompt, *, tokenizer: Tokenizer | None = None, **kwargs) -> dict:
+def generate(
+    model,
+    prompt,
+    *,
+    tokenizer: Tokenizer | None = None,
+    on_event: Callable[[GenerationEvent], None] | None = None,
+    **kwargs,
+) -> dict:
     """Run :func:`stream_generate` to the end and return the parsed result.
 
     ``{"reasoning", "content", "tool_calls"}`` as :func:`harmony.parse_completion` gives them
-    (empty without a tokenizer), plus ``"tokens"`` (the completion ids, stop token included),
-    ``"prompt_tokens"`` (the prompt ids), ``"finish_reason"`` and ``"stats"`` (a dict).
+    (empty without a tokenizer), plus ``"prompt_token_ids"``, ``"completion_token_ids"`` (stop
+    token included), ``"finish_reason"`` and ``"stats"`` (a dict). ``on_event`` sees every
+    :class:`GenerationEvent` as it is generated (to print a reply while it streams).
     """
     ids, tokenizer = prompt_tokens(
         prompt,
@@ -268,11 +276,16 @@ def generate(model, prompt, *, tokenizer: Tokenizer | None = None, **kwargs) -> 
     for event in stream_generate(model, ids, tokenizer=tokenizer, **kwargs):
         tokens.append(event.token)
         stats = event.stats or stats
+        if on_event is not None:
+            on_event(event)
     if tokenizer is not None:
         result = parse_completion(tokens, tokenizer)
     else:
         result = {"reasoning": "", "content": "", "tool_calls": []}
     result.update(
-        tokens=tokens, prompt_tokens=ids, finish_reason=stats.finish_reason, stats=stats.to_dict()
+        prompt_token_ids=ids,
+        completion_token_ids=tokens,
+        finish_reason=stats.finish_reason,
+        stats=stats.to_dict(),
     )
     return result

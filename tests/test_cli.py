@@ -9,8 +9,12 @@ import re
 import subprocess
 import sys
 
+import click
 import pytest
+from click.testing import CliRunner
+from scripted import ScriptedModel
 
+from gptoss_mlx import cli as cli_module
 from gptoss_mlx import generate, harmony, load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +79,7 @@ def test_generate_json(o200k_dir, model_tok):
         user("Why is the sky blue?"), tokenizer=tok
     )
     expected = generate(model, out["prompt_token_ids"], tokenizer=tok, max_tokens=5, temperature=0)
-    assert out["completion_token_ids"] == expected["tokens"]
+    assert out["completion_token_ids"] == expected["completion_token_ids"]
     assert {k: out[k] for k in ("reasoning", "content", "tool_calls")} == {
         k: expected[k] for k in ("reasoning", "content", "tool_calls")
     }
@@ -133,7 +137,6 @@ def test_streamed_raw_and_json_agree(o200k_dir, model_tok):
     assert raw == tok.decode(out["completion_token_ids"]) + "\n"  # same seed, same tokens
     streamed = ok(cli(*common)).stdout
     assert out["content"].strip() in streamed
-    assert "Traceback" not in streamed
 
 
 @pytest.mark.parametrize(
@@ -201,3 +204,49 @@ def test_chat_keeps_the_cache_across_turns(o200k_dir, model_tok):
 def test_chat_ends_cleanly_at_end_of_input(o200k_dir):
     r = ok(cli("chat", "-m", o200k_dir, "--max-tokens", "2", input="hello\n"))
     assert r.stdout.strip()
+
+
+# -- what a person sees: reasoning, answer, tool calls, statistics (a scripted model) -------------
+
+THOUGHT_AND_ANSWER = (
+    "<|channel|>analysis<|message|>The user greets me.<|end|>"
+    "<|start|>assistant<|channel|>final<|message|>Hello there!<|return|>"
+)
+
+
+def run_scripted(monkeypatch, tok, completion, *args):
+    """`gptoss-mlx generate Hi ARGS` in-process, the model replaced by one that emits
+    `completion`; ANSI styles kept so dimming is visible."""
+    model = ScriptedModel.from_harmony(completion, tok)
+    monkeypatch.setattr(cli_module, "load", lambda *a, **kw: (model, tok))
+    result = CliRunner().invoke(cli_module.main, ["generate", "Hi", *args], color=True)
+    assert result.exit_code == 0, result.stderr
+    return result
+
+
+def test_reasoning_is_shown_dimmed_before_the_answer(monkeypatch, tok):
+    r = run_scripted(monkeypatch, tok, THOUGHT_AND_ANSWER)
+    plain = click.unstyle(r.stdout)
+    assert plain.index("The user greets me.") < plain.index("Hello there!")
+    dim_open = click.style("", dim=True, reset=False)  # the ANSI code that starts dim text
+    dimmed = re.findall(re.escape(dim_open) + r"(.*?)\x1b\[0m", r.stdout)
+    assert "".join(dimmed) == "The user greets me."  # the reasoning, and only it, dimmed
+    # Statistics go to stderr, never into the answer.
+    n = len(tok.encode(THOUGHT_AND_ANSWER, allow_special=True))
+    assert f"generation: {n} tokens" in click.unstyle(r.stderr) and "generation:" not in plain
+
+
+def test_hide_reasoning_prints_only_the_answer(monkeypatch, tok):
+    r = run_scripted(monkeypatch, tok, THOUGHT_AND_ANSWER, "--hide-reasoning")
+    assert click.unstyle(r.stdout).strip() == "Hello there!"
+    assert "generation:" in click.unstyle(r.stderr)
+
+
+def test_a_tool_call_is_named_with_its_arguments(monkeypatch, tok):
+    call = (
+        "<|channel|>commentary to=functions.get_weather <|constrain|>json"
+        '<|message|>{"city": "Paris"}<|call|>'
+    )
+    r = run_scripted(monkeypatch, tok, call, "--hide-reasoning")
+    assert click.unstyle(r.stdout).strip() == '[tool call] get_weather: {"city": "Paris"}'
+    assert "finish: tool_calls" in click.unstyle(r.stderr)

@@ -7,9 +7,9 @@ import json
 import os
 
 import checkpoints as ck
-import mlx.core as mx
 import numpy as np
 import pytest
+from scripted import ScriptedModel
 
 from gptoss_mlx import GptOssError, generate, harmony, load, load_model, stream_generate
 from gptoss_mlx.tokenizer import SPECIAL_TOKENS
@@ -99,35 +99,6 @@ def test_a_kept_cache_continues_the_same_sequence(model32):
 # -- stop tokens and the pipelined loop, on a scripted model ------------------------------------
 
 
-class _Cache:
-    def __init__(self):
-        self.offset = 0
-
-
-class ScriptedModel:
-    """Emits a fixed token sequence: the logits after the prompt pick script[0], and so on.
-    Counts the forward calls, to check the pipelined loop queues no step it does not need."""
-
-    class config:
-        vocab_size = 201088
-
-    def __init__(self, script):
-        self.script = list(script)
-        self.calls = 0
-
-    def make_cache(self):
-        return [_Cache()]
-
-    def __call__(self, ids, cache=None):
-        self.calls += 1
-        if self.calls > 1:
-            assert ids.shape == (1, 1)
-        cache[0].offset += ids.shape[1]
-        nxt = self.script[min(self.calls - 1, len(self.script) - 1)]
-        row = mx.where(mx.arange(self.config.vocab_size) == nxt, 10.0, 0.0)
-        return mx.broadcast_to(row, (1, ids.shape[1], self.config.vocab_size))
-
-
 @pytest.mark.parametrize("stop, reason", [(RETURN, "stop"), (CALL, "tool_calls")])
 def test_stops_on_return_and_call_but_not_on_end(stop, reason):
     script = [11, END, 12, SPECIAL_TOKENS["<|start|>"], 13, stop, 14, 15]
@@ -190,13 +161,13 @@ def test_generate_returns_the_parsed_tool_call(tok):
         allow_special=True,
     )
     out = generate(ScriptedModel(completion), [1, 2], tokenizer=tok, max_tokens=100, temperature=0)
-    assert out["tokens"] == completion and out["finish_reason"] == "tool_calls"
+    assert out["completion_token_ids"] == completion and out["finish_reason"] == "tool_calls"
     assert out["tool_calls"] == harmony.parse_completion(completion, tok)["tool_calls"]
     assert out["tool_calls"][0]["function"] == {
         "name": "get_weather",
         "arguments": '{"city": "Paris"}',
     }
-    assert out["prompt_tokens"] == [1, 2]
+    assert out["prompt_token_ids"] == [1, 2]
 
 
 # -- seeds, statistics, no tokenizer --------------------------------------------------------------
@@ -228,7 +199,7 @@ def test_without_a_tokenizer_it_runs_to_max_tokens_with_statistics(model32):
 def test_generate_without_a_tokenizer(model32):
     out = generate(model32, prompt_ids(4), max_tokens=3, temperature=0)
     assert out["reasoning"] == out["content"] == "" and out["tool_calls"] == []
-    assert out["tokens"] == greedy(model32, prompt_ids(4), 3)
+    assert out["completion_token_ids"] == greedy(model32, prompt_ids(4), 3)
     assert out["stats"]["generation_tokens"] == 3 and out["finish_reason"] == "length"
 
 
@@ -263,14 +234,19 @@ def test_messages_prompt_is_rendered_with_harmony(o200k_dir):
     out = generate(
         model, messages, tokenizer=tokenizer, max_tokens=4, temperature=0, reasoning_effort="high"
     )
-    assert out["prompt_tokens"] == harmony.render_prompt(
+    assert out["prompt_token_ids"] == harmony.render_prompt(
         messages, reasoning_effort="high", tokenizer=tokenizer
     )
-    assert len(out["tokens"]) == 4
-    assert out["content"] == harmony.parse_completion(out["tokens"], tokenizer)["content"]
+    assert len(out["completion_token_ids"]) == 4
+    assert (
+        out["content"]
+        == harmony.parse_completion(out["completion_token_ids"], tokenizer)["content"]
+    )
     # A plain string is one user message; messages imply the default tokenizer.
     again = generate(model, "Hi!", max_tokens=4, temperature=0, reasoning_effort="high")
-    assert again["prompt_tokens"] == harmony.render_prompt([messages[1]], reasoning_effort="high")
+    assert again["prompt_token_ids"] == harmony.render_prompt(
+        [messages[1]], reasoning_effort="high"
+    )
 
 
 def test_load_reads_the_folders_tokenizer_json(o200k_dir, tmp_path):
