@@ -1,0 +1,187 @@
+"""Every example in the README runs: each shell command through the real CLI, each Python block
+through the public API, with the model and sizes swapped for small ones.
+
+The swaps are mechanical (below), so an example whose subcommand, flag or API call stops working
+fails here. A fenced block right after a line `<!-- readme-test: skip REASON -->` is not run
+(commands that need a second Mac, sudo or a running server); the reason shows in the report.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HUB_MODEL = "openai/gpt-oss-20b"
+SKIP = re.compile(r"<!--\s*readme-test:\s*skip\s*(.*?)\s*-->\s*$")
+FENCE = re.compile(r"^```(\w*)\s*$")
+OPERATORS = ("&&", "|", ";")
+# Flags whose values are made small: (flag, small value).
+SMALL = {
+    "--max-tokens": "4",
+    "--prompt-tokens": "8,12",
+    "--gen-tokens": "3",
+    "--synthetic": "tiny",
+    "--repeats": "1",
+}
+
+
+def readme_blocks() -> list[tuple[str, str, int, str | None]]:
+    """(language, code, first line number, skip reason) for each fenced block of README.md."""
+    blocks, skip, block = [], None, None
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if block is None:
+                fence = FENCE.match(line)
+                if fence:
+                    block = (fence.group(1), [], n + 1, skip)
+                elif line.strip():  # a skip marker holds for the block right after it
+                    marker = SKIP.match(line.strip())
+                    skip = (marker.group(1) or "no reason given") if marker else None
+            elif line.startswith("```"):
+                lang, lines, start, reason = block
+                blocks.append((lang, "".join(lines), start, reason))
+                block, skip = None, None
+            else:
+                block[1].append(line)
+    return blocks
+
+
+def shell_examples() -> list[tuple[str, int, str | None]]:
+    """(command, README line, skip reason) for each line of a shell block that runs gptoss-mlx
+    or convert.py; of an install line (`... && pip install ... && gptoss-mlx ...`) only the
+    gptoss-mlx part."""
+    out = []
+    for lang, code, start, skip in readme_blocks():
+        if lang not in ("sh", "bash", "shell"):
+            continue
+        for offset, line in enumerate(code.splitlines()):
+            words = shlex.split(line, comments=True)
+            commands = split_on_operators(words)
+            ours = [c for c in commands if runs_ours(c)]
+            if ours:
+                out.append((pipeline_of(line, commands, ours), start + offset, skip))
+    return out
+
+
+def split_on_operators(words: list[str]) -> list[list[str]]:
+    commands, current = [], []
+    for w in words:
+        if w in OPERATORS:
+            commands.append(current)
+            commands.append([w])
+            current = []
+        else:
+            current.append(w)
+    commands.append(current)
+    return commands
+
+
+def runs_ours(command: list[str]) -> bool:
+    return bool(command) and (
+        command[0] == "gptoss-mlx" or command[:2] in (["python", "convert.py"],)
+    )
+
+
+def pipeline_of(line, commands, ours) -> list[list[str]]:
+    """The commands to run: a pipe feeding ours is kept with it; `&&` chains are cut to ours."""
+    if any(c == ["|"] for c in commands):
+        return [c for c in commands if c != ["|"]]
+    return ours
+
+
+def shrink(command: list[str], paths: dict) -> list[str]:
+    """The README command with small sizes and the tiny checkpoints in place of real models."""
+    words = list(command)
+    is_script = words[:2] == ["python", "convert.py"]
+    sub = "convert" if is_script else (words[1] if len(words) > 1 else "")
+    out = [sys.executable, "convert.py"] if is_script else [sys.executable, "-m", "gptoss_mlx.cli"]
+    rest = words[2:]
+    if sub == "convert":
+        rest = [paths["hf"] if w == HUB_MODEL else w for w in rest]
+        rest = [
+            os.path.join(paths["tmp"], w) if prev in ("-o", "--output") else w
+            for prev, w in zip([None] + rest[:-1], rest, strict=True)
+        ]
+        return out + (["convert"] if not is_script else []) + rest
+    out.append(sub)
+    has_model = False
+    shrunk = []
+    prev = None
+    for w in rest:
+        if prev in ("-m", "--model"):
+            w, has_model = paths["o200k"], True
+        elif prev in SMALL:
+            w = SMALL[prev]
+        shrunk.append(w)
+        prev = w if w.startswith("-") else None
+    if sub in ("generate", "chat") and not has_model:
+        shrunk += ["-m", paths["o200k"]]
+    if sub in ("generate", "chat") and "--max-tokens" not in shrunk:
+        shrunk += ["--max-tokens", SMALL["--max-tokens"]]
+    if sub == "bench" and "--repeats" not in shrunk:
+        shrunk += (
+            ["--repeats", "1", "--prompt-tokens", "8", "--gen-tokens", "3"]
+            if ("--prompt-tokens" not in shrunk)
+            else ["--repeats", "1"]
+        )
+    return out + shrunk
+
+
+@pytest.fixture(scope="module")
+def paths(o200k_dir, hf_mxfp4_dir, tmp_path_factory):
+    return {"o200k": o200k_dir, "hf": hf_mxfp4_dir, "tmp": str(tmp_path_factory.mktemp("readme"))}
+
+
+EXAMPLES = shell_examples()
+
+
+def test_the_readme_has_cli_examples():
+    subcommands = {c[-1][1] for c, _, _ in EXAMPLES if c[-1][0] == "gptoss-mlx"}
+    assert {"generate", "chat", "convert", "bench"} <= subcommands
+
+
+@pytest.mark.parametrize(
+    "pipeline, line, skip", EXAMPLES, ids=[f"README:{line}" for _, line, _ in EXAMPLES]
+)
+def test_cli_example_runs(pipeline, line, skip, paths):
+    if skip:
+        pytest.skip(f"README line {line}: {skip}")
+    *feeders, ours = pipeline
+    stdin = None
+    for feeder in feeders:  # only `echo TEXT |` feeds our commands in the README
+        assert feeder[0] == "echo", f"README line {line}: unsupported pipe from {feeder[0]}"
+        stdin = " ".join(feeder[1:]) + "\n"
+    if ours[1:2] == ["chat"]:
+        stdin = "Hi\n/stats\n/quit\n"
+    argv = shrink(ours, paths)
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run(
+        argv, input=stdin, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, f"README line {line}: {shlex.join(ours)}\n{r.stderr}"
+    assert "Traceback" not in r.stderr
+
+
+def python_examples() -> list[tuple[str, int, str | None]]:
+    return [(code, start, skip) for lang, code, start, skip in readme_blocks() if lang == "python"]
+
+
+PY_EXAMPLES = python_examples()
+
+
+@pytest.mark.parametrize(
+    "code, line, skip", PY_EXAMPLES, ids=[f"README:{line}" for _, line, _ in PY_EXAMPLES]
+)
+def test_python_example_runs(code, line, skip, paths, monkeypatch, tmp_path):
+    if skip:
+        pytest.skip(f"README line {line}: {skip}")
+    code = code.replace(repr(HUB_MODEL).replace("'", '"'), repr(paths["o200k"]))
+    code = re.sub(r"max_tokens=\d+", "max_tokens=4", code)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "readme_example"})
