@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from collections.abc import Callable
 
 import click
 
@@ -27,7 +28,7 @@ from . import (
 from .harmony import Delta
 
 
-def user_errors(command):
+def user_errors(command: Callable) -> Callable:
     """Report GptOssError (and Ctrl-C) as a message, never as a traceback."""
 
     @functools.wraps(command)
@@ -67,7 +68,7 @@ class _Group(click.Group):
 
 @click.group(cls=_Group)
 @click.version_option(package_name="gptoss-mlx")
-def main():
+def main() -> None:
     """gpt-oss-20b and gpt-oss-120b on Apple Silicon with MLX."""
 
 
@@ -94,7 +95,7 @@ def convert_command(src: str, dst: str, dense_bits: str | None, force: bool) -> 
     click.echo(f"wrote {out}", err=True)
 
 
-def model_options(command):
+def model_options(command: Callable) -> Callable:
     command = click.option(
         "--dtype",
         type=click.Choice(["bfloat16", "float16", "float32"]),
@@ -110,7 +111,7 @@ def model_options(command):
     )(command)
 
 
-def sampling_options(command):
+def sampling_options(command: Callable) -> Callable:
     """The generation options shared by generate and chat; they reach the command as keywords
     named as `stream_generate` names them (plus `reasoning_effort` and `system`)."""
     for option in reversed(

@@ -21,6 +21,7 @@ import operator
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import mlx.core as mx
 
@@ -33,6 +34,19 @@ from .tokenizer import STOP_TOKENS, Tokenizer, default_tokenizer
 __all__ = ["GenerationEvent", "GenerationStats", "stream_generate", "generate", "prompt_tokens"]
 
 FINISH_REASONS = {STOP_TOKENS[0]: "stop", STOP_TOKENS[1]: "tool_calls"}
+
+# A prompt: a string (one user message), messages (OpenAI Chat Completions shape) or token ids.
+Prompt = str | Sequence[Mapping] | Sequence[int] | mx.array
+
+
+class LanguageModel(Protocol):
+    """What generation needs of a model: `GptOssModel`, or a stand-in with the same calls."""
+
+    def __call__(self, input_ids: mx.array, cache: list | None = None) -> mx.array:
+        """ids `[B, T]` through `cache` -> logits `[B, T, vocab]`."""
+
+    def make_cache(self) -> list:
+        """A fresh cache, one entry per layer (each with an `offset`)."""
 
 
 @dataclass
@@ -80,10 +94,10 @@ class GenerationEvent:
 
 
 def prompt_tokens(
-    prompt,
+    prompt: Prompt,
     tokenizer: Tokenizer | None = None,
     *,
-    tools=None,
+    tools: Sequence[Mapping] | None = None,
     reasoning_effort: str | None = "medium",
 ) -> tuple[list[int], Tokenizer | None]:
     """``(ids, tokenizer)`` for a prompt given as token ids, messages or a string.
@@ -148,8 +162,8 @@ def _prefill(model, ids: list[int], cache, chunk: int, progress: bool) -> mx.arr
 
 
 def stream_generate(
-    model,
-    prompt,
+    model: LanguageModel,
+    prompt: Prompt,
     *,
     tokenizer: Tokenizer | None = None,
     max_tokens: int = 512,
@@ -252,8 +266,8 @@ def _generate_events(
 
 
 def generate(
-    model,
-    prompt,
+    model: LanguageModel,
+    prompt: Prompt,
     *,
     tokenizer: Tokenizer | None = None,
     on_event: Callable[[GenerationEvent], None] | None = None,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 
+from huggingface_hub import snapshot_download
+from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
 from .errors import GptOssError
 
 # Only what the model and tokenizer need: the published repos also carry `original/` and `metal/`
@@ -26,8 +29,6 @@ def resolve_model_path(path_or_repo: str, progress: bool = True) -> str:
         raise GptOssError(
             f"{path_or_repo}: no such folder, and not a Hugging Face repo id (owner/name)"
         )
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
     (enable_progress_bars if progress else disable_progress_bars)()
     try:

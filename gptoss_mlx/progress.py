@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Iterator
+from typing import Protocol
 
 import click
 
 
+class Progress(Protocol):
+    def update(self, n: int) -> None:
+        """Count `n` more units done."""
+
+
 @contextlib.contextmanager
-def progress_bar(length: int, label: str, enabled: bool = True):
+def progress_bar(length: int, label: str, enabled: bool = True) -> Iterator[Progress]:
     """A click progress bar on stderr, or a no-op with the same `update(n)` when disabled."""
     if not enabled:
         yield _Silent()

@@ -22,6 +22,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+import tiktoken
+
 from gptoss_mlx.errors import GptOssError
 
 # The special tokens harmony relies on and their ids (docs/gpt-oss-reference.md).
@@ -65,7 +67,7 @@ class Tokenizer:
     special tokens; ``stop_tokens`` are the ids generation must stop on.
     """
 
-    def __init__(self, encoding):
+    def __init__(self, encoding: tiktoken.Encoding):
         self.encoding = encoding
         self.special_tokens: dict[str, int] = dict(encoding._special_tokens)
         self._special_ids = frozenset(self.special_tokens.values())
@@ -175,8 +177,6 @@ def tokenizer_from_hf_json(path: str | os.PathLike) -> Tokenizer:
     BPE ranks are the vocabulary ids (o200k's merges are rank-ordered, so tiktoken needs no merge
     list); ``added_tokens`` not in the vocabulary become the special tokens.
     """
-    import tiktoken
-
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -208,8 +208,6 @@ def tokenizer_from_hf_json(path: str | os.PathLike) -> Tokenizer:
 @functools.lru_cache(maxsize=1)
 def default_tokenizer() -> Tokenizer:
     """tiktoken's o200k_harmony (cached: the vocabulary is loaded once per process)."""
-    import tiktoken
-
     try:
         encoding = tiktoken.get_encoding(_ENCODING_NAME)
     except Exception as e:  # no network and no cache, or a tiktoken older than 0.12
