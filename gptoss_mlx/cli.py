@@ -13,6 +13,7 @@ import sys
 import click
 
 from .errors import GptOssError
+from .harmony import REASONING_EFFORTS
 
 
 def user_errors(command):
@@ -33,7 +34,7 @@ def user_errors(command):
 
 
 class _Group(click.Group):
-    """click's group, but a usage error is one line (`error: ...`) instead of usage + hint + error."""
+    """click's group, but a usage error is one line (`error: ...`), not usage + hint + error."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
@@ -83,7 +84,6 @@ def convert_command(src, dst, dense_bits, force):
 main.add_command(convert_command)
 
 DEFAULT_MODEL = "openai/gpt-oss-20b"
-EFFORTS = ["low", "medium", "high"]
 
 
 def model_options(command):
@@ -148,7 +148,7 @@ def sampling_options(command):
             ),
             click.option(
                 "--reasoning-effort",
-                type=click.Choice(EFFORTS),
+                type=click.Choice(REASONING_EFFORTS),
                 default="medium",
                 show_default=True,
                 help="How much the model thinks before answering.",
