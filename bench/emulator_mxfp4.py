@@ -1,4 +1,4 @@
-"""Time the MSL emulator on a 2880 x 2880 MXFP4 matrix-vector product (the issue's < 5 s bound).
+"""Time the MSL emulator on a 2880 x 2880 MXFP4 matrix-vector product (< 5 s in test_emulator.py).
 
 Run from the repository root: ``python bench/emulator_mxfp4.py [--guarded] [--repeat N]``.
 Prints the compile/load time (first call, 0 when the build is cached) and the run time.

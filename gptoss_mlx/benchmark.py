@@ -29,7 +29,7 @@ from .loading import build_model
 from .synthetic import hf_config_json, random_checkpoint
 from .weights import checkpoint_from_tensors
 
-# The CPU proxy the issue measures on: real head geometry (64-dim heads, 8 query heads per KV
+# The CPU proxy the benchmarks run on: real head geometry (64-dim heads, 8 query heads per KV
 # head, window 128) at reduced width, depth and vocabulary.
 TINY = ModelConfig(
     num_hidden_layers=4,

@@ -8,7 +8,7 @@ The conversation is kept twice:
 * ``history``: the *token* history by harmony's rules (``harmony.chat_history_tokens``: each
   completion as sampled, its ``<|return|>`` stored as ``<|end|>``). The next prompt is
   ``history + harmony.render_turn([user message])``, which extends what the cache holds, rather
-  than a re-rendering (not prefix-stable: see the harmony module docstring).
+  than a re-rendering (not prefix-stable: see ``gptoss_mlx/harmony/render.py``).
 
 Before each turn the session compares the tokens the cache holds with the new prompt and prefills
 only what differs: normally just the new turn, plus at most the last sampled token (not yet fed
@@ -18,12 +18,15 @@ takes trimming one position off the cache).
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import harmony
 from .errors import GptOssError
 from .generate import GenerationEvent, GenerationStats, stream_generate
+from .model import GptOssModel
 from .sample import check_sampling
 from .tokenizer import Tokenizer, default_tokenizer
 
@@ -83,19 +86,19 @@ class ChatSession:
 
     def __init__(
         self,
-        model,
+        model: GptOssModel,
         tokenizer: Tokenizer | None = None,
         *,
         system: str | None = None,
         reasoning_effort: str = "medium",
         tools: Sequence[Mapping] | None = None,
-        current_date=None,
-        **generation,
-    ):
+        current_date: str | datetime.date | None = None,
+        **generation: Any,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer or default_tokenizer()
         self.system = system
-        self.reasoning_effort = harmony._check_effort(reasoning_effort)
+        self.reasoning_effort = harmony.check_reasoning_effort(reasoning_effort)
         self.tools = tools
         self.current_date = current_date
         check_sampling(
@@ -137,7 +140,7 @@ class ChatSession:
     def set_reasoning_effort(self, effort: str) -> None:
         """Change the reasoning effort. It lives in the system message, the first thing in the
         cache, so the next turn re-renders the conversation and prefills it all again."""
-        self.reasoning_effort = harmony._check_effort(effort)
+        self.reasoning_effort = harmony.check_reasoning_effort(effort)
         self.history = None
         self._drop_cache()
 
@@ -174,7 +177,7 @@ class ChatSession:
         self.stats.prefilled_tokens += len(new)
         return self._run(user_text, prompt, new)
 
-    def _run(self, user_text, prompt, new) -> Iterator[GenerationEvent]:
+    def _run(self, user_text: str, prompt: list[int], new: list[int]) -> Iterator[GenerationEvent]:
         options = dict(self.generation)
         if options.get("seed") is not None:
             options["seed"] = int(options["seed"]) + self.stats.turns

@@ -25,7 +25,7 @@ from . import (
     generate,
     load,
 )
-from .harmony import Delta
+from .harmony import REASONING_EFFORTS, Delta
 
 
 def user_errors(command: Callable) -> Callable:
@@ -73,7 +73,6 @@ def main() -> None:
 
 
 DEFAULT_MODEL = "openai/gpt-oss-20b"
-EFFORTS = ["low", "medium", "high"]
 SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed")
 
 
@@ -159,7 +158,7 @@ def sampling_options(command: Callable) -> Callable:
             ),
             click.option(
                 "--reasoning-effort",
-                type=click.Choice(EFFORTS),
+                type=click.Choice(REASONING_EFFORTS),
                 default="medium",
                 show_default=True,
                 help="How much the model thinks before answering.",

@@ -26,7 +26,7 @@ import tiktoken
 
 from gptoss_mlx.errors import GptOssError
 
-# The special tokens harmony relies on and their ids (docs/gpt-oss-reference.md).
+# The special tokens harmony relies on and their ids in o200k_harmony.
 SPECIAL_TOKENS: dict[str, int] = {
     "<|startoftext|>": 199998,
     "<|endoftext|>": 199999,

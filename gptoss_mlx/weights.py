@@ -1,6 +1,6 @@
 """Find a checkpoint's layout and map its tensors onto the model's parameter tree.
 
-Layouts (see the reference doc for the exact names):
+Layouts:
 
 - ``hf-mxfp4``: Hugging Face as published; expert weights as uint8 `_blocks` `[E, out, in/32, 16]`
   and `_scales` `[E, out, in/32]`. The blocks viewed as uint32 `[E, out, in/8]` ARE MLX's mxfp4

@@ -2,7 +2,7 @@
 
 Everything here is written independently of the code under test: MXFP4 is decoded with a numpy
 lookup table built from the format's definition, and each layout is produced by renaming the
-published Hugging Face tensors as the reference doc describes.
+published Hugging Face tensors by that layout's own naming.
 """
 
 from __future__ import annotations
@@ -219,5 +219,5 @@ def reference_logits(model, ids: np.ndarray) -> np.ndarray:
 
 
 def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
-    """max |ours - ref| / max |ref|: the issue's tolerance measure."""
+    """max |ours - ref| / max |ref|: the tolerance measure of the model tests."""
     return float(np.abs(ours - ref).max() / np.abs(ref).max())

@@ -527,7 +527,7 @@ def test_mxfp4_matvec():
 
 
 def test_mxfp4_matvec_2880_speed():
-    """The issue's bound: a 2880 x 2880 MXFP4 matvec in under 5 s (compile excluded, reported)."""
+    """The bound: a 2880 x 2880 MXFP4 matvec in under 5 s (compile excluded, reported)."""
     rng = np.random.default_rng(5)
     w = mx.array(rng.normal(size=(2880, 2880)).astype(np.float32))
     wq, scales = mx.quantize(w, mode="mxfp4")

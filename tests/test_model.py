@@ -40,7 +40,7 @@ def test_bfloat16_is_as_close_as_transformers_own_bfloat16(
     hf_mxfp4_dir, reference, ids, ref_logits
 ):
     """bf16 against the float32 reference. On this random 4-layer model transformers' own bf16 is
-    ~5% off its float32 (routing and residual rounding compound), so the issue's 2e-2 cannot be
+    ~5% off its float32 (routing and residual rounding compound), so a 2e-2 bound cannot be
     met here by any bf16 implementation; we require ours to be within 2x of transformers' bf16
     error and under 10%."""
     import copy
@@ -117,7 +117,7 @@ def reference_yarn(
     beta_slow=1.0,
     rounded=False,
 ):
-    """The reference doc's formula, in numpy; `rounded` is the known deviation (floor/ceil)."""
+    """YaRN's inverse frequencies, in numpy; `rounded` is the known deviation (floor/ceil)."""
     low = (head_dim / 2) * math.log(context / (beta_fast * 2 * math.pi)) / math.log(theta)
     high = (head_dim / 2) * math.log(context / (beta_slow * 2 * math.pi)) / math.log(theta)
     if rounded:

@@ -1,0 +1,49 @@
+"""Harmony, the chat format gpt-oss was trained on: messages -> prompt ids, completion -> result.
+
+We implement harmony ourselves because the engine needs control at the token level that
+openai-harmony does not give: a parser that runs inside the decode loop, turns each sampled token
+into reasoning / content / tool-call deltas and never raises on what the model writes
+(openai-harmony raises ``HarmonyError``, e.g. on a header cut off by the end of the stream), and
+rendering straight from OpenAI-shaped messages through the engine's own tokenizer (a checkpoint's
+``tokenizer.json`` included) that appends each new turn to a chat's sampled token history, so its
+KV cache is reused. It is proven against openai-harmony, a test-only dependency, in
+``tests/test_harmony.py``: prompts token-identical to its ``render_conversation_for_completion`` on
+17 hand-built and 120 seeded random conversations and 150 random tool sets, parse results equal to
+its ``parse_messages_from_completion_tokens`` on hand-built, model-style and 150 random
+completions, and the same result and deltas however a completion is split into ``feed`` calls.
+
+Modules: :mod:`.schema` (tool declarations: JSON schemas as TypeScript-like types),
+:mod:`.render` (system, developer and conversation messages -> prompt ids; token histories for
+multi-turn chat), :mod:`.parse` (completion ids -> reasoning, content and tool calls, streaming),
+:mod:`.format` (the words both sides share). Built-in tools (browser, python) belong in the system
+message's ``# Tools`` section: ``render._system_text`` takes their rendered namespace sections as
+``builtin_tools`` (none yet).
+"""
+
+from gptoss_mlx.harmony.parse import Delta, StreamParser, parse_completion
+from gptoss_mlx.harmony.render import (
+    DEFAULT_MODEL_IDENTITY,
+    REASONING_EFFORTS,
+    chat_history_tokens,
+    check_reasoning_effort,
+    common_prefix_length,
+    render_prompt,
+    render_turn,
+)
+from gptoss_mlx.harmony.schema import tools_to_typescript
+from gptoss_mlx.tokenizer import STOP_TOKENS
+
+__all__ = [
+    "STOP_TOKENS",
+    "DEFAULT_MODEL_IDENTITY",
+    "REASONING_EFFORTS",
+    "check_reasoning_effort",
+    "render_prompt",
+    "render_turn",
+    "chat_history_tokens",
+    "common_prefix_length",
+    "tools_to_typescript",
+    "parse_completion",
+    "StreamParser",
+    "Delta",
+]

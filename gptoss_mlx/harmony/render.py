@@ -1,0 +1,372 @@
+"""Rendering: OpenAI Chat Completions messages -> the token ids of a harmony prompt.
+
+:func:`render_prompt` turns messages into a prompt ending in ``<|start|>assistant``. It is
+token-identical to ``openai-harmony``'s ``render_conversation_for_completion`` (v0.0.8) for the
+equivalent conversation:
+
+* a system message (identity, knowledge cutoff, optional current date, reasoning effort, valid
+  channels, and the ``Calls to these tools must go to the commentary channel: 'functions'.`` line
+  only when function tools are defined);
+* a developer message when there are instructions (all ``system``/``developer`` contents, in
+  order, joined by a blank line) or tools (the ``# Tools`` section of :mod:`.schema`);
+* the conversation. An assistant turn becomes an ``analysis`` message (``reasoning``), commentary
+  messages to ``functions.NAME`` (``tool_calls``, ``<|constrain|>json``, ending in ``<|call|>``)
+  and a ``final`` message (``content``; with tool calls, ``content`` is a commentary preamble).
+  A ``tool`` message becomes ``functions.NAME to=assistant`` on ``commentary``.
+* Earlier reasoning, as openai-harmony drops it: only when the last assistant message is on the
+  ``final`` channel, and then only analysis messages *before the first* final message. During a
+  tool-calling loop (last assistant message not final) all reasoning is kept.
+
+Built-in tools (browser, python) are declared in the *system* message's own ``# Tools`` section,
+between the reasoning effort and the valid channels: :func:`_system_text` takes them as
+``builtin_tools``, namespace sections already rendered, and writes none today.
+
+Multi-turn chat with a kept KV cache
+------------------------------------
+Re-rendering the whole conversation each turn is *not* prefix-stable with what the cache holds:
+
+1. the first turn's reasoning is dropped once a final answer exists (see above);
+2. the model's tokens for a text are not always the canonical BPE re-encoding of that text;
+3. the model writes ``<|channel|>commentary to=functions.X`` while the renderer writes
+   ``to=functions.X<|channel|>commentary``;
+4. the final answer ends in ``<|return|>`` when sampled but ``<|end|>`` in history.
+
+So a chat loop that wants to prefill only the new tokens keeps the *token* history instead:
+``history = chat_history_tokens(prompt, completion)`` (swaps the trailing ``<|return|>`` for
+``<|end|>``) then ``next_prompt = history + render_turn(new_messages)``. That prompt is exactly
+what openai-harmony renders with ``auto_drop_analysis=False`` (modulo 2 and 3), i.e. the model
+keeps seeing its earlier reasoning: slightly more context used and a small departure from the
+recommended dropping, in exchange for never re-prefilling. :func:`common_prefix_length` tells how
+many cached tokens a freshly rendered prompt can reuse if a caller prefers exact re-rendering.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gptoss_mlx.errors import GptOssError
+from gptoss_mlx.harmony.format import CHANNELS, CONSTRAIN
+from gptoss_mlx.harmony.schema import tools_section, tools_to_typescript
+from gptoss_mlx.tokenizer import Tokenizer, default_tokenizer
+
+# The system message's first line unless a caller gives its own (openai-harmony's default too).
+DEFAULT_MODEL_IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
+# What the system message's ``Reasoning:`` line may say.
+REASONING_EFFORTS = ("low", "medium", "high")
+
+
+@dataclass
+class _Msg:
+    """One harmony message, before tokenization."""
+
+    author: str  # "system", "user", "assistant", "developer", or a tool name like functions.f
+    text: str
+    channel: str | None = None
+    recipient: str | None = None
+    content_type: str | None = None
+    is_assistant: bool = False
+
+
+def _render_msg(tok: Tokenizer, m: _Msg, out: list[int]) -> None:
+    # Each piece is encoded on its own: merging across these boundaries would change the tokens.
+    out.append(tok.start_id)
+    out += tok.encode(m.author)
+    if m.recipient is not None and m.recipient != "all":
+        out += tok.encode(f" to={m.recipient}")
+    if m.channel is not None:
+        out.append(tok.channel_id)
+        out += tok.encode(m.channel)
+    if m.content_type is not None:
+        if m.content_type.startswith(CONSTRAIN):
+            out += tok.encode(" ")
+            out.append(tok.constrain_id)
+            rest = m.content_type[len(CONSTRAIN) :]
+            if rest:
+                out += tok.encode(rest)
+        else:
+            out += tok.encode(f" {m.content_type}")
+    out.append(tok.message_id)
+    out += tok.encode(m.text)
+    out.append(tok.call_id if m.is_assistant and m.recipient is not None else tok.end_id)
+
+
+def _content_text(content: Any) -> str:
+    """Text of an OpenAI ``content``: a string, None, or a list of ``{"type": "text"}`` parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, Mapping) and part.get("type", "text") == "text":
+                parts.append(str(part.get("text", "")))
+            else:
+                raise GptOssError(
+                    f"Only text content is supported, got a {part.get('type')!r} part"
+                )
+        return "".join(parts)
+    if isinstance(content, (dict, int, float, bool)):
+        return json.dumps(content, ensure_ascii=False)
+    raise GptOssError(f"Unsupported message content: {content!r}")
+
+
+def _arguments_text(arguments: Any) -> str:
+    if arguments is None:
+        return "{}"
+    if isinstance(arguments, str):
+        return arguments
+    return json.dumps(arguments, ensure_ascii=False)
+
+
+def _function_recipient(name: str) -> str:
+    return name if name.startswith("functions.") else f"functions.{name}"
+
+
+def _conversation_messages(messages: Sequence[Mapping], call_names: dict[str, str]) -> list[_Msg]:
+    """user / assistant / tool messages as harmony messages (system and developer skipped).
+
+    ``call_names`` maps tool-call ids to function names; it is filled from assistant tool calls
+    as they are seen, so a ``tool`` message can name its function by ``tool_call_id``.
+    """
+    out: list[_Msg] = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, Mapping) or "role" not in msg:
+            raise GptOssError(f"Message {i} must be a dict with a 'role': {msg!r}")
+        role = msg["role"]
+        if role in ("system", "developer"):
+            continue
+        if role == "user":
+            out.append(_Msg("user", _content_text(msg.get("content"))))
+        elif role == "assistant":
+            reasoning = next(
+                (msg[k] for k in ("reasoning", "reasoning_content", "thinking") if msg.get(k)),
+                None,
+            )
+            text = _content_text(msg.get("content"))
+            calls = msg.get("tool_calls") or []
+            if reasoning:
+                out.append(_Msg("assistant", str(reasoning), "analysis", is_assistant=True))
+            if calls:
+                if text:  # words said before calling tools: a commentary preamble
+                    out.append(_Msg("assistant", text, "commentary", is_assistant=True))
+                for call in calls:
+                    fn = call.get("function") or {}
+                    name = fn.get("name")
+                    if not isinstance(name, str) or not name:
+                        raise GptOssError(
+                            f"Tool call in message {i} has no function name: {call!r}"
+                        )
+                    if call.get("id"):
+                        call_names[str(call["id"])] = name
+                    out.append(
+                        _Msg(
+                            "assistant",
+                            _arguments_text(fn.get("arguments")),
+                            "commentary",
+                            recipient=_function_recipient(name),
+                            content_type=CONSTRAIN + "json",
+                            is_assistant=True,
+                        )
+                    )
+            elif text or not reasoning:
+                out.append(_Msg("assistant", text, "final", is_assistant=True))
+        elif role in ("tool", "function"):
+            name = call_names.get(str(msg.get("tool_call_id"))) or msg.get("name")
+            if not name:
+                raise GptOssError(
+                    f"Tool message {i} names no function: give 'name' or the 'tool_call_id' of an "
+                    "earlier assistant tool call"
+                )
+            out.append(
+                _Msg(
+                    _function_recipient(name),
+                    _content_text(msg.get("content")),
+                    "commentary",
+                    recipient="assistant",
+                )
+            )
+        else:
+            raise GptOssError(
+                f"Message {i} has unknown role {role!r} "
+                "(expected system, developer, user, assistant or tool)"
+            )
+    return out
+
+
+def _drop_earlier_analysis(msgs: list[_Msg]) -> list[_Msg]:
+    """openai-harmony's auto_drop_analysis: when the last assistant message is a final answer,
+    drop analysis messages that come before the first final message."""
+    last_assistant = next((m for m in reversed(msgs) if m.is_assistant), None)
+    if last_assistant is None or last_assistant.channel != "final":
+        return msgs
+    first_final = next(i for i, m in enumerate(msgs) if m.channel == "final")
+    return [m for i, m in enumerate(msgs) if not (i < first_final and m.channel == "analysis")]
+
+
+def _system_text(
+    *,
+    reasoning_effort: str | None,
+    current_date: str | _dt.date | None,
+    knowledge_cutoff: str | None,
+    model_identity: str | None,
+    has_functions: bool,
+    builtin_tools: Sequence[str] = (),
+) -> str:
+    """The system message's text, its sections joined by a blank line.
+
+    ``builtin_tools``: namespace sections (``## browser ...``, ``## python ...``) already rendered,
+    for the system message's ``# Tools`` section; none by default.
+    """
+    top = []
+    if model_identity is not None:
+        top.append(model_identity)
+    if knowledge_cutoff is not None:
+        top.append(f"Knowledge cutoff: {knowledge_cutoff}")
+    if current_date is not None:
+        if isinstance(current_date, (_dt.date, _dt.datetime)):
+            current_date = current_date.strftime("%Y-%m-%d")
+        top.append(f"Current date: {current_date}")
+    sections = []
+    if top:
+        sections.append("\n".join(top))
+    if reasoning_effort is not None:
+        sections.append(f"Reasoning: {reasoning_effort}")
+    if builtin_tools:
+        sections.append(tools_section(builtin_tools))
+    channels = (
+        f"# Valid channels: {', '.join(CHANNELS)}. Channel must be included for every message."
+    )
+    if has_functions:
+        channels += "\nCalls to these tools must go to the commentary channel: 'functions'."
+    sections.append(channels)
+    return "\n\n".join(sections)
+
+
+def check_reasoning_effort(reasoning_effort: object) -> str | None:
+    """The reasoning effort as the system message writes it (``Reasoning: low``).
+
+    Accepts one of :data:`REASONING_EFFORTS` in any case (or an enum whose ``value`` is one, such
+    as openai-harmony's ``ReasoningEffort``); None means no ``Reasoning:`` line. Anything else is
+    a :class:`GptOssError` naming the valid values.
+    """
+    if reasoning_effort is None:
+        return None
+    effort = str(getattr(reasoning_effort, "value", reasoning_effort)).lower()
+    if effort not in REASONING_EFFORTS:
+        raise GptOssError(
+            f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, "
+            f"got {reasoning_effort!r}"
+        )
+    return effort
+
+
+def _prompt_tokens(tok: Tokenizer, msgs: Sequence[_Msg]) -> list[int]:
+    """``msgs`` rendered one after another, then ``<|start|>assistant`` for the model to go on."""
+    out: list[int] = []
+    for m in msgs:
+        _render_msg(tok, m, out)
+    out.append(tok.start_id)
+    out += tok.encode("assistant")
+    return out
+
+
+def render_prompt(
+    messages: Sequence[Mapping],
+    *,
+    tools: Sequence[Mapping] | None = None,
+    reasoning_effort: str | None = "medium",
+    current_date: str | _dt.date | None = None,
+    knowledge_cutoff: str | None = "2024-06",
+    tokenizer: Tokenizer | None = None,
+    model_identity: str | None = DEFAULT_MODEL_IDENTITY,
+    drop_analysis: bool = True,
+) -> list[int]:
+    """Token ids of the harmony prompt for ``messages`` (OpenAI Chat Completions shape).
+
+    Ends with ``<|start|>assistant``: sample from there and stop on :data:`STOP_TOKENS`.
+    ``tools`` are OpenAI function tools; ``drop_analysis`` mirrors openai-harmony's
+    ``auto_drop_analysis`` (on by default). Bad input is a :class:`GptOssError`.
+    """
+    tok = tokenizer or default_tokenizer()
+    effort = check_reasoning_effort(reasoning_effort)
+    function_tools = tools_to_typescript(tools) if tools else None  # the `# Tools` section
+    instructions = [
+        _content_text(m.get("content"))
+        for m in messages
+        if isinstance(m, Mapping) and m.get("role") in ("system", "developer")
+    ]
+    msgs = [
+        _Msg(
+            "system",
+            _system_text(
+                reasoning_effort=effort,
+                current_date=current_date,
+                knowledge_cutoff=knowledge_cutoff,
+                model_identity=model_identity,
+                has_functions=function_tools is not None,
+            ),
+        )
+    ]
+    if instructions or function_tools is not None:
+        sections = []
+        if instructions:
+            sections += ["# Instructions", "\n\n".join(instructions)]
+        if function_tools is not None:
+            sections.append(function_tools)
+        msgs.append(_Msg("developer", "\n\n".join(sections)))
+    msgs += _conversation_messages(messages, {})
+    if drop_analysis:
+        msgs = _drop_earlier_analysis(msgs)
+    return _prompt_tokens(tok, msgs)
+
+
+def render_turn(
+    messages: Sequence[Mapping],
+    *,
+    history: Sequence[Mapping] = (),
+    tokenizer: Tokenizer | None = None,
+) -> list[int]:
+    """Token ids to append to a chat's token history for a new turn, ending ``<|start|>assistant``.
+
+    ``messages`` are the new user / tool (or assistant) messages; ``history`` the earlier ones,
+    used only to resolve a tool message's ``tool_call_id`` to its function name. System and
+    developer messages belong to the first prompt and are ignored here.
+    """
+    tok = tokenizer or default_tokenizer()
+    call_names: dict[str, str] = {}
+    _conversation_messages(history, call_names)
+    return _prompt_tokens(tok, _conversation_messages(messages, call_names))
+
+
+def chat_history_tokens(
+    prompt: Sequence[int], completion: Sequence[int], tokenizer: Tokenizer | None = None
+) -> list[int]:
+    """The token history after a turn: ``prompt + completion`` as it belongs in a conversation.
+
+    A trailing ``<|return|>`` becomes ``<|end|>`` (harmony stores finished answers that way);
+    ``<|call|>`` stays (a tool call message ends in it); a completion cut off without a stop
+    token gets ``<|end|>`` so the next message starts cleanly.
+    """
+    tok = tokenizer or default_tokenizer()
+    out = list(prompt) + list(completion)
+    if completion and completion[-1] == tok.return_id:
+        out[-1] = tok.end_id
+    elif completion and completion[-1] not in (tok.end_id, tok.call_id):
+        out.append(tok.end_id)
+    return out
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share (how much of a KV cache can be reused)."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -1,0 +1,227 @@
+"""Tool declarations as gpt-oss saw them in training: JSON schemas as TypeScript-like types.
+
+A ``# Tools`` section holds one namespace section per tool namespace. Function tools (OpenAI
+shape) go in the developer message as ``## functions`` / ``namespace functions { ... } //
+namespace functions``, each function a type ``type NAME = (_: {...}) => any;`` built from its
+JSON schema: a ``// description`` line, optional fields marked ``?``, enums as unions of string
+literals, ``oneOf`` as one ``| variant`` line each, ``nullable`` as ``| null`` and defaults as
+``// default: x`` comments. Built-in tools (browser, python) are declared the same way, in the
+system message: :func:`tools_section` is the one place that heading is written.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gptoss_mlx.errors import GptOssError
+
+
+def _get(obj: Any, key: str) -> Any:
+    return obj.get(key) if isinstance(obj, dict) else None
+
+
+def _has(obj: Any, key: str) -> bool:
+    return isinstance(obj, dict) and key in obj
+
+
+def _str(obj: Any, key: str) -> str | None:
+    value = _get(obj, key)
+    return value if isinstance(value, str) else None
+
+
+def _compact_json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _is_enum(schema: Any) -> bool:
+    values = _get(schema, "enum")
+    return isinstance(values, list) and len(values) > 0
+
+
+def _default_comment(schema: Any, value: Any, *, bare_enum_string: bool) -> str:
+    """``default: ...``: strings quoted, except (where the caller asks) a string of an enum."""
+    if isinstance(value, str):
+        if not _is_enum(schema):
+            return f'default: "{value}"'
+        if bare_enum_string:
+            return f"default: {value}"
+    return f"default: {_compact_json(value)}"
+
+
+def _with_null(schema: Any, type_str: str) -> str:
+    if _get(schema, "nullable") is True and "null" not in type_str:
+        return f"{type_str} | null"
+    return type_str
+
+
+def _schema_to_ts(schema: Any, indent: str) -> str:
+    """One JSON schema as a TypeScript-like type. ``indent`` prefixes comment and field lines."""
+    variants = _get(schema, "oneOf")
+    if isinstance(variants, list):
+        out = []
+        for variant in variants:
+            out.append(f"\n{indent} | ")
+            out.append(_with_null(variant, _schema_to_ts(variant, indent + "   ")))
+            notes = []
+            if _str(variant, "description") is not None:
+                notes.append(_str(variant, "description"))
+            if _has(variant, "default"):
+                notes.append(_default_comment(variant, variant["default"], bare_enum_string=False))
+            if notes:
+                out.append(" // " + " ".join(notes))
+        return "".join(out)
+
+    kind = _get(schema, "type")
+    if isinstance(kind, list):
+        names = ["number" if k == "integer" else k for k in kind if isinstance(k, str)]
+        if names:
+            return " | ".join(names)
+        return "any"
+    if kind == "object":
+        return _object_to_ts(schema, indent)
+    if kind == "string":
+        values = _get(schema, "enum")
+        if isinstance(values, list):
+            quoted = [f'"{v}"' for v in values if isinstance(v, str)]
+            if quoted:
+                return " | ".join(quoted)
+        return "string"
+    if kind in ("number", "integer"):
+        return "number"
+    if kind == "boolean":
+        return "boolean"
+    if kind == "array":
+        if _has(schema, "items"):
+            return _schema_to_ts(schema["items"], indent) + "[]"
+        return "Array<any>"
+    return "any"
+
+
+def _object_to_ts(schema: dict, indent: str) -> str:
+    lines = []
+    if _str(schema, "description") is not None:
+        lines.append(f"{indent}// {schema['description']}\n")
+    lines.append("{\n")
+    props = _get(schema, "properties")
+    if isinstance(props, dict):
+        required_list = _get(schema, "required")
+        required = (
+            {r for r in required_list if isinstance(r, str)}
+            if isinstance(required_list, list)
+            else set()
+        )
+        for key, prop in props.items():
+            optional = "" if key in required else "?"
+            if _str(prop, "title") is not None:
+                lines.append(f"{indent}// {prop['title']}\n{indent}//\n")
+            if not _has(prop, "oneOf") and _str(prop, "description") is not None:
+                lines.append(f"{indent}// {prop['description']}\n")
+            examples = _get(prop, "examples")
+            if isinstance(examples, list) and examples:
+                lines.append(f"{indent}// Examples:\n")
+                lines.extend(f'{indent}// - "{ex}"\n' for ex in examples if isinstance(ex, str))
+            variants = _get(prop, "oneOf")
+            if isinstance(variants, list):
+                lines.append(_union_property_to_ts(key, optional, prop, variants, indent))
+                continue
+            type_str = _with_null(prop, _schema_to_ts(prop, indent + "    "))
+            line = f"{indent}{key}{optional}: {type_str},"
+            if not _has(prop, "oneOf") and _has(prop, "default"):
+                line += " // " + _default_comment(prop, prop["default"], bare_enum_string=True)
+            lines.append(line + "\n")
+    lines.append(f"{indent}}}")
+    return "".join(lines)
+
+
+def _union_property_to_ts(key: str, optional: str, prop: dict, variants: list, indent: str) -> str:
+    """A property whose schema is ``oneOf``: one ``| variant`` line each, comments trailing."""
+    lines = []
+    prop_desc = _str(prop, "description")
+    first_desc = _str(variants[0], "description") if variants else None
+    desc_above = prop_desc is not None and prop_desc != first_desc
+    if desc_above:
+        lines.append(f"{indent}// {prop_desc}\n")
+    if _has(prop, "default"):
+        lines.append(
+            f"{indent}// {_default_comment(prop, prop['default'], bare_enum_string=True)}\n"
+        )
+    lines.append(f"{indent}{key}{optional}:\n")
+    for i, variant in enumerate(variants):
+        text = f"{indent} | " + _with_null(variant, _schema_to_ts(variant, indent + "   "))
+        notes = []
+        desc = _str(variant, "description")
+        if not (i == 0 and desc_above) and desc is not None and desc != prop_desc:
+            notes.append(desc)
+        if _has(variant, "default"):
+            notes.append(_default_comment(variant, variant["default"], bare_enum_string=True))
+        if notes:
+            text += " // " + " ".join(notes)
+        lines.append(text + "\n")
+    lines.append(f"{indent},\n")
+    return "".join(lines)
+
+
+def _text_lines(text: str) -> list[str]:
+    """Lines split on "\\n" (a trailing "\\r" dropped, no final empty line): Rust's str::lines."""
+    if not text:
+        return []
+    parts = text.split("\n")
+    if parts[-1] == "":
+        parts.pop()
+    return [p[:-1] if p.endswith("\r") else p for p in parts]
+
+
+@dataclass(frozen=True)
+class _Function:
+    name: str
+    description: str
+    parameters: Any  # JSON schema dict, or None for a tool without parameters
+
+
+def _normalize_tools(tools: Sequence[Mapping]) -> list[_Function]:
+    """OpenAI function tools (``{"type": "function", "function": {...}}`` or the bare function
+    dict) as :class:`_Function` s; anything else is a :class:`GptOssError`."""
+    out = []
+    for tool in tools:
+        if not isinstance(tool, Mapping):
+            raise GptOssError(f"A tool must be a dict in OpenAI function-tool shape, got {tool!r}")
+        if tool.get("type", "function") != "function":
+            raise GptOssError(f"Only function tools are supported, got type {tool.get('type')!r}")
+        spec = tool.get("function", tool)
+        name = spec.get("name") if isinstance(spec, Mapping) else None
+        if not isinstance(name, str) or not name:
+            raise GptOssError(f"A function tool needs a name: {tool!r}")
+        out.append(_Function(name, spec.get("description") or "", spec.get("parameters")))
+    return out
+
+
+def _namespace_section(name: str, functions: Sequence[_Function]) -> str:
+    """``## name`` and ``namespace name { ... }``: one ``type`` per function, its description
+    above it as ``//`` lines."""
+    body = [f"## {name}\n", f"namespace {name} {{\n"]
+    for fn in functions:
+        body.extend(f"// {line}" for line in _text_lines(fn.description))
+        if fn.parameters is None:
+            body.append(f"type {fn.name} = () => any;\n")
+        else:
+            body.append(f"type {fn.name} = (_: {_schema_to_ts(fn.parameters, '')}) => any;\n")
+    body.append(f"}} // namespace {name}")
+    return "\n".join(body)
+
+
+def tools_section(namespaces: Sequence[str]) -> str:
+    """The ``# Tools`` section over already-rendered namespace sections (each ``## name ...``),
+    one blank line between them: the developer message's function tools and the system message's
+    built-in tools alike."""
+    return "\n\n".join(["# Tools", *namespaces])
+
+
+def tools_to_typescript(tools: Sequence[Mapping]) -> str:
+    """The developer message's ``# Tools`` section for OpenAI function tools.
+
+    Raises :class:`GptOssError` for a tool that is not a named function tool.
+    """
+    return tools_section([_namespace_section("functions", _normalize_tools(tools))])
