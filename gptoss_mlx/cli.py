@@ -493,7 +493,7 @@ def bench_command(
     as_json,
 ):
     """Measure prompt and decode speed, memory and bytes per token."""
-    from .benchmark import Benchmark, chip_bandwidth, format_table
+    from .benchmark import Benchmark, chip_bandwidth, format_ops, format_table
 
     try:
         lengths = tuple(int(p) for p in prompt_tokens.split(",") if p.strip())
@@ -521,16 +521,7 @@ def bench_command(
         return
     click.echo(format_table(result, bandwidth))
     if ops:
-        counts = result["primitives_per_decode_step"]
-        click.echo("\nMLX primitives per decode step (each one a kernel launch on a Mac):")
-        for name, c in counts.items():
-            click.echo(
-                f"  {name:<11} {c['total']:>5}   "
-                + ", ".join(f"{k} {v}" for k, v in list(c["by_primitive"].items())[:6])
-            )
-        if len(counts) == 2:
-            ours, theirs = (c["total"] for c in counts.values())
-            click.echo(f"  ratio       {ours / theirs:.2f}x")
+        click.echo("\n" + format_ops(result))
     import mlx.core as mx
 
     if not mx.metal.is_available():

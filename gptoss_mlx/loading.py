@@ -13,13 +13,14 @@ from .errors import GptOssError
 from .hub import resolve_model_path
 from .model import GptOssModel
 from .progress import progress_bar
+from .tokenizer import SPECIAL_TOKENS, Tokenizer, load_tokenizer
 from .weights import Checkpoint, read_checkpoint
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 _PACKED = (mx.uint32, mx.uint8)  # quantized weights and scales: loaded bit-exact, never cast
 
 
-def parse_dtype(dtype) -> mx.Dtype:
+def parse_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype:
     """None -> bfloat16; a name from DTYPES or an mx.Dtype otherwise."""
     if dtype is None:
         return mx.bfloat16
@@ -58,7 +59,8 @@ def quantized_layers(model: nn.Module) -> dict[str, dict]:
 
 
 def _check_against_model(model: nn.Module, ckpt: Checkpoint) -> None:
-    """Every parameter present with the shape the config implies and a usable dtype; nothing extra."""
+    """Every parameter present with the shape the config implies and a usable dtype; nothing
+    extra."""
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(expected.keys() - ckpt.tensors.keys())
     if missing:
@@ -99,7 +101,8 @@ def build_model(
     materialize: bool = True,
     kernels: str | None = None,
 ) -> GptOssModel:
-    """Instantiate the model for `ckpt` and load its tensors; floats cast to `dtype` (None keeps them).
+    """Instantiate the model for `ckpt` and load its tensors; floats cast to `dtype` (None keeps
+    them).
 
     Parameters stay lazy until evaluated one layer at a time (`materialize`), so peak memory stays
     near the size of the weights themselves; the memory check runs only then. `kernels` picks the
@@ -136,7 +139,11 @@ def build_model(
 
 
 def load_model(
-    path_or_repo: str, dtype=None, *, progress: bool = False, kernels: str | None = None
+    path_or_repo: str,
+    dtype: str | mx.Dtype | None = None,
+    *,
+    progress: bool = False,
+    kernels: str | None = None,
 ) -> GptOssModel:
     """Load gpt-oss from a local folder of any supported layout or a Hugging Face repo id.
 
@@ -150,14 +157,18 @@ def load_model(
     return build_model(ckpt, compute_dtype, progress=progress, kernels=kernels)
 
 
-def load(path_or_repo: str, dtype=None, *, progress: bool = False, kernels: str | None = None):
+def load(
+    path_or_repo: str,
+    dtype: str | mx.Dtype | None = None,
+    *,
+    progress: bool = False,
+    kernels: str | None = None,
+) -> tuple[GptOssModel, Tokenizer]:
     """`(model, tokenizer)` for a folder or hub id: `load_model` plus the checkpoint's tokenizer.
 
     The tokenizer comes from the folder's `tokenizer.json` when it has one (its special-token ids
     checked), else tiktoken's o200k_harmony.
     """
-    from .tokenizer import SPECIAL_TOKENS, load_tokenizer
-
     folder = resolve_model_path(path_or_repo, progress=progress)
     model = load_model(folder, dtype, progress=progress, kernels=kernels)
     needed = max(SPECIAL_TOKENS.values()) + 1
