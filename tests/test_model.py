@@ -124,7 +124,8 @@ def reference_yarn(
     beta_slow=1.0,
     rounded=False,
 ):
-    """The reference doc's formula, in numpy; `rounded` is the known deviation (floor/ceil)."""
+    """YaRN as OpenAI's reference implementation computes it, in numpy; `rounded` is the known
+    deviation of some ports (ramp bounds floored/ceiled)."""
     low = (head_dim / 2) * math.log(context / (beta_fast * 2 * math.pi)) / math.log(theta)
     high = (head_dim / 2) * math.log(context / (beta_slow * 2 * math.pi)) / math.log(theta)
     if rounded:
