@@ -14,6 +14,7 @@ from collections.abc import Callable
 import click
 
 from . import (
+    Benchmark,
     ChatSession,
     GenerationEvent,
     GenerationStats,
@@ -25,6 +26,7 @@ from . import (
     generate,
     load,
 )
+from .benchmark import format_report
 from .harmony import REASONING_EFFORTS, Delta
 
 
@@ -415,6 +417,23 @@ def chat_command(
         printer.end()
 
 
+class IntList(click.ParamType):
+    """A comma-separated list of positive integers, e.g. `512,2048`."""
+
+    name = "INT,INT,..."
+
+    def convert(self, value, param, ctx) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            values = tuple(int(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            values = ()
+        if not values or any(v < 1 for v in values):
+            self.fail(f"{value!r} is not a comma-separated list of positive integers", param, ctx)
+        return values
+
+
 @main.command("bench")
 @click.option(
     "-m", "--model", "model_path", default=None, help="Checkpoint folder or Hugging Face repo id."
@@ -427,6 +446,7 @@ def chat_command(
 )
 @click.option(
     "--prompt-tokens",
+    type=IntList(),
     default="512,2048,8192",
     show_default=True,
     help="Comma-separated prompt lengths.",
@@ -461,30 +481,21 @@ def chat_command(
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
 def bench_command(
-    model_path,
-    synthetic,
-    prompt_tokens,
-    gen_tokens,
-    repeats,
-    warmup,
-    dtype,
-    bandwidth,
-    chip,
-    compare,
-    ops,
-    seed,
-    as_json,
-):
+    model_path: str | None,
+    synthetic: str | None,
+    prompt_tokens: tuple[int, ...],
+    gen_tokens: int,
+    repeats: int,
+    warmup: bool,
+    dtype: str,
+    bandwidth: float | None,
+    chip: str | None,
+    compare: str | None,
+    ops: bool,
+    seed: int,
+    as_json: bool,
+) -> None:
     """Measure prompt and decode speed, memory and bytes per token."""
-    from .benchmark import Benchmark, chip_bandwidth, format_table
-
-    try:
-        lengths = tuple(int(p) for p in prompt_tokens.split(",") if p.strip())
-    except ValueError:
-        raise GptOssError(
-            f"--prompt-tokens must be comma-separated integers, not {prompt_tokens!r}"
-        ) from None
-    bandwidth = bandwidth or chip_bandwidth(chip)
     bench = Benchmark(
         model_path=model_path,
         synthetic=synthetic,
@@ -492,36 +503,11 @@ def bench_command(
         dtype=dtype,
         seed=seed,
         progress=not as_json,
+        bandwidth=bandwidth,
+        chip=chip,
     )
-    result = bench.run(lengths, gen_tokens=gen_tokens, repeats=repeats, warmup=warmup)
-    result["bandwidth_gbs"] = bandwidth
-    if bandwidth:
-        result["decode_ceiling_tps"] = bandwidth * 1e9 / result["weight_bytes_per_token"]
-    if ops:
-        result["primitives_per_decode_step"] = bench.primitives()
-    if as_json:
-        click.echo(json.dumps(result, indent=1))
-        return
-    click.echo(format_table(result, bandwidth))
-    if ops:
-        counts = result["primitives_per_decode_step"]
-        click.echo("\nMLX primitives per decode step (each one a kernel launch on a Mac):")
-        for name, c in counts.items():
-            click.echo(
-                f"  {name:<11} {c['total']:>5}   "
-                + ", ".join(f"{k} {v}" for k, v in list(c["by_primitive"].items())[:6])
-            )
-        if len(counts) == 2:
-            ours, theirs = (c["total"] for c in counts.values())
-            click.echo(f"  ratio       {ours / theirs:.2f}x")
-    import mlx.core as mx
-
-    if not mx.metal.is_available():
-        click.echo(
-            "\nnote: no Metal GPU here; these are CPU figures (MLX's CPU backend), a proxy "
-            "for graph-level efficiency, not Apple Silicon speed.",
-            err=True,
-        )
+    result = bench.run(prompt_tokens, gen_tokens, repeats, warmup, ops=ops)
+    click.echo(json.dumps(result, indent=1) if as_json else format_report(result))
 
 
 if __name__ == "__main__":

@@ -39,23 +39,34 @@ def test_float32_matches_transformers(hf_mxfp4_dir, ids, ref_logits):
 def test_bfloat16_is_as_close_as_transformers_own_bfloat16(
     hf_mxfp4_dir, reference, ids, ref_logits
 ):
-    """bf16 against the float32 reference. On this random 4-layer model transformers' own bf16 is
-    ~5% off its float32 (routing and residual rounding compound), so a 2e-2 bound cannot be
-    met here by any bf16 implementation; we require ours to be within 2x of transformers' bf16
-    error and under 10%."""
+    """bf16 against the float32 reference, position by position (max |error| / max |reference
+    logit|): ours within 2x of transformers' own bf16 at the worst position and at the median one,
+    and the median under 5%.
+
+    No absolute bound on the worst position: on this random 4-layer model a bf16 rounding sometimes
+    flips a near-tied top-4 expert choice, and where that happens (in ours or in transformers)
+    depends on the draw of the weights, so the worst position ranges from 2% to 20% for either
+    engine across seeds; the median position is stable (~1.7% ours, ~1.3% transformers').
+    """
     import copy
 
     import torch
 
+    def position_errors(logits_: np.ndarray) -> np.ndarray:
+        return np.abs(logits_ - ref_logits).max(axis=-1) / np.abs(ref_logits).max()
+
     model = load_model(hf_mxfp4_dir)
     assert model.dtype == mx.bfloat16
-    ours = ck.relative_error(logits(model, ids), ref_logits)
+    ours = position_errors(logits(model, ids))
     with torch.no_grad():
         theirs_bf16 = copy.deepcopy(reference).to(torch.bfloat16)
-        theirs_logits = theirs_bf16(torch.from_numpy(ids)).logits.float().numpy()
-    theirs = ck.relative_error(theirs_logits, ref_logits)
-    print(f"bf16 relative error: ours {ours:.4f}, transformers {theirs:.4f}")
-    assert ours < min(2 * theirs, 0.1)
+        theirs = position_errors(theirs_bf16(torch.from_numpy(ids)).logits.float().numpy())
+    print(
+        f"bf16 relative error per position, median / worst: ours {np.median(ours):.4f} / "
+        f"{ours.max():.4f}, transformers {np.median(theirs):.4f} / {theirs.max():.4f}"
+    )
+    assert ours.max() < 2 * theirs.max()
+    assert np.median(ours) < min(2 * np.median(theirs), 0.05)
 
 
 def test_real_head_geometry_matches_transformers(tmp_path):
@@ -117,7 +128,8 @@ def reference_yarn(
     beta_slow=1.0,
     rounded=False,
 ):
-    """YaRN's inverse frequencies, in numpy; `rounded` is the known deviation (floor/ceil)."""
+    """YaRN as OpenAI's reference implementation computes it, in numpy; `rounded` is the known
+    deviation of some ports (ramp bounds floored/ceiled)."""
     low = (head_dim / 2) * math.log(context / (beta_fast * 2 * math.pi)) / math.log(theta)
     high = (head_dim / 2) * math.log(context / (beta_slow * 2 * math.pi)) / math.log(theta)
     if rounded:
