@@ -28,6 +28,7 @@ from gptoss_mlx.harmony.render import (
     check_reasoning_effort,
     common_prefix_length,
     is_builtin_call,
+    render_messages,
     render_prompt,
     render_turn,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "check_reasoning_effort",
     "render_prompt",
     "render_turn",
+    "render_messages",
     "chat_history_tokens",
     "common_prefix_length",
     "tools_to_typescript",

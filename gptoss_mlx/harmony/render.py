@@ -354,6 +354,30 @@ def render_prompt(
     return _prompt_tokens(tok, msgs)
 
 
+def render_messages(
+    messages: Sequence[Mapping],
+    *,
+    history: Sequence[Mapping] = (),
+    tokenizer: Tokenizer | None = None,
+    builtin_tools: Sequence[ToolNamespace] = (),
+) -> list[int]:
+    """Token ids of ``messages`` (user / tool / assistant, OpenAI shape) to append to a chat's
+    token history, without the ``<|start|>assistant`` that asks for a reply (:func:`render_turn`).
+
+    ``history``: the earlier messages, used only to resolve a tool message's ``tool_call_id`` to
+    its function name; ``builtin_tools`` as for :func:`render_prompt` (which tool names are
+    built-in). System and developer messages belong to the first prompt and are ignored here.
+    """
+    tok = tokenizer or default_tokenizer()
+    builtin = [ns.name for ns in builtin_tools]
+    call_names: dict[str, str] = {}
+    _conversation_messages(history, call_names, builtin)
+    out: list[int] = []
+    for m in _conversation_messages(messages, call_names, builtin):
+        _render_msg(tok, m, out)
+    return out
+
+
 def render_turn(
     messages: Sequence[Mapping],
     *,
@@ -361,18 +385,13 @@ def render_turn(
     tokenizer: Tokenizer | None = None,
     builtin_tools: Sequence[ToolNamespace] = (),
 ) -> list[int]:
-    """Token ids to append to a chat's token history for a new turn, ending ``<|start|>assistant``.
-
-    ``messages`` are the new user / tool (or assistant) messages; ``history`` the earlier ones,
-    used only to resolve a tool message's ``tool_call_id`` to its function name;
-    ``builtin_tools`` as for :func:`render_prompt` (which tool names are built-in). System and
-    developer messages belong to the first prompt and are ignored here.
-    """
+    """Token ids to append to a chat's token history for a new turn: :func:`render_messages`
+    then ``<|start|>assistant``."""
     tok = tokenizer or default_tokenizer()
-    builtin = [ns.name for ns in builtin_tools]
-    call_names: dict[str, str] = {}
-    _conversation_messages(history, call_names, builtin)
-    return _prompt_tokens(tok, _conversation_messages(messages, call_names, builtin))
+    rendered = render_messages(
+        messages, history=history, tokenizer=tok, builtin_tools=builtin_tools
+    )
+    return rendered + [tok.start_id] + tok.encode("assistant")
 
 
 def chat_history_tokens(
