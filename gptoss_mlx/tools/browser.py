@@ -111,7 +111,7 @@ CITATION = re.compile(r"【(\d+)†L(\d+)(?:-L(\d+))?】")
 _LINK = re.compile(r"【\d+†([^†】]*)(?:†[^†】]*)?】")
 _HTML_TYPES = ("text/html", "application/xhtml+xml")
 _TEXT_TYPES = ("application/json", "application/xml", "application/javascript", "+json", "+xml")
-_DROP_TAGS = ("script", "style", "noscript", "template", "svg", "iframe", "head", "form", "button")
+_DROP_TAGS = ("script", "style", "noscript", "template", "svg", "iframe", "head", "title", "form")
 
 
 @dataclass
