@@ -121,21 +121,18 @@ def test_bad_settings_are_refused():
 # -- isolation ---------------------------------------------------------------------------------
 
 
-def _isolated_or_skip(kind: str) -> Python:
-    tool = Python(timeout=10)
-    if not getattr(tool.isolation, kind):
-        tool.close()
+def _sandbox_or_skip(name: str) -> Python:
+    if not sandbox_available(name):
         pytest.skip(
-            f"no sandbox here denies {'network access' if kind == 'network' else 'writes'} "
-            f"(bwrap: {sandbox_available('bwrap')}, unshare: {sandbox_available('unshare')}, "
-            f"sandbox-exec: {sandbox_available('sandbox-exec')}); the tool runs with "
-            f"sandbox={tool.isolation.name!r} and its description says so"
+            f"the {name} sandbox does not work on this machine "
+            f"({'not installed or not permitted' if name != 'sandbox-exec' else 'macOS only'})"
         )
-    return tool
+    return Python(timeout=10, sandbox=name)
 
 
-def test_network_is_denied_where_isolated():
-    tool = _isolated_or_skip("network")
+@pytest.mark.parametrize("sandbox", ["bwrap", "unshare", "sandbox-exec"])
+def test_network_is_denied_in_each_sandbox(sandbox):
+    tool = _sandbox_or_skip(sandbox)
     server = socket.create_server(("127.0.0.1", 0))  # reachable from this process...
     port = server.getsockname()[1]
     threading.Thread(target=lambda: server.accept(), daemon=True).start()
@@ -156,21 +153,42 @@ def test_network_is_denied_where_isolated():
         tool.close()
 
 
-def test_writes_outside_the_scratch_directory_are_denied_where_isolated(tmp_path):
-    tool = _isolated_or_skip("writes")
+WRITE_OUTSIDE = (
+    "try:\n    open({target!r}, 'w').write('x')\n    print('written')\n"
+    "except OSError as e:\n    print('denied', e.errno)\n"
+)
+
+
+@pytest.mark.parametrize("sandbox", ["bwrap", "sandbox-exec"])
+def test_writes_outside_the_scratch_directory_are_denied(sandbox, tmp_path):
+    tool = _sandbox_or_skip(sandbox)
     try:
         target = tmp_path / "escaped.txt"
-        out = tool.execute(
-            f"try:\n    open({str(target)!r}, 'w').write('x')\n    print('written')\n"
-            "except OSError as e:\n    print('denied', e.errno)\n"
-        )
-        assert out.startswith("denied") and not target.exists()
+        assert tool.execute(WRITE_OUTSIDE.format(target=str(target))).startswith("denied")
+        assert not target.exists()
         assert tool.execute("open('inside.txt', 'w').write('ok')") == "2\n"
-        assert (tmp_path / "inside.txt").exists() is False
         assert os.path.exists(os.path.join(tool.scratch, "inside.txt"))
         assert "writing anywhere else is not allowed" in tool.describe()
     finally:
         tool.close()
+
+
+def test_unshare_does_not_confine_writes_and_says_so(tmp_path):
+    """What the README states for the unshare fallback: network denied, writes not."""
+    tool = _sandbox_or_skip("unshare")
+    try:
+        target = tmp_path / "outside.txt"
+        assert tool.execute(WRITE_OUTSIDE.format(target=str(target))) == "written\n"
+        assert "not allowed" not in tool.describe()
+    finally:
+        tool.close()
+
+
+def test_auto_picks_the_strongest_sandbox_here():
+    tool = Python()
+    want = next((s for s in ("sandbox-exec", "bwrap", "unshare") if sandbox_available(s)), "none")
+    assert tool.isolation.name == want
+    tool.close()
 
 
 def test_the_description_is_true_of_the_configuration():
