@@ -1,7 +1,8 @@
 """Streaming generation: chunked prefill, pipelined decode, harmony stop tokens, statistics.
 
-    prompt ids ──► prefill in chunks of `prefill_chunk` through the KV cache (each chunk evaluated,
-                   so peak memory stays bounded; only the last position goes through the unembedding)
+    prompt ids ──► prefill in chunks of `prefill_chunk` through the KV cache (each chunk
+                   evaluated, so peak memory stays bounded; only the last position goes through
+                   the unembedding)
                ──► sample token 0
     decode:        queue step n+1 (mx.async_eval) before reading token n with .item(), so the
                    device computes the next token while the host parses and prints this one;
