@@ -54,7 +54,7 @@ class Site(BaseHTTPRequestHandler):
                 200, f"<html><title>Long</title><body>{body}</body></html>".encode(), "text/html"
             )
         elif url.path == "/notes.txt":
-            self.send(200, "plain text, line one\nline two".encode(), "text/plain")
+            self.send(200, b"plain text, line one\nline two", "text/plain")
         elif url.path == "/moved":
             self.send(302, b"", headers=[("Location", "/index.html")])
         elif url.path in ("/loop-a", "/loop-b"):
@@ -161,7 +161,9 @@ def test_long_pages_scroll_by_cursor(browser, site):
         "**viewing lines [434 - 436] of 598**",
     ]
     assert page.endswith(
-        "L434: Paragraph 217 hides the Needle we look for.\nL435: \nL436: Paragraph 218 says nothing much."
+        "L434: Paragraph 217 hides the Needle we look for.\n"
+        "L435: \n"
+        "L436: Paragraph 218 says nothing much."
     )
     with pytest.raises(ToolError, match="past the end"):
         call(browser, "open", cursor=0, loc=5000)
