@@ -31,7 +31,6 @@ import socket
 import textwrap
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlparse
 
@@ -45,6 +44,9 @@ try:  # the [browser] extra
     from markdownify import MarkdownConverter
 except ImportError:  # pragma: no cover - exercised only without the extra
     httpx = None
+
+__all__ = ["BraveSearch", "Browser", "Citation", "Page", "SearchBackend", "SearchResult"]
+__all__ += ["SearxngSearch", "html_to_page"]
 
 # The declaration, as gpt-oss was trained on it (openai-harmony's browser namespace).
 DESCRIPTION = (
@@ -599,15 +601,3 @@ class Browser(BuiltinTool):
         return (
             "text/html" if re.search(rb"<(!doctype html|html|body)", head, re.I) else "text/plain"
         )
-
-
-__all__: Sequence[str] = [
-    "Browser",
-    "BraveSearch",
-    "Citation",
-    "Page",
-    "SearchBackend",
-    "SearxngSearch",
-    "SearchResult",
-    "html_to_page",
-]
