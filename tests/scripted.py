@@ -49,9 +49,10 @@ class ScriptedModel:
         self._last_width = 0
 
     @classmethod
-    def from_harmony(cls, *texts: str, tokenizer) -> ScriptedModel:
-        """A model whose n-th generation emits `texts[n]` (harmony, special tokens written out)
-        token by token."""
+    def from_harmony(cls, texts: str | list[str], tokenizer) -> ScriptedModel:
+        """A model that emits `texts` (harmony, special tokens written out) token by token: one
+        text, or a list whose n-th text is the n-th generation's."""
+        texts = [texts] if isinstance(texts, str) else texts
         return cls(*(tokenizer.encode(t, allow_special=True) for t in texts))
 
     def make_cache(self) -> list:

@@ -21,7 +21,7 @@ def main() -> None:
     with open(sys.argv[1], encoding="utf-8") as f:
         texts = json.load(f)
     tokenizer = default_tokenizer()
-    model = ScriptedModel.from_harmony(*texts, tokenizer=tokenizer)
+    model = ScriptedModel.from_harmony(texts, tokenizer)
     cli.load = lambda *args, **kwargs: (model, tokenizer)
     sys.argv = ["gptoss-mlx", *sys.argv[2:]]
     cli.main()

@@ -217,7 +217,7 @@ THOUGHT_AND_ANSWER = (
 def run_scripted(monkeypatch, tok, completion, *args):
     """`gptoss-mlx generate Hi ARGS` in-process, the model replaced by one that emits
     `completion`; ANSI styles kept so dimming is visible."""
-    model = ScriptedModel.from_harmony(completion, tokenizer=tok)
+    model = ScriptedModel.from_harmony(completion, tok)
     monkeypatch.setattr(cli_module, "load", lambda *a, **kw: (model, tok))
     result = CliRunner().invoke(cli_module.main, ["generate", "Hi", *args], color=True)
     assert result.exit_code == 0, result.stderr

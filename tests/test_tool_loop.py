@@ -155,7 +155,7 @@ def test_derived_schemas_are_what_a_person_writes():
 
 
 def test_two_rounds_of_function_calls(tok, harmony_enc):
-    model = ScriptedModel.from_harmony(CALL_WEATHER, CALL_TIME, ANSWER, tokenizer=tok)
+    model = ScriptedModel.from_harmony([CALL_WEATHER, CALL_TIME, ANSWER], tok)
     session = ChatSession(model, tok, tools=[get_weather, get_time], temperature=0)
     events, tool_events = run(session, "Weather and time in Paris?")
 
@@ -235,7 +235,7 @@ def test_a_raising_tool_is_an_error_the_model_reads(tok):
         '<|message|>{"city": "Atlantis"}<|call|>'
     )
     answer = "<|channel|>final<|message|>I could not find it.<|return|>"
-    model = ScriptedModel.from_harmony(call, answer, tokenizer=tok)
+    model = ScriptedModel.from_harmony([call, answer], tok)
     session = ChatSession(model, tok, tools=[lookup], temperature=0)
     events, tool_events = run(session, "Where is Atlantis?")
     result = tool_events[-1]
@@ -252,7 +252,7 @@ def test_a_raising_tool_is_an_error_the_model_reads(tok):
 
 
 def test_the_round_limit_stops_the_loop(tok):
-    model = ScriptedModel.from_harmony(CALL_WEATHER, CALL_WEATHER, ANSWER, tokenizer=tok)
+    model = ScriptedModel.from_harmony([CALL_WEATHER, CALL_WEATHER, ANSWER], tok)
     session = ChatSession(model, tok, tools=[get_weather], max_tool_rounds=1, temperature=0)
     events, tool_events = run(session, "Weather?")
     assert CALLS == [("get_weather", "Paris", "celsius")]  # the second call was not run
@@ -268,7 +268,7 @@ def test_the_round_limit_stops_the_loop(tok):
 
 
 def test_zero_rounds_runs_nothing(tok):
-    model = ScriptedModel.from_harmony(CALL_WEATHER, tokenizer=tok)
+    model = ScriptedModel.from_harmony(CALL_WEATHER, tok)
     session = ChatSession(model, tok, tools=[get_weather], max_tool_rounds=0, temperature=0)
     _, tool_events = run(session, "Weather?")
     assert CALLS == [] and [e.kind for e in tool_events] == ["tool_limit"]
@@ -276,7 +276,7 @@ def test_zero_rounds_runs_nothing(tok):
 
 def test_declined_unknown_and_declared_only_tools(tok):
     # Declined by approve(): not run, and the model is told.
-    model = ScriptedModel.from_harmony(CALL_WEATHER, ANSWER, tokenizer=tok)
+    model = ScriptedModel.from_harmony([CALL_WEATHER, ANSWER], tok)
     asked = []
     session = ChatSession(
         model, tok, tools=[get_weather], approve=lambda c: asked.append(c) or False
@@ -285,14 +285,14 @@ def test_declined_unknown_and_declared_only_tools(tok):
     assert CALLS == [] and asked[0].recipient == "functions.get_weather"
     assert tool_events[-1].error and "declined" in tool_events[-1].output
     # A tool the session does not have: an error result, the loop goes on.
-    model = ScriptedModel.from_harmony(CALL_TIME, ANSWER, tokenizer=tok)
+    model = ScriptedModel.from_harmony([CALL_TIME, ANSWER], tok)
     session = ChatSession(model, tok, tools=[get_weather], temperature=0)
     events, tool_events = run(session, "Time?")
     assert tool_events[-1].error and "no tool 'functions.get_time'" in tool_events[-1].output
     assert events[-1].finish_reason == "stop"
     # A function declared without a callable: the turn ends on the call, for the caller.
     spec = {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_SCHEMA}}
-    model = ScriptedModel.from_harmony(CALL_WEATHER, ANSWER, tokenizer=tok)
+    model = ScriptedModel.from_harmony([CALL_WEATHER, ANSWER], tok)
     session = ChatSession(model, tok, tools=[spec], temperature=0)
     events, tool_events = run(session, "Weather?")
     assert tool_events == [] and events[-1].finish_reason == "tool_calls"
@@ -308,7 +308,7 @@ def test_a_dict_and_callable_pair(tok):
             "parameters": WEATHER_SCHEMA,
         },
     }
-    model = ScriptedModel.from_harmony(CALL_WEATHER, ANSWER, tokenizer=tok)
+    model = ScriptedModel.from_harmony([CALL_WEATHER, ANSWER], tok)
     session = ChatSession(model, tok, tools=[(spec, get_weather)], temperature=0)
     run(session, "Weather?")
     assert CALLS == [("get_weather", "Paris", "celsius")]
@@ -327,7 +327,7 @@ def test_python_builtin_round_matches_openai_harmony(tok, harmony_enc):
     )
     answer = "<|channel|>final<|message|>42<|return|>"
     python = Python(timeout=30)
-    model = ScriptedModel.from_harmony(call, answer, tokenizer=tok)
+    model = ScriptedModel.from_harmony([call, answer], tok)
     with ChatSession(model, tok, builtin_tools=[python], temperature=0) as session:
         _, tool_events = run(session, "6 times 7?")
     assert [(e.kind, e.output) for e in tool_events] == [("tool_run", ""), ("tool_result", "42\n")]
@@ -355,7 +355,7 @@ def test_a_function_named_like_a_builtin_is_refused(tok):
 
 def test_history_tokens_module_functions_agree(tok):
     """The loop's history is harmony's: chat_history_tokens of the last round plus the result."""
-    model = ScriptedModel.from_harmony(CALL_WEATHER, ANSWER, tokenizer=tok)
+    model = ScriptedModel.from_harmony([CALL_WEATHER, ANSWER], tok)
     session = ChatSession(model, tok, tools=[get_weather], temperature=0)
     stream = session.send("Weather?")
     for event in stream:
