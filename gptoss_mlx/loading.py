@@ -1,4 +1,8 @@
-"""`load_model`: any supported checkpoint (folder or hub id) -> a ready `GptOssModel`."""
+"""`load_model`: any supported checkpoint (folder or hub id) -> a ready `GptOssModel`.
+
+Given a distributed group of several ranks, each process loads only its rank's experts (see
+`gptoss_mlx.distributed`) and the ranks check that they loaded the same model.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import kernels as kernel_backends
+from .distributed import check_same_model
 from .errors import GptOssError
 from .hub import resolve_model_path
 from .model import GptOssModel
@@ -109,7 +114,7 @@ def build_model(
     kernel backend (see `gptoss_mlx.kernels`).
     """
     kernel_backends.resolve(kernels)  # an invalid choice fails before any loading
-    model = GptOssModel(ckpt.config)
+    model = GptOssModel(ckpt.config, ckpt.shard)
     kernel_backends.use(model, kernels)
     specs = dense_quantization(model, ckpt.tensors)
     if specs:
@@ -124,9 +129,14 @@ def build_model(
         return model
     total = sum(w.nbytes for w in weights.values())
     if total > available_memory():
+        whose, more = "the model needs", ""
+        if ckpt.shard is not None:
+            shard = ckpt.shard
+            whose = f"rank {shard.rank}'s share of the model ({shard.count} experts) needs"
+            more = ", more ranks"
         raise GptOssError(
-            f"the model needs {total / 1e9:.1f} GB for its weights but this machine "
-            f"offers {available_memory() / 1e9:.1f} GB; use a smaller model or "
+            f"{whose} {total / 1e9:.1f} GB for its weights but this machine "
+            f"offers {available_memory() / 1e9:.1f} GB; use a smaller model{more} or "
             "`gptoss-mlx convert --dense-bits 8|4` to shrink the dense weights"
         )
     groups = [model.embed_tokens, *model.layers, model.norm, model.lm_head]
@@ -144,17 +154,25 @@ def load_model(
     *,
     progress: bool = False,
     kernels: str | None = None,
+    group: mx.distributed.Group | None = None,
 ) -> GptOssModel:
     """Load gpt-oss from a local folder of any supported layout or a Hugging Face repo id.
 
     `dtype=None` computes in bfloat16; `"float32"` computes in float32 (for parity checks). Expert
     weights stay MXFP4 in every case. `kernels` = "auto" | "metal" | "mlx" | "emulate" picks how the
     attention and expert ops run (None: $GPTOSS_MLX_KERNELS, else auto; see `gptoss_mlx.kernels`).
+    `group`: the ranks (`mx.distributed.init()`) this process is one of; with more than one, it
+    loads only its rank's experts from its own copy of the checkpoint, and returns once every
+    rank has loaded the same model.
     """
     compute_dtype = parse_dtype(dtype)
     kernel_backends.resolve(kernels)
-    ckpt = read_checkpoint(resolve_model_path(path_or_repo, progress=progress))
-    return build_model(ckpt, compute_dtype, progress=progress, kernels=kernels)
+    ckpt = read_checkpoint(resolve_model_path(path_or_repo, progress=progress), group)
+    model = build_model(ckpt, compute_dtype, progress=progress, kernels=kernels)
+    if ckpt.shard is not None:
+        description = {"config": model.config.to_hf(), "dtype": str(model.dtype)}
+        check_same_model(ckpt.shard.group, description)
+    return model
 
 
 def load(
@@ -163,14 +181,15 @@ def load(
     *,
     progress: bool = False,
     kernels: str | None = None,
+    group: mx.distributed.Group | None = None,
 ) -> tuple[GptOssModel, Tokenizer]:
     """`(model, tokenizer)` for a folder or hub id: `load_model` plus the checkpoint's tokenizer.
 
     The tokenizer comes from the folder's `tokenizer.json` when it has one (its special-token ids
-    checked), else tiktoken's o200k_harmony.
+    checked), else tiktoken's o200k_harmony. `group`: see `load_model`.
     """
     folder = resolve_model_path(path_or_repo, progress=progress)
-    model = load_model(folder, dtype, progress=progress, kernels=kernels)
+    model = load_model(folder, dtype, progress=progress, kernels=kernels, group=group)
     needed = max(SPECIAL_TOKENS.values()) + 1
     if model.config.vocab_size < needed:
         raise GptOssError(

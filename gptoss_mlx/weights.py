@@ -13,6 +13,11 @@ Layouts:
 - ``gptoss-mlx``: this project's converted folders: the model's own parameter names.
 
 Every tensor is returned lazily (`mx.load` maps the file; nothing is read until evaluated).
+
+One rank of several (a `distributed.ExpertShard`) takes only its experts from the tensors stacked
+over the experts `[E, ...]`: rows start..stop of each, read from the file as that byte range
+alone (MLX's loader would read a whole tensor before slicing it), so a rank never holds more
+than its share. Everything else is taken whole.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ import os
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+import numpy as np
 
 from .config import ModelConfig
+from .distributed import ExpertShard, expert_shard
 from .errors import GptOssError
 from .safetensors_check import TensorInfo, read_header
 
@@ -39,6 +46,16 @@ _LAYOUT_MARKERS = {
     "gptoss-mlx": "layers.0.mlp.experts.gate_up_proj.weight",
 }
 
+# safetensors dtype names -> MLX dtypes, for reading a tensor's rows from its file.
+_DTYPES = {
+    "U8": mx.uint8,
+    "U32": mx.uint32,
+    "I32": mx.int32,
+    "BF16": mx.bfloat16,
+    "F16": mx.float16,
+    "F32": mx.float32,
+}
+
 
 @dataclass
 class Checkpoint:
@@ -50,6 +67,7 @@ class Checkpoint:
     tensors: dict[str, mx.array]
     # our name -> "FILE: source name", for error messages
     origin: dict[str, str] = field(default_factory=dict)
+    shard: ExpertShard | None = None  # the experts taken, when this process is one rank of several
 
 
 def find_weights_folder(path: str) -> str:
@@ -98,8 +116,9 @@ def _detect_layout(names, folder: str) -> str:
     )
 
 
-def read_checkpoint(path: str) -> Checkpoint:
-    """Read a local checkpoint folder of any supported layout (lazily)."""
+def read_checkpoint(path: str, group: mx.distributed.Group | None = None) -> Checkpoint:
+    """Read a local checkpoint folder of any supported layout (lazily). In a `group` of several
+    ranks, only this rank's experts (read at once: they are the bulk of its share)."""
     folder = find_weights_folder(path)
     try:
         with open(os.path.join(folder, "config.json")) as f:
@@ -116,7 +135,7 @@ def read_checkpoint(path: str) -> Checkpoint:
             arrays.update(mx.load(shard))
         except Exception as e:  # MLX's reader reports format problems as RuntimeError/ValueError
             raise GptOssError(f"{os.path.basename(shard)}: cannot read safetensors ({e})") from None
-    return checkpoint_from_tensors(arrays, raw_config, folder, infos)
+    return checkpoint_from_tensors(arrays, raw_config, folder, infos, group)
 
 
 def checkpoint_from_tensors(
@@ -124,24 +143,44 @@ def checkpoint_from_tensors(
     raw_config: dict,
     folder: str = "<memory>",
     infos: dict[str, TensorInfo] | None = None,
+    group: mx.distributed.Group | None = None,
 ) -> Checkpoint:
-    """Recognise the layout of `arrays` (named as in some checkpoint) and map them to our names."""
+    """Recognise the layout of `arrays` (named as in some checkpoint) and map them to our names;
+    in a `group` of several ranks, keep only this rank's experts (`distributed.expert_shard`)."""
     layout = _detect_layout(arrays.keys(), folder)
     config = (ModelConfig.from_original if layout == "original" else ModelConfig.from_hf)(
         raw_config
     )
-    source = _Source(dict(arrays), infos or {})
+    shard = expert_shard(config.num_experts, group)
+    source = _Source(dict(arrays), infos or {}, shard)
     tensors = _MAPPERS[layout](source, config)
     source.reject_leftovers()
-    return Checkpoint(folder, layout, config, tensors, source.origin)
+    return Checkpoint(folder, layout, config, tensors, source.origin, shard)
+
+
+def read_rows(info: TensorInfo, start: int, stop: int) -> mx.array:
+    """Rows start..stop-1 of a stored tensor's first axis, reading only their bytes from its file
+    (the rows of a C-ordered tensor are one contiguous byte range)."""
+    row = info.nbytes // info.shape[0]
+    data = np.fromfile(
+        info.file, dtype=np.uint8, count=(stop - start) * row, offset=info.offset + start * row
+    )
+    return mx.array(data).view(_DTYPES[info.dtype]).reshape(stop - start, *info.shape[1:])
 
 
 class _Source:
-    """The checkpoint's tensors by their own names; `take` consumes one, recording its origin."""
+    """The checkpoint's tensors by their own names; `take` consumes one, recording its origin
+    (`take_experts` one stacked over the experts, keeping only the shard's)."""
 
-    def __init__(self, arrays: dict[str, mx.array], infos: dict[str, TensorInfo]):
+    def __init__(
+        self,
+        arrays: dict[str, mx.array],
+        infos: dict[str, TensorInfo],
+        shard: ExpertShard | None = None,
+    ):
         self.arrays = arrays
         self.infos = infos
+        self.shard = shard
         self.origin: dict[str, str] = {}
 
     def where(self, name: str) -> str:
@@ -161,12 +200,38 @@ class _Source:
             raise GptOssError(f"{self.where(name)} has dtype {array.dtype}, expected {dtype}")
         return array
 
+    def take_experts(self, name: str, dtype: mx.Dtype | None = None) -> mx.array:
+        """`take` for a tensor stacked over the experts `[E, ...]`: the shard's experts only
+        (all of them without a shard)."""
+        array = self.take(name, dtype)
+        if self.shard is None:
+            return array
+        if array.ndim == 0 or array.shape[0] != self.shard.num_experts:
+            raise GptOssError(
+                f"{self.where(name)} has shape {list(array.shape)}, expected "
+                f"{self.shard.num_experts} experts first"
+            )
+        start, stop = self.shard.start, self.shard.stop
+        info = self.infos.get(name)
+        if info is not None and info.dtype in _DTYPES:
+            return read_rows(info, start, stop)
+        return mx.contiguous(array[start:stop])  # a copy: the slice alone would keep the rest
+
     def put(self, out: dict, ours: str, array: mx.array, *names: str) -> None:
         out[ours] = array
         self.origin[ours] = " + ".join(self.where(n) for n in names)
 
-    def move(self, out: dict, ours: str, name: str, dtype: mx.Dtype | None = None) -> None:
-        self.put(out, ours, self.take(name, dtype), name)
+    def move(
+        self,
+        out: dict,
+        ours: str,
+        name: str,
+        dtype: mx.Dtype | None = None,
+        experts: bool = False,
+    ) -> None:
+        """Take `name` as our `ours` (`experts`: stacked over the experts, see `take_experts`)."""
+        array = self.take_experts(name, dtype) if experts else self.take(name, dtype)
+        self.put(out, ours, array, name)
 
     def reject_leftovers(self) -> None:
         if self.arrays:
@@ -198,9 +263,10 @@ def _interleave_rows(gate: mx.array, up: mx.array, axis: int) -> mx.array:
 
 def _move_mxfp4(src: _Source, out: dict, ours: str, blocks: str, scales: str, bias: str) -> None:
     """One MXFP4 expert projection: uint8 blocks viewed as MLX's weight, E8M0 scales, bias."""
-    src.put(out, ours + ".weight", mxfp4_blocks_to_weight(src.take(blocks, mx.uint8)), blocks)
-    src.move(out, ours + ".scales", scales, mx.uint8)
-    src.move(out, ours + ".bias", bias)
+    weight = mxfp4_blocks_to_weight(src.take_experts(blocks, mx.uint8))
+    src.put(out, ours + ".weight", weight, blocks)
+    src.move(out, ours + ".scales", scales, mx.uint8, experts=True)
+    src.move(out, ours + ".bias", bias, experts=True)
 
 
 def _dense_hf(src: _Source, out: dict, prefix: str = "model.") -> None:
@@ -232,7 +298,7 @@ def _map_hf_bf16(src: _Source, config: ModelConfig) -> dict:
     for i in range(config.num_hidden_layers):
         p, q = f"model.layers.{i}.mlp.experts.", f"layers.{i}.mlp.experts."
         for proj in ("gate_up_proj", "down_proj"):
-            dense = src.take(p + proj)
+            dense = src.take_experts(p + proj)
             if dense.ndim != 3:
                 raise GptOssError(
                     f"{src.where(p + proj)} must be 3-D "
@@ -241,7 +307,7 @@ def _map_hf_bf16(src: _Source, config: ModelConfig) -> dict:
             weight, scales = quantize_mxfp4(dense.swapaxes(1, 2))
             src.put(out, q + proj + ".weight", weight, p + proj)
             src.put(out, q + proj + ".scales", scales, p + proj)
-            src.move(out, q + proj + ".bias", p + proj + "_bias")
+            src.move(out, q + proj + ".bias", p + proj + "_bias", experts=True)
     return out
 
 
@@ -301,8 +367,8 @@ def _map_mlx_community(src: _Source, config: ModelConfig) -> dict:
         for part in ("weight", "scales", "bias"):
             dtype = {"weight": mx.uint32, "scales": mx.uint8}.get(part)
             gate, up = (
-                src.take(f"{p}gate_proj.{part}", dtype),
-                src.take(f"{p}up_proj.{part}", dtype),
+                src.take_experts(f"{p}gate_proj.{part}", dtype),
+                src.take_experts(f"{p}up_proj.{part}", dtype),
             )
             src.put(
                 out,
@@ -311,14 +377,14 @@ def _map_mlx_community(src: _Source, config: ModelConfig) -> dict:
                 f"{p}gate_proj.{part}",
                 f"{p}up_proj.{part}",
             )
-            src.move(out, f"{q}down_proj.{part}", f"{p}down_proj.{part}", dtype)
+            src.move(out, f"{q}down_proj.{part}", f"{p}down_proj.{part}", dtype, experts=True)
     return out
 
 
 def _map_gptoss_mlx(src: _Source, config: ModelConfig) -> dict:
     out: dict = {}
     for name in list(src.arrays):
-        src.move(out, name, name)
+        src.move(out, name, name, experts=".mlp.experts." in name)
     return out
 
 

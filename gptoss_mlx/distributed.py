@@ -1,0 +1,344 @@
+"""One model across several processes (ranks) with `mx.distributed`: experts sharded by rank.
+
+The split is expert parallel. Rank r of N holds experts [start_r, stop_r) of every layer (E // N
+each, the first E % N ranks one more) and everything else whole: embedding, attention, router,
+norms, unembedding. Every rank routes every token (the router is replicated, so all agree), runs
+its own experts for the token-expert pairs routed to them, and the ranks' MoE outputs are summed:
+
+    local pair   (e in [start_r, stop_r)):  expert e - start_r, weight w
+    other pair:                              a local stand-in expert, weight 0
+    moe(x) = all_sum over ranks of  sum_k w_k y_k          one all_sum of [T, H] per layer
+
+The shapes never depend on the routing, so the decode step stays one compiled graph with no host
+sync per layer. Sampling stays identical on every rank because rank 0's token is the one every
+rank feeds back (`shared_sampler`): one all_sum of one id per token.
+
+The runtime of a distributed command (`Ranks`): rank 0, the leader, reads input, decides and writes
+output; the others follow the commands it shares (`share`). A collective that waits on a rank
+that died fails at once (MLX's ring backend notices the closed socket); one that waits on a rank
+that hangs, or on a machine that dropped off the network, is ended by a watchdog after
+`GPTOSS_MLX_DISTRIBUTED_TIMEOUT` seconds without progress (generation, or the leader's ticks
+while it waits for input). Either way each rank ends with a one-line `GptOssError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import GptOssError
+
+TIMEOUT_ENV = "GPTOSS_MLX_DISTRIBUTED_TIMEOUT"
+DEFAULT_TIMEOUT = 60.0  # seconds: connecting, and the longest wait without progress
+TICK = 1.0  # seconds between the leader's ticks while it waits for input
+
+# Environment a launcher sets for each process: mlx.launch (ring, jaccl), mpirun, NCCL.
+_LAUNCH_ENV = ("MLX_HOSTFILE", "MLX_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MLX_WORLD_SIZE")
+
+
+# --- which experts a rank holds -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class ExpertShard:
+    """The experts one rank holds, out of `num_experts` per layer, and the group it sums with."""
+
+    group: mx.distributed.Group
+    num_experts: int
+
+    @property
+    def rank(self) -> int:
+        return self.group.rank()
+
+    @property
+    def size(self) -> int:
+        return self.group.size()
+
+    @property
+    def start(self) -> int:
+        base, extra = divmod(self.num_experts, self.size)
+        return self.rank * base + min(self.rank, extra)
+
+    @property
+    def count(self) -> int:
+        base, extra = divmod(self.num_experts, self.size)
+        return base + (self.rank < extra)
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.count
+
+    def localize(self, indices: mx.array, weights: mx.array) -> tuple[mx.array, mx.array]:
+        """Routing over all experts (indices, weights `[N, k]`) -> the same over this rank's.
+
+        A pair routed elsewhere keeps its place with weight 0 and a local stand-in: the token's
+        first local expert when it has one (read for it anyway), else local expert 0.
+        """
+        indices = indices.astype(mx.int32)
+        local = (indices >= self.start) & (indices < self.stop)
+        own = indices - self.start
+        first = mx.take_along_axis(own, mx.argmax(local, axis=-1, keepdims=True), axis=-1)
+        stand_in = mx.where(mx.any(local, axis=-1, keepdims=True), first, 0)
+        return mx.where(local, own, stand_in), mx.where(local, weights, mx.zeros_like(weights))
+
+    def combine(self, partial: mx.array) -> mx.array:
+        """This rank's share of the MoE output -> the whole of it: the sum over the ranks."""
+        beat()  # the model is building the next chunk or token: the last one finished
+        return mx.distributed.all_sum(partial, group=self.group)
+
+
+def expert_shard(num_experts: int, group: mx.distributed.Group | None) -> ExpertShard | None:
+    """The shard this process holds in `group`; None for a single process (or no group)."""
+    if group is None or group.size() == 1:
+        return None
+    if group.size() > num_experts:
+        raise GptOssError(
+            f"{group.size()} ranks for {num_experts} experts per layer: every rank must hold at "
+            f"least one expert; run on at most {num_experts} ranks"
+        )
+    return ExpertShard(group, num_experts)
+
+
+# --- sampling -------------------------------------------------------------------------------------
+
+
+def leader_token(token: mx.array, group: mx.distributed.Group | None) -> mx.array:
+    """Rank 0's `token` on every rank (lazily: one all_sum of the ids)."""
+    if group is None or group.size() == 1:
+        return token
+    beat()
+    mine = mx.where(group.rank() == 0, token, mx.zeros_like(token))
+    return mx.distributed.all_sum(mine, group=group)
+
+
+def shared_sampler(
+    sampler: Callable[[mx.array], mx.array], group: mx.distributed.Group | None
+) -> Callable[[mx.array], mx.array]:
+    """`sampler`, with every rank taking rank 0's token: the ranks' logits can differ in the last
+    bits (Macs of different chips round differently), their tokens never do."""
+    if group is None or group.size() == 1:
+        return sampler
+    return lambda logits: leader_token(sampler(logits), group)
+
+
+# --- connecting -----------------------------------------------------------------------------------
+
+
+def timeout_seconds() -> float:
+    """$GPTOSS_MLX_DISTRIBUTED_TIMEOUT, else DEFAULT_TIMEOUT."""
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise GptOssError(f"{TIMEOUT_ENV} must be a number of seconds > 0, not {raw!r}")
+    return value
+
+
+def launched() -> bool:
+    """Whether a launcher (mlx.launch, mpirun) started this process as one of several."""
+    if not any(os.environ.get(k) for k in _LAUNCH_ENV):
+        return False
+    hostfile = os.environ.get("MLX_HOSTFILE")
+    if hostfile and os.environ.get("MLX_RANK") is not None:
+        try:  # `mlx.launch -n 1` writes an empty hostfile: one process
+            with open(hostfile) as f:
+                return len(json.loads(f.read() or "[]")) > 1
+        except (OSError, ValueError):
+            return True  # let init report it
+    return True
+
+
+def connect(timeout: float | None = None) -> mx.distributed.Group | None:
+    """The group of the ranks this process was launched with, connected; None when it was not
+    launched as one of several. GptOssError when the others cannot be reached within `timeout`
+    seconds (default: `timeout_seconds()`)."""
+    if not launched():
+        return None
+    timeout = timeout_seconds() if timeout is None else timeout
+    rank = os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "?"))
+    fired = threading.Event()
+    # MLX's ring backend waits for its left neighbour in accept() with no time limit; an alarm
+    # interrupts that wait (the main thread only: elsewhere the wait is bounded by the launcher).
+    alarm = threading.current_thread() is threading.main_thread()
+    if alarm:
+        previous = signal.signal(signal.SIGALRM, lambda *_: fired.set())
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        group = mx.distributed.init(strict=True)
+    except RuntimeError as e:
+        why = f"no answer within {timeout:g} s" if fired.is_set() else str(e)
+        raise GptOssError(
+            f"rank {rank}: cannot connect to the other ranks ({why}); check that every rank was "
+            f"started, the hostfile's addresses and the network ({TIMEOUT_ENV} sets the wait)"
+        ) from None
+    finally:
+        if alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+    return group if group.size() > 1 else None
+
+
+def peer_failure(error: BaseException, rank: int | str = "?") -> GptOssError | None:
+    """The one-line error for a collective that failed because another rank went away, or None
+    when `error` is something else."""
+    text = str(error)
+    if isinstance(error, RuntimeError) and text.startswith(("[ring]", "[mpi]", "[jaccl]")):
+        return GptOssError(
+            f"rank {rank}: lost the connection to another rank ({text.split('] ', 1)[-1]}): it "
+            "stopped, crashed or the network failed"
+        )
+    return None
+
+
+def check_same_model(group: mx.distributed.Group, description: dict) -> None:
+    """GptOssError unless every rank of `group` describes its model the same way (configuration,
+    dtype): ranks that loaded different checkpoints would compute nonsense together. Every rank
+    waits here for the slowest to finish loading."""
+    digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).digest()
+    mine = mx.array(np.frombuffer(digest, np.uint8))
+    every = np.array(mx.distributed.all_gather(mine, group=group, stream=mx.cpu))
+    rows = every.reshape(group.size(), -1)
+    differ = [r for r in range(group.size()) if bytes(rows[r]) != bytes(rows[0])]
+    if differ:
+        raise GptOssError(
+            f"rank {differ[0]} loaded a different model than rank 0 (configuration or dtype): "
+            "give every rank the same checkpoint and options"
+        )
+
+
+# --- the watchdog ---------------------------------------------------------------------------------
+
+
+class Watchdog:
+    """Ends this process with a one-line error when no progress was made for `timeout` seconds
+    while armed. Progress is `beat()`: a shared command, a leader's tick, a chunk or token built."""
+
+    def __init__(self, rank: int, timeout: float):
+        self.rank, self.timeout = rank, timeout
+        self.last = time.monotonic()
+        self.armed = False
+        threading.Thread(target=self._watch, name="gptoss-watchdog", daemon=True).start()
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
+
+    def arm(self) -> None:
+        self.beat()
+        self.armed = True
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.timeout / 4))
+            if self.armed and time.monotonic() - self.last > self.timeout:
+                fail(
+                    f"rank {self.rank}: no progress for {self.timeout:g} s: another rank hung or "
+                    f"the network failed (the wait is set by {TIMEOUT_ENV})"
+                )
+
+
+_watchdog: Watchdog | None = None  # one per process, as mx.distributed's group is
+
+
+def beat() -> None:
+    """Mark progress for this process's watchdog, if it has one."""
+    if _watchdog is not None:
+        _watchdog.beat()
+
+
+def fail(message: str) -> None:
+    """Print `error: message` and end the process now, from any thread (the main one may be
+    blocked in a collective that will never finish)."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+
+# --- leader and followers -------------------------------------------------------------------------
+
+
+class Ranks:
+    """This process's part in a distributed command: rank 0 (the leader) reads input and shares
+    what to do; the others receive it and do the same, silently.
+
+    Construct it once the model is loaded: from then on the watchdog is armed.
+    """
+
+    def __init__(self, group: mx.distributed.Group, timeout: float | None = None):
+        global _watchdog
+        self.group = group
+        self.rank, self.size = group.rank(), group.size()
+        self.leader = self.rank == 0
+        self._lock = threading.Lock()  # one collective at a time: the ticker's or the main's
+        if _watchdog is None:
+            _watchdog = Watchdog(self.rank, timeout_seconds() if timeout is None else timeout)
+        _watchdog.arm()
+
+    def share(self, message: Any = None) -> Any:
+        """The leader's `message` (JSON-serialisable) on every rank; the others pass nothing."""
+        with self._lock:
+            return self._share(message)
+
+    def _share(self, message: Any) -> Any:
+        data = json.dumps(message).encode() if self.leader else b""
+        n = mx.distributed.all_sum(
+            mx.array([len(data)], mx.int32), group=self.group, stream=mx.cpu
+        ).item()
+        if self.leader:
+            payload = mx.array(np.frombuffer(data, np.uint8))
+        else:
+            payload = mx.zeros((n,), mx.uint8)
+        out = mx.distributed.all_sum(payload, group=self.group, stream=mx.cpu)
+        text = bytes(np.array(out)).decode()
+        beat()
+        return json.loads(text)
+
+    def receive(self) -> Any:
+        """A follower's next command from the leader (its ticks skipped)."""
+        while True:
+            message = self.share()
+            if message != {"tick": True}:
+                return message
+
+    @contextlib.contextmanager
+    def idle(self) -> Iterator[None]:
+        """On the leader, around a wait for input (a line, a request): the followers get a tick
+        every TICK seconds, so they know it is alive and the leader knows they are."""
+        if not self.leader:
+            yield
+            return
+        stop = threading.Event()
+
+        def tick() -> None:
+            while not stop.wait(TICK):
+                with self._lock:
+                    if stop.is_set():
+                        return
+                    try:
+                        self._share({"tick": True})
+                    except RuntimeError as e:
+                        error = peer_failure(e, self.rank)
+                        fail(str(error) if error else f"rank {self.rank}: {e}")
+
+        ticker = threading.Thread(target=tick, name="gptoss-ticker", daemon=True)
+        ticker.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            ticker.join()
