@@ -3,11 +3,12 @@
 The public API: `load_model` (and, with the tokenizer, `load`), `stream_generate`, `generate`,
 `ChatSession` (multi-turn chat keeping the KV cache, running tools), `ToolLoop` (the tool loop on
 its own, for other sessions), `tools` (function tools, `Browser`, `Python`), `convert`,
-`Benchmark`, `harmony`, and the one error type `GptOssError`. The command line
+`Benchmark`, `harmony`, `distributed` (one model across several processes: connecting, the
+leader's commands), and the one error type `GptOssError`. The command line
 (`gptoss_mlx.cli`) uses nothing else.
 """
 
-from . import harmony, tools
+from . import distributed, harmony, tools
 from .benchmark import Benchmark
 from .chat import ChatSession
 from .config import ModelConfig, preset
@@ -34,6 +35,7 @@ __all__ = [
     "ToolLoop",
     "check_sampling",
     "convert",
+    "distributed",
     "generate",
     "harmony",
     "load",

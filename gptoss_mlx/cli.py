@@ -2,10 +2,15 @@
 
 Every command turns a `GptOssError` into a one-line message on stderr and exit status 1; a bad flag
 (out of range, unknown choice) is one line too, with exit status 2.
+
+Under a launcher (`mlx.launch`, mpirun) `generate`, `chat` and `bench` run as one rank of several,
+the model's experts sharded across them (`gptoss_mlx.distributed`): rank 0 reads the input and
+shares it, every rank computes, and only rank 0 writes output. An error names its rank.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -25,6 +30,7 @@ from . import (
     ToolEvent,
     check_sampling,
     convert,
+    distributed,
     generate,
     load,
     tools,
@@ -41,13 +47,36 @@ def user_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except GptOssError as e:
-            click.secho(f"error: {e}", fg="red", err=True)
+            click.secho(f"error: {_ranked(str(e))}", fg="red", err=True)
+            sys.exit(1)
+        except RuntimeError as e:  # a collective that failed because another rank went away
+            failure = distributed.peer_failure(e)
+            if failure is None:
+                raise
+            click.secho(f"error: {failure}", fg="red", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
 
     return wrapper
+
+
+def _connect() -> distributed.Group | None:
+    """The ranks this command runs across (None: a single process); the ring backend's own log
+    lines are kept off stderr (`distributed.quiet_backend_logs`)."""
+    group = distributed.connect()
+    if group is not None:
+        distributed.quiet_backend_logs()
+    return group
+
+
+def _ranked(message: str) -> str:
+    """`message`, naming this process's rank when it is one of several."""
+    rank = distributed.launch_rank()
+    if rank is None or message.startswith("rank "):
+        return message
+    return f"rank {rank}: {message}"
 
 
 class _Group(click.Group):
@@ -314,22 +343,34 @@ def generate_command(
     """
     if raw and as_json:
         raise click.UsageError("choose one of --raw and --json")
+    if distributed.launched() and prompt in (None, "-"):
+        raise click.UsageError(
+            "across ranks give the PROMPT as an argument (mlx.launch passes stdin on to every "
+            "rank but never closes it)"
+        )
     prompt = _read_prompt(prompt)
     sampling = _sampling(options)
-    interactive = sys.stderr.isatty()
-    mdl, tok = load(model, dtype, progress=interactive)
-    messages = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": prompt})
+    group = _connect()
+    leader = group is None or group.rank() == 0
+    interactive = sys.stderr.isatty() and leader
+    mdl, tok = load(model, dtype, progress=interactive, group=group)
+    request = {"prompt": prompt, "system": system, "effort": reasoning_effort, **sampling}
+    if group is not None:  # every rank runs rank 0's request
+        request = distributed.Ranks(group).share(request)
+    messages = [{"role": "system", "content": request["system"]}] if request["system"] else []
+    messages.append({"role": "user", "content": request["prompt"]})
     printer = None if as_json else _RawPrinter(tok) if raw else _Printer(hide_reasoning)
     result = generate(
         mdl,
         messages,
         tokenizer=tok,
-        reasoning_effort=reasoning_effort,
+        reasoning_effort=request["effort"],
         progress=interactive,
-        on_event=printer.event if printer else None,
-        **sampling,
+        on_event=printer.event if printer and leader else None,
+        **{k: request[k] for k in SAMPLING},
     )
+    if not leader:
+        return
     if as_json:
         click.echo(json.dumps({"model": model, **result}, ensure_ascii=False))
     else:
@@ -421,40 +462,39 @@ def _show_sources(browser: tools.Browser, answer: str) -> None:
         click.secho("Sources:\n" + "\n".join(seen), dim=True)
 
 
-def _chat_command_line(session: ChatSession, line: str) -> bool:
-    """Handle a /command; False when the chat should end."""
+def _chat_command_line(session: ChatSession, line: str, say: Callable[..., None]) -> bool:
+    """Handle a /command, telling the user through `say` (`click.secho` on stderr, or nothing on
+    a follower rank); False when the chat should end."""
     name, _, arg = line[1:].strip().partition(" ")
     arg = arg.strip()
     if name in ("quit", "exit", "q"):
         return False
     if name == "reset":
         session.reset()
-        click.echo("(conversation cleared)", err=True)
+        say("(conversation cleared)")
     elif name == "stats":
-        click.echo(session.stats.summary(), err=True)
+        say(session.stats.summary())
     elif name == "reasoning":
         if not arg:
-            click.echo(
+            say(
                 f"reasoning effort: {session.reasoning_effort} "
-                "(change it with /reasoning low|medium|high)",
-                err=True,
+                "(change it with /reasoning low|medium|high)"
             )
         else:
             try:
                 session.set_reasoning_effort(arg)
             except GptOssError as e:
-                click.secho(f"error: {e}", fg="red", err=True)
+                say(f"error: {e}", fg="red")
             else:
-                click.echo(
+                say(
                     f"(reasoning effort: {session.reasoning_effort}; it lives in the "
                     "system message, so the next turn re-prefills the whole "
-                    "conversation)",
-                    err=True,
+                    "conversation)"
                 )
     elif name == "help":
-        click.echo(CHAT_HELP, err=True)
+        say(CHAT_HELP)
     else:
-        click.secho(f"unknown command /{name}. {CHAT_HELP}", fg="red", err=True)
+        say(f"unknown command /{name}. {CHAT_HELP}", fg="red")
     return True
 
 
@@ -495,11 +535,20 @@ def chat_command(
     **options,
 ) -> None:
     """Chat with gpt-oss. The KV cache is kept between turns: each turn prefills only its new
-    tokens. With --tools the model can browse the web and run Python (asking you first)."""
+    tokens. With --tools the model can browse the web and run Python (asking you first).
+
+    Across ranks rank 0 reads the lines (end with /quit: mlx.launch never closes stdin) and every
+    rank runs them; Ctrl-C ends the run.
+    """
     sampling = _sampling(options)
+    if distributed.launched() and tool_names:
+        raise GptOssError("--tools does not run across ranks yet: chat without it")
     builtin = _builtin_tools(tool_names, search_url)
-    interactive = sys.stderr.isatty()
-    mdl, tok = load(model, dtype, progress=interactive)
+    group = _connect()
+    leader = group is None or group.rank() == 0
+    interactive = sys.stderr.isatty() and leader
+    mdl, tok = load(model, dtype, progress=interactive, group=group)
+    ranks = distributed.Ranks(group) if group is not None else None
     session = ChatSession(
         mdl,
         tok,
@@ -512,43 +561,76 @@ def chat_command(
         **sampling,
     )
     with session:
-        _chat_loop(session, model, reasoning_effort, hide_reasoning)
+        _chat_loop(session, model, reasoning_effort, hide_reasoning, ranks)
 
 
-def _chat_loop(session: ChatSession, model: str, effort: str, hide_reasoning: bool) -> None:
+def _chat_loop(
+    session: ChatSession,
+    model: str,
+    effort: str,
+    hide_reasoning: bool,
+    ranks: distributed.Ranks | None = None,
+) -> None:
+    """Read lines (rank 0: from stdin, shared with the others; the others: rank 0's), run each
+    as a command or a turn; only rank 0 says anything."""
+    leader = ranks is None or ranks.leader
+    say = functools.partial(click.secho, err=True) if leader else _say_nothing
     browser = session.tool_loop.builtin.get("browser")
-    _enable_line_editing()
-    click.echo(f"Chatting with {model} (reasoning: {effort}). {CHAT_HELP}", err=True)
+    if leader:
+        _enable_line_editing()
+        say(f"Chatting with {model} (reasoning: {effort}). {CHAT_HELP}")
     printer = _Printer(hide_reasoning)
     prompt = ">>> " if sys.stdin is not None and sys.stdin.isatty() else ""
     while True:
-        try:
-            line = input(prompt)
-        except EOFError:
-            click.echo()
+        line = _next_line(prompt, ranks)
+        if line is None:
+            if leader:
+                click.echo()
             break
-        except KeyboardInterrupt:  # at the prompt: drop the line, keep chatting
-            click.echo()
-            continue
         text = line.strip()
         if not text:
             continue
         if text.startswith("/"):
-            if not _chat_command_line(session, text):
+            if not _chat_command_line(session, text, say):
                 break
             continue
         answer = []
         try:
             for event in session.send(text):
-                printer.event(event)
+                if leader:
+                    printer.event(event)
                 if getattr(event, "kind", None) == "content":
                     answer.append(event.text)
         except KeyboardInterrupt:
+            if ranks is not None:  # the others are mid-reply: the run ends
+                raise
             printer.end()
             click.echo("(reply interrupted)", err=True)
+        if not leader:
+            continue
         printer.end()
         if browser is not None:
             _show_sources(browser, "".join(answer))
+
+
+def _say_nothing(*args, **kwargs) -> None:
+    """What a follower rank tells the user: nothing (rank 0 speaks for all)."""
+
+
+def _next_line(prompt: str, ranks: distributed.Ranks | None) -> str | None:
+    """The next line of the chat ("" after Ctrl-C at the prompt), None at the end of input. Across
+    ranks rank 0 reads it, the followers ticking meanwhile, and shares it."""
+    if ranks is not None and not ranks.leader:
+        return ranks.receive()
+    try:
+        with ranks.idle() if ranks is not None else contextlib.nullcontext():
+            line = input(prompt)
+    except EOFError:
+        line = None
+    except KeyboardInterrupt:  # at the prompt: drop the line, keep chatting
+        click.echo()
+        line = ""
+    return ranks.share(line) if ranks is not None else line
 
 
 class IntList(click.ParamType):

@@ -23,6 +23,7 @@ while it waits for input). Either way each rank ends with a one-line `GptOssErro
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
@@ -39,6 +40,8 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import GptOssError
+
+Group = mx.distributed.Group  # the ranks of a run, as `mx.distributed.init()` returns them
 
 TIMEOUT_ENV = "GPTOSS_MLX_DISTRIBUTED_TIMEOUT"
 DEFAULT_TIMEOUT = 60.0  # seconds: connecting, and the longest wait without progress
@@ -164,6 +167,14 @@ def launched() -> bool:
     return True
 
 
+def launch_rank() -> str | None:
+    """This process's rank as its launcher numbered it (None when not launched as one of several),
+    known before connecting: for messages."""
+    if not launched():
+        return None
+    return os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "?"))
+
+
 def connect(timeout: float | None = None) -> mx.distributed.Group | None:
     """The group of the ranks this process was launched with, connected; None when it was not
     launched as one of several. GptOssError when the others cannot be reached within `timeout`
@@ -171,10 +182,12 @@ def connect(timeout: float | None = None) -> mx.distributed.Group | None:
     if not launched():
         return None
     timeout = timeout_seconds() if timeout is None else timeout
-    rank = os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "?"))
+    rank = launch_rank()
     fired = threading.Event()
+    start = time.monotonic()
     # MLX's ring backend waits for its left neighbour in accept() with no time limit; an alarm
-    # interrupts that wait (the main thread only: elsewhere the wait is bounded by the launcher).
+    # interrupts that wait (in the main thread only). Connecting to the right neighbour gives up
+    # by itself, after 5 tries over about 31 s, whatever the timeout.
     alarm = threading.current_thread() is threading.main_thread()
     if alarm:
         previous = signal.signal(signal.SIGALRM, lambda *_: fired.set())
@@ -182,7 +195,8 @@ def connect(timeout: float | None = None) -> mx.distributed.Group | None:
     try:
         group = mx.distributed.init(strict=True)
     except RuntimeError as e:
-        why = f"no answer within {timeout:g} s" if fired.is_set() else str(e)
+        waited = time.monotonic() - start
+        why = f"no answer in {waited:.0f} s" if fired.is_set() else str(e)
         raise GptOssError(
             f"rank {rank}: cannot connect to the other ranks ({why}); check that every rank was "
             f"started, the hostfile's addresses and the network ({TIMEOUT_ENV} sets the wait)"
@@ -194,14 +208,14 @@ def connect(timeout: float | None = None) -> mx.distributed.Group | None:
     return group if group.size() > 1 else None
 
 
-def peer_failure(error: BaseException, rank: int | str = "?") -> GptOssError | None:
+def peer_failure(error: BaseException) -> GptOssError | None:
     """The one-line error for a collective that failed because another rank went away, or None
     when `error` is something else."""
     text = str(error)
+    rank = launch_rank()
     if isinstance(error, RuntimeError) and text.startswith(("[ring]", "[mpi]", "[jaccl]")):
         return GptOssError(
-            f"rank {rank}: lost the connection to another rank ({text.split('] ', 1)[-1]}): it "
-            "stopped, crashed or the network failed"
+            f"rank {rank}: another rank stopped, crashed or dropped off the network ({text})"
         )
     return None
 
@@ -264,9 +278,73 @@ def beat() -> None:
 def fail(message: str) -> None:
     """Print `error: message` and end the process now, from any thread (the main one may be
     blocked in a collective that will never finish)."""
-    sys.stderr.write(f"error: {message}\n")
-    sys.stderr.flush()
+    os.write(_stderr_fd, f"error: {message}\n".encode())
     os._exit(1)
+
+
+# --- the backend's own logs -----------------------------------------------------------------------
+
+
+_stderr_fd = 2  # where this process's stderr really goes (see quiet_backend_logs)
+_BACKEND_LOG = b"[ring]"
+
+
+def quiet_backend_logs() -> None:
+    """Drop the ring backend's log lines from this process's stderr; everything else passes.
+
+    When a peer goes away MLX's ring backend logs "[ring] Socket 3 was closed by the peer" ten
+    times and "Too many send/recv errors" before the collective fails; the one-line error that
+    follows says what happened. $MLX_RING_VERBOSE (MLX's own switch for its logs) keeps them.
+    """
+    global _stderr_fd
+    if os.environ.get("MLX_RING_VERBOSE") or _stderr_fd != 2:
+        return
+    sys.stderr.flush()
+    _stderr_fd = os.dup(2)
+    read, write = os.pipe()
+    os.dup2(write, 2)
+    os.close(write)
+    pump = threading.Thread(target=_filter_lines, args=(read, _stderr_fd), daemon=True)
+    pump.start()
+
+    def restore() -> None:  # at exit: the pipe's last writer closes, the pump drains it
+        sys.stderr.flush()
+        os.dup2(_stderr_fd, 2)
+        pump.join(timeout=5)
+
+    atexit.register(restore)
+
+
+def _filter_lines(source: int, target: int) -> None:
+    """Copy `source` to `target` as it comes, except lines starting with _BACKEND_LOG. C++
+    writes a line in pieces, so the start of each line is held until it tells which it is."""
+    start, state = b"", "start"  # state: "start" (deciding), "pass" or "drop" (to the newline)
+    while data := os.read(source, 65536):
+        while data:
+            if state == "start":
+                take = data[: len(_BACKEND_LOG) - len(start)]
+                if b"\n" in take:
+                    take = take[: take.index(b"\n") + 1]
+                start, data = start + take, data[len(take) :]
+                if start.endswith(b"\n"):  # a line shorter than the mark
+                    os.write(target, start)
+                    start = b""
+                    continue
+                if len(start) < len(_BACKEND_LOG):
+                    break  # wait for the rest of the line's start
+                state = "drop" if start == _BACKEND_LOG else "pass"
+                if state == "pass":
+                    os.write(target, start)
+                start = b""
+            end = data.find(b"\n")
+            piece = data if end < 0 else data[: end + 1]
+            data = data[len(piece) :]
+            if state == "pass":
+                os.write(target, piece)
+            if end >= 0:
+                state = "start"
+    if start:
+        os.write(target, start)
 
 
 # --- leader and followers -------------------------------------------------------------------------
@@ -332,7 +410,7 @@ class Ranks:
                     try:
                         self._share({"tick": True})
                     except RuntimeError as e:
-                        error = peer_failure(e, self.rank)
+                        error = peer_failure(e)
                         fail(str(error) if error else f"rank {self.rank}: {e}")
 
         ticker = threading.Thread(target=tick, name="gptoss-ticker", daemon=True)

@@ -28,7 +28,6 @@ import os
 from dataclasses import dataclass, field
 
 import mlx.core as mx
-import numpy as np
 
 from .config import ModelConfig
 from .distributed import ExpertShard, expert_shard
@@ -160,12 +159,23 @@ def checkpoint_from_tensors(
 
 def read_rows(info: TensorInfo, start: int, stop: int) -> mx.array:
     """Rows start..stop-1 of a stored tensor's first axis, reading only their bytes from its file
-    (the rows of a C-ordered tensor are one contiguous byte range)."""
+    (the rows of a C-ordered tensor are one contiguous byte range), straight into the buffer of
+    the MLX array that returns them: nothing else holds them, even for a moment."""
     row = info.nbytes // info.shape[0]
-    data = np.fromfile(
-        info.file, dtype=np.uint8, count=(stop - start) * row, offset=info.offset + start * row
-    )
-    return mx.array(data).view(_DTYPES[info.dtype]).reshape(stop - start, *info.shape[1:])
+    out = mx.zeros(((stop - start) * row,), mx.uint8)
+    mx.eval(out)
+    view = memoryview(out)  # writable: MLX arrays lend their buffer
+    with open(info.file, "rb", buffering=0) as f:
+        f.seek(info.offset + start * row)
+        done = 0
+        while done < len(view):
+            n = f.readinto(view[done:])
+            if not n:
+                raise GptOssError(
+                    f"{os.path.basename(info.file)}: ends before its tensors do; download it again"
+                )
+            done += n
+    return out.view(_DTYPES[info.dtype]).reshape(stop - start, *info.shape[1:])
 
 
 class _Source:
