@@ -22,11 +22,10 @@ import pytest
 from distributed_rank import GREEDY_TOKENS, PROMPT
 
 from gptoss_mlx import convert, distributed, generate, load, load_model
-from gptoss_mlx.config import preset
 from gptoss_mlx.loading import build_model
 from gptoss_mlx.moe import MoE
 from gptoss_mlx.safetensors_check import read_header
-from gptoss_mlx.synthetic import hf_config_json, random_checkpoint, save_checkpoint
+from gptoss_mlx.synthetic import hf_config_json
 from gptoss_mlx.weights import checkpoint_from_tensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -190,11 +189,6 @@ def test_the_ranks_partial_moe_outputs_sum_to_the_whole_layer(hf_tensors):
 # --- parity with one process ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def converted_dir(hf_mxfp4_dir, tmp_path_factory):
-    return convert(hf_mxfp4_dir, str(tmp_path_factory.mktemp("conv") / "tiny"))
-
-
 @pytest.mark.parametrize("n", [2, 3])
 def test_logits_and_greedy_tokens_equal_one_process(n, hf_mxfp4_dir, converted_dir, tmp_path):
     folders = [hf_mxfp4_dir, converted_dir]
@@ -207,7 +201,7 @@ def test_logits_and_greedy_tokens_equal_one_process(n, hf_mxfp4_dir, converted_d
         tokens = generate(single, PROMPT, max_tokens=GREEDY_TOKENS, temperature=0.0)
         for r in range(n):
             got = ranks[r][f"logits{i}"]
-            assert np.abs(got - logits).max() <= 1e-5 * np.abs(logits).max(), (r, folder)
+            assert ck.relative_error(got, logits) <= 1e-5, (r, folder)
             assert ranks[r][f"tokens{i}"].tolist() == tokens["completion_token_ids"]
             np.testing.assert_array_equal(got, ranks[0][f"logits{i}"])  # the ranks agree
             # sampled with seeds of their own, the ranks still feed back rank 0's tokens
@@ -271,22 +265,6 @@ def test_chat_across_ranks_answers_as_one_process_and_keeps_the_cache(n, o200k_d
 # --- memory ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def real_shapes_dir(tmp_path_factory):
-    """gpt-oss-120b's layer shapes (128 experts of 2880, 64/8 heads of 64), one layer, a small
-    vocabulary: 1.7 GB of experts, so a rank's share is unmistakable."""
-    config = preset("120b").replace(num_hidden_layers=1, vocab_size=8000, layer_types=())
-    folder = tmp_path_factory.mktemp("real-shapes")
-    tensors = random_checkpoint(config)
-    rng = np.random.default_rng(0)
-    for name in [n for n in tensors if n.endswith("_blocks")]:  # numpy draws the bulk faster
-        tensors[name] = mx.array(rng.integers(0, 256, tensors[name].shape, dtype=np.uint8))
-    save_checkpoint(str(folder), tensors, hf_config_json(config), shards=2)
-    del tensors
-    mx.clear_cache()
-    return str(folder)
-
-
 def stored_bytes(folder: str) -> tuple[int, int]:
     """(expert bytes, other bytes) of a checkpoint's tensors, from the safetensors headers."""
     experts = dense = 0
@@ -301,10 +279,10 @@ def stored_bytes(folder: str) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("n,layout", [(2, "hf-mxfp4"), (3, "gptoss-mlx")])
-def test_each_rank_holds_its_share_of_the_experts(n, layout, real_shapes_dir, tmp_path):
-    folder = real_shapes_dir
+def test_each_rank_holds_its_share_of_the_experts(n, layout, real_120b_layer_dir, tmp_path):
+    folder = real_120b_layer_dir
     if layout == "gptoss-mlx":
-        folder = convert(real_shapes_dir, str(tmp_path / "converted"))
+        folder = convert(real_120b_layer_dir, str(tmp_path / "converted"))
     experts, dense = stored_bytes(folder)
     procs = spawn(n, [RANK_SCRIPT, "memory", str(tmp_path), folder], tmp_path)
     wait_all(procs, 300)
