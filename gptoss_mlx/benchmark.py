@@ -7,6 +7,10 @@ which is `bandwidth / weight bytes read per decoded token` and is labelled as su
 With `compare="mlx-lm"` the same weights (the same arrays in memory, in the published layout) run
 through mlx-lm's gpt-oss model and `generate_step` in this process, alternating runs, and the
 table shows ours / theirs.
+
+With a distributed `group` (one rank of several, see `gptoss_mlx.distributed`) every rank runs the
+same measurements on its shard; the result adds what each rank holds and the collectives one
+decoded token costs, counted in the graph it evaluates.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ModelConfig, preset
+from .distributed import Group, leader_token
 from .errors import GptOssError
 from .generate import stream_generate
 from .hub import resolve_model_path
@@ -113,13 +118,18 @@ def chip_bandwidth(chip: str | None) -> float | None:
 
 
 def weight_bytes_per_token(model: GptOssModel) -> int:
-    """Weight bytes one decoded token reads: all dense layers, k of E experts per layer, the whole
-    unembedding and one embedding row (KV-cache reads come on top and grow with the context)."""
+    """Weight bytes one decoded token reads: all dense layers, k experts per layer, the whole
+    unembedding and one embedding row (KV-cache reads come on top and grow with the context).
+
+    On one rank of several, k of its own experts per layer: the pairs routed to other ranks run
+    a local stand-in (see `distributed.ExpertShard.localize`), so each rank reads what one
+    process would, less where a stand-in repeats an expert the token reads anyway.
+    """
     c = model.config
     total = 0
     for name, array in tree_flatten(model.parameters()):
-        if ".mlp.experts." in name:
-            total += array.nbytes * c.experts_per_token // c.num_experts
+        if ".mlp.experts." in name:  # [experts held, ...]
+            total += array.nbytes * min(c.experts_per_token, array.shape[0]) // array.shape[0]
         elif name.startswith("embed_tokens."):
             total += array.nbytes // c.vocab_size
         else:
@@ -288,13 +298,22 @@ def _import_mlx_lm(module: str) -> ModuleType:
         raise GptOssError("--compare mlx-lm needs mlx-lm installed: pip install mlx-lm") from None
 
 
-def _synthetic(name: str, seed: int, dtype: mx.Dtype) -> tuple[GptOssModel, dict, dict]:
+def _synthetic(
+    name: str, seed: int, dtype: mx.Dtype, group: Group | None = None
+) -> tuple[GptOssModel, dict | None, dict]:
+    """The model of random weights `name`, its tensors (None across ranks: each rank draws and
+    keeps only its share, layer by layer) and its config.json."""
     if name not in SYNTHETIC:
         raise GptOssError(f"--synthetic must be one of {', '.join(SYNTHETIC)}, not {name!r}")
     config = SYNTHETIC[name]
+    config_json = hf_config_json(config)
+    if group is not None and group.size() > 1:
+        ckpt = checkpoint_from_tensors(
+            random_checkpoint(config, seed=seed), config_json, group=group
+        )
+        return build_model(ckpt, dtype), None, config_json
     tensors = random_checkpoint(config, seed=seed)
     mx.eval(tensors)
-    config_json = hf_config_json(config)
     model = build_model(checkpoint_from_tensors(tensors, config_json), dtype)
     return model, tensors, config_json
 
@@ -313,13 +332,16 @@ class Benchmark:
         progress: bool = False,
         bandwidth: float | None = None,
         chip: str | None = None,
+        group: Group | None = None,
     ):
         """`bandwidth`: GB/s for the decode ceiling, else that of `chip` ("M4 Max"), else that
-        of this Mac's chip when known."""
+        of this Mac's chip when known. `group`: the ranks to shard the model over."""
         if (model_path is None) == (synthetic is None):
             raise GptOssError("give exactly one of --model PATH|REPO or --synthetic 20b|120b|tiny")
         if compare not in (None, "mlx-lm"):
             raise GptOssError(f"--compare supports only mlx-lm, not {compare!r}")
+        if compare and group is not None and group.size() > 1:
+            raise GptOssError("--compare runs in one process: not across ranks")
         if compare:
             _import_mlx_lm("mlx_lm")
         self.bandwidth = bandwidth or chip_bandwidth(chip)  # an unknown chip fails here, first
@@ -329,11 +351,11 @@ class Benchmark:
         self.seed = seed
         self.progress = progress
         if synthetic is not None:
-            model, tensors, config_json = _synthetic(synthetic, seed, dtype)
+            model, tensors, config_json = _synthetic(synthetic, seed, dtype, group)
             theirs = _MlxLm.from_tensors(tensors, config_json, dtype) if compare else None
         else:
             folder = find_weights_folder(resolve_model_path(model_path, progress=progress))
-            model = load_model(folder, dtype=dtype, progress=progress)
+            model = load_model(folder, dtype=dtype, progress=progress, group=group)
             theirs = _MlxLm.from_folder(folder) if compare else None
         self.model = model
         self.engines = [_Ours(model)] + ([theirs] if theirs else [])
@@ -405,11 +427,34 @@ class Benchmark:
             result["decode_ceiling_tps"] = bandwidth * 1e9 / per_token
         if ops:
             result["primitives_per_decode_step"] = self.primitives()
+        if self.model.group is not None:
+            result["ranks"] = rank_summary(self.model)
         return result
 
     def primitives(self) -> dict:
         """Per engine, the primitives one decode step evaluates (see `launch_summary`)."""
         return {engine.name: launch_summary(engine.primitives()) for engine in self.engines}
+
+
+def rank_summary(model: GptOssModel) -> dict:
+    """For a model sharded over ranks: the experts and weight bytes each rank holds, and the
+    collectives of one decoded token (the model's, counted in a decode step's graph, and the one
+    sharing rank 0's token). Every rank must call it."""
+    group = model.group
+    mine = mx.array(
+        [model.shard.count, sum(a.nbytes for _, a in tree_flatten(model.parameters()))],
+        dtype=mx.int64,
+    )
+    every = mx.distributed.all_gather(mine, group=group, stream=mx.cpu).reshape(-1, 2).tolist()
+    step = decode_step_primitives(model, model.make_cache)
+    token = count_primitives(leader_token(mx.array([0], dtype=mx.uint32), group))
+    collectives = sum(n for c in (step, token) for p, n in c.items() if "AllReduce" in p)
+    return {
+        "size": group.size(),
+        "experts_per_rank": [e for e, _ in every],
+        "weight_bytes_per_rank": [b for _, b in every],
+        "collectives_per_token": collectives,
+    }
 
 
 def _prompt(key: mx.array, vocab: int, length: int) -> list[int]:
@@ -420,6 +465,14 @@ def format_report(result: dict) -> str:
     """`Benchmark.run`'s result for people: the table, the primitive counts when measured, and a
     note when the figures come from MLX's CPU backend."""
     parts = [format_table(result)]
+    if "ranks" in result:
+        r = result["ranks"]
+        parts.append(
+            f"ranks: {r['size']} | experts per rank: {', '.join(map(str, r['experts_per_rank']))}"
+            " | weights per rank: "
+            + ", ".join(f"{b / 1e9:.3f} GB" for b in r["weight_bytes_per_rank"])
+            + f" | collectives per decoded token: {r['collectives_per_token']}"
+        )
     if "primitives_per_decode_step" in result:
         parts.append(format_ops(result))
     if "gpu" not in result["device"]:

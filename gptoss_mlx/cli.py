@@ -711,19 +711,28 @@ def bench_command(
     seed: int,
     as_json: bool,
 ) -> None:
-    """Measure prompt and decode speed, memory and bytes per token."""
+    """Measure prompt and decode speed, memory and bytes per token (across ranks under
+    mlx.launch: each rank on its shard, rank 0 reporting)."""
+    if distributed.launched() and compare:
+        raise GptOssError("--compare runs in one process: not across ranks")
+    group = _connect()
+    leader = group is None or group.rank() == 0
     bench = Benchmark(
         model_path=model_path,
         synthetic=synthetic,
         compare=compare,
         dtype=dtype,
         seed=seed,
-        progress=not as_json,
+        progress=not as_json and leader,
         bandwidth=bandwidth,
         chip=chip,
+        group=group,
     )
+    if group is not None:
+        distributed.Ranks(group)  # from here, a rank that stops ends the others
     result = bench.run(prompt_tokens, gen_tokens, repeats, warmup, ops=ops)
-    click.echo(json.dumps(result, indent=1) if as_json else format_report(result))
+    if leader:
+        click.echo(json.dumps(result, indent=1) if as_json else format_report(result))
 
 
 if __name__ == "__main__":

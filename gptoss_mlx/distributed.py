@@ -236,6 +236,27 @@ def check_same_model(group: mx.distributed.Group, description: dict) -> None:
         )
 
 
+def check_same_tokens(ids: list[int], group: Group | None) -> None:
+    """GptOssError unless every rank is about to run the same token ids. Ranks that drifted apart
+    (a prompt rendered differently) would otherwise exchange arrays of different shapes."""
+    if group is None or group.size() == 1:
+        return
+    digest = hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).digest()
+    every = np.array(
+        mx.distributed.all_gather(
+            mx.array(np.frombuffer(digest, np.uint8)), group=group, stream=mx.cpu
+        )
+    )
+    rows = every.reshape(group.size(), -1)
+    differ = [r for r in range(group.size()) if bytes(rows[r]) != bytes(rows[0])]
+    if differ:
+        raise GptOssError(
+            f"rank {differ[0]} is about to run other tokens than rank 0: every rank must be "
+            "given the same prompt (rank 0 shares its input: see gptoss_mlx.distributed.Ranks)"
+        )
+    beat()
+
+
 # --- the watchdog ---------------------------------------------------------------------------------
 
 

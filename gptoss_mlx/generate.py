@@ -9,8 +9,9 @@
                    the only host sync per token is reading the sampled id.
     stop:          on <|return|> (finish "stop") or <|call|> ("tool_calls"), never on <|end|>;
                    else after `max_tokens` ("length").
-    ranks:         a model sharded over several processes (`model.group`) feeds every rank
-                   rank 0's token (`distributed.shared_sampler`).
+    ranks:         a model sharded over several processes (`model.group`) checks that every
+                   rank runs the same prompt, and feeds every rank rank 0's token
+                   (`distributed.shared_sampler`).
 
 A consequence of pipelining: when generation stops on a stop token, that token has already been fed
 through the model, so the cache holds ``prompt + completion``; when it stops at ``max_tokens`` the
@@ -28,7 +29,7 @@ from typing import Protocol
 
 import mlx.core as mx
 
-from .distributed import shared_sampler
+from .distributed import check_same_tokens, shared_sampler
 from .errors import GptOssError
 from .harmony import Delta, StreamParser, parse_completion, render_prompt
 from .progress import progress_bar
@@ -210,7 +211,9 @@ def stream_generate(
     if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
         raise GptOssError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
     sampler = sampler or make_sampler(temperature, top_p, top_k, min_p, seed=seed)
-    sampler = shared_sampler(sampler, getattr(model, "group", None))
+    group = getattr(model, "group", None)
+    check_same_tokens(ids, group)
+    sampler = shared_sampler(sampler, group)
     stops = frozenset(int(t) for t in stop_tokens)
     if cache is None:
         cache = model.make_cache()

@@ -240,12 +240,8 @@ def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
 
 def write_real_shapes(folder, name: str = "120b", layers: int = 1, vocab: int = 8000) -> str:
     """A random checkpoint (published MXFP4 layout) with the real layer shapes of gpt-oss-`name`
-    but `layers` layers and a `vocab`-token vocabulary: for measuring memory, not accuracy (the
-    expert blocks are numpy's random bytes, which are drawn much faster)."""
+    but `layers` layers and a `vocab`-token vocabulary: for measuring memory, not accuracy."""
     config = preset(name).replace(num_hidden_layers=layers, vocab_size=vocab, layer_types=())
-    tensors = random_checkpoint(config)
-    rng = np.random.default_rng(0)
-    for key in [k for k in tensors if k.endswith("_blocks")]:
-        tensors[key] = mx.array(rng.integers(0, 256, tensors[key].shape, dtype=np.uint8))
+    tensors = random_checkpoint(config, numpy_blocks=True)
     save_checkpoint(str(folder), tensors, hf_config_json(config), shards=2)
     return str(folder)

@@ -4,6 +4,7 @@
     parity OUT CKPT...   for each checkpoint: float32 logits of PROMPT, greedy tokens, tokens
                          sampled with no seed (each rank draws its own) (npz)
     memory OUT CKPT      bytes held right after loading: MLX active and peak, RSS, parameters
+    mismatch OUT CKPT    rank r generates from PROMPT + [r]: prints the error it gets
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from gptoss_mlx import distributed, generate, load_model
+from gptoss_mlx import GptOssError, distributed, generate, load_model
 
 PROMPT = [1, 5, 9, 200, 33, 7, 100, 42, 300, 11, 12, 400, 8, 77, 150, 3, 260]
 GREEDY_TOKENS = 24
@@ -62,6 +63,12 @@ def main() -> None:
         }
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump(record, f)
+    elif mode == "mismatch":
+        model = load_model(folders[0], "float32", group=group)
+        try:
+            generate(model, PROMPT + [rank], max_tokens=2, temperature=0.0)
+        except GptOssError as e:
+            print(f"GptOssError: {e}")
     else:
         raise SystemExit(f"unknown mode {mode}")
 

@@ -208,6 +208,16 @@ def test_logits_and_greedy_tokens_equal_one_process(n, hf_mxfp4_dir, converted_d
             assert ranks[r][f"sampled{i}"].tolist() == ranks[0][f"sampled{i}"].tolist()
 
 
+def test_ranks_given_different_prompts_stop_with_an_error(hf_mxfp4_dir, tmp_path):
+    procs = spawn(2, [RANK_SCRIPT, "mismatch", str(tmp_path), hf_mxfp4_dir], tmp_path)
+    wait_all(procs, 60)
+    for p in procs:
+        assert p.returncode == 0, p.err.read_text()
+        assert p.out.read_text().startswith(
+            "GptOssError: rank 1 is about to run other tokens than rank 0"
+        )
+
+
 # --- the commands under mlx.launch ----------------------------------------------------------------
 
 
@@ -260,6 +270,18 @@ def test_chat_across_ranks_answers_as_one_process_and_keeps_the_cache(n, o200k_d
     assert stats is not None, err  # the second turn prefilled only its own tokens
     assert stats.group(0) in single.stderr
     assert err.count("turns: 2") == 1
+
+
+def test_bench_across_ranks_reports_each_ranks_share_and_the_collectives(tmp_path):
+    args = ["bench", "--synthetic", "tiny", "--dtype", "float32", "--prompt-tokens", "8"]
+    args += ["--gen-tokens", "3", "--repeats", "1", "--no-warmup", "--json"]
+    rc, out, err = launch(2, cli(*args), tmp_path)
+    assert rc == 0 and not errors(err) and "Traceback" not in err, err
+    ranks = json.loads(out)["ranks"]  # rank 0 alone prints
+    assert ranks["size"] == 2 and ranks["experts_per_rank"] == [4, 4]
+    layers = 4  # benchmark.TINY: one all_sum per layer, and one for rank 0's token
+    assert ranks["collectives_per_token"] == layers + 1
+    assert ranks["weight_bytes_per_rank"][0] == ranks["weight_bytes_per_rank"][1]
 
 
 # --- memory ---------------------------------------------------------------------------------------
