@@ -9,7 +9,9 @@ as a worker under `mlx.launch --backend ring -n N` (one plain process for N = 1)
 - counts the collectives of one decoded token in the graph it evaluates (`rank_summary`);
 - measures the bytes its ring sockets carried, from the kernel's TCP counters (Linux TCP_INFO
   `tcpi_bytes_acked`, i.e. payload sent and acknowledged), around a run of G generated tokens
-  and a run of 2: their difference over G - 2 tokens is what one decoded token costs.
+  and a run of 2: their difference over G - 2 tokens is what one decoded token costs;
+- times one all_sum of what a layer sums per decoded token (`[1, hidden]`), 200 in a row: the
+  latency each of those collectives adds.
 
     python bench/distributed.py --config tiny --ranks 1,2,3 [--json]
     python bench/distributed.py --config 120b --layers 2 --prompt-tokens 32 --gen-tokens 8
@@ -26,6 +28,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TCP_BYTES_ACKED = 120  # offset of tcpi_bytes_acked (u64) in Linux's struct tcp_info
@@ -71,8 +74,17 @@ def worker(args: argparse.Namespace) -> None:
         bench.run((args.prompt_tokens,), tokens, 1, warmup=False)
         after = ring_bytes_sent()
         sent.append(None if before is None else after - before)
+    latency = None
+    if group is not None:
+        one = mx.zeros((1, bench.model.config.hidden_size), dtype=bench.model.dtype)
+        mx.eval(mx.distributed.all_sum(one, group=group))
+        start = time.perf_counter()
+        for _ in range(200):
+            mx.eval(mx.distributed.all_sum(one, group=group))
+        latency = (time.perf_counter() - start) / 200
     record = {
         "ranks": group.size() if group is not None else 1,
+        "all_sum_seconds": latency,
         "median": timed["settings"][0]["median"]["gptoss-mlx"],
         "rank": timed.get("ranks"),
         "sent_per_decoded_token": (
@@ -163,7 +175,7 @@ def main() -> None:
     )
     print(
         f"{'ranks':>5} {'experts/rank':>14} {'weights/rank GB':>16} {'prompt tok/s':>13} "
-        f"{'decode tok/s':>13} {'collectives/tok':>16} {'sent/tok/rank':>14}"
+        f"{'decode tok/s':>13} {'collectives/tok':>16} {'sent/tok/rank':>14} {'all_sum us':>11}"
     )
     for r in results:
         info = r["rank"] or {}
@@ -173,7 +185,8 @@ def main() -> None:
             f"{r['ranks']:>5} {experts:>14} {r['weight_bytes'] / 1e9:>16.3f} "
             f"{r['median']['prompt_tps']:>13.1f} {r['median']['decode_tps']:>13.2f} "
             f"{info.get('collectives_per_token', 0):>16} "
-            f"{(max(s or 0 for s in sent) if r['ranks'] > 1 else 0):>13.0f}B"
+            f"{(max(s or 0 for s in sent) if r['ranks'] > 1 else 0):>13.0f}B "
+            f"{(r['all_sum_seconds'] or 0) * 1e6:>11.0f}"
         )
 
 

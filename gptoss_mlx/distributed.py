@@ -46,6 +46,7 @@ Group = mx.distributed.Group  # the ranks of a run, as `mx.distributed.init()` r
 TIMEOUT_ENV = "GPTOSS_MLX_DISTRIBUTED_TIMEOUT"
 DEFAULT_TIMEOUT = 60.0  # seconds: connecting, and the longest wait without progress
 TICK = 1.0  # seconds between the leader's ticks while it waits for input
+_TICK = {"gptoss-mlx": "tick"}  # what a tick shares
 
 # Environment a launcher sets for each process: mlx.launch (ring, jaccl), mpirun, NCCL.
 _LAUNCH_ENV = ("MLX_HOSTFILE", "MLX_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MLX_WORLD_SIZE")
@@ -373,23 +374,28 @@ def _filter_lines(source: int, target: int) -> None:
 
 class Ranks:
     """This process's part in a distributed command: rank 0 (the leader) reads input and shares
-    what to do; the others receive it and do the same, silently.
+    what to do; the others receive it and do the same, silently. With no group (or a group of
+    one) this process is the leader and sharing hands the message back.
 
     Construct it once the model is loaded: from then on the watchdog is armed.
     """
 
-    def __init__(self, group: mx.distributed.Group, timeout: float | None = None):
+    def __init__(self, group: Group | None, timeout: float | None = None):
         global _watchdog
         self.group = group
-        self.rank, self.size = group.rank(), group.size()
+        self.rank, self.size = (group.rank(), group.size()) if group is not None else (0, 1)
         self.leader = self.rank == 0
         self._lock = threading.Lock()  # one collective at a time: the ticker's or the main's
+        if self.size == 1:
+            return
         if _watchdog is None:
             _watchdog = Watchdog(self.rank, timeout_seconds() if timeout is None else timeout)
         _watchdog.arm()
 
     def share(self, message: Any = None) -> Any:
         """The leader's `message` (JSON-serialisable) on every rank; the others pass nothing."""
+        if self.size == 1:
+            return message
         with self._lock:
             return self._share(message)
 
@@ -411,14 +417,14 @@ class Ranks:
         """A follower's next command from the leader (its ticks skipped)."""
         while True:
             message = self.share()
-            if message != {"tick": True}:
+            if message != _TICK:
                 return message
 
     @contextlib.contextmanager
     def idle(self) -> Iterator[None]:
         """On the leader, around a wait for input (a line, a request): the followers get a tick
         every TICK seconds, so they know it is alive and the leader knows they are."""
-        if not self.leader:
+        if not self.leader or self.size == 1:
             yield
             return
         stop = threading.Event()
@@ -429,7 +435,7 @@ class Ranks:
                     if stop.is_set():
                         return
                     try:
-                        self._share({"tick": True})
+                        self._share(_TICK)
                     except RuntimeError as e:
                         error = peer_failure(e)
                         fail(str(error) if error else f"rank {self.rank}: {e}")

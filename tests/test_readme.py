@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 
@@ -84,8 +85,23 @@ def split_on_operators(words: list[str]) -> list[list[str]]:
 
 def runs_ours(command: list[str]) -> bool:
     return bool(command) and (
-        command[0] == "gptoss-mlx" or command[:2] in (["python", "convert.py"],)
+        command[0] == "gptoss-mlx"
+        or command[:2] in (["python", "convert.py"],)
+        or (command[0] == "mlx.launch" and "gptoss-mlx" in command)
     )
+
+
+def under_launcher(command: list[str]) -> list[str]:
+    """`mlx.launch ARGS [--] gptoss-mlx ...` as the launcher's part, ready to prefix a command
+    (on free ports: other tests may be listening on the default ones)."""
+    launcher = command[: command.index("gptoss-mlx")]
+    if launcher[-1:] == ["--"]:
+        launcher.pop()
+    with socket.socket() as s:  # MLX's ring takes N ports from here; the kernel picked this free
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    executable = os.path.join(os.path.dirname(sys.executable), "mlx.launch")
+    return [executable, *launcher[1:], "--starting-port", str(port), "--"]
 
 
 def pipeline_of(line, commands, ours) -> list[list[str]]:
@@ -153,13 +169,16 @@ def test_cli_example_runs(pipeline, line, skip, paths):
     if skip:
         pytest.skip(f"README line {line}: {skip}")
     *feeders, ours = pipeline
+    launcher = []
+    if ours[0] == "mlx.launch":
+        launcher, ours = under_launcher(ours), ours[ours.index("gptoss-mlx") :]
     stdin = None
-    for feeder in feeders:  # only `echo TEXT |` feeds our commands in the README
-        assert feeder[0] == "echo", f"README line {line}: unsupported pipe from {feeder[0]}"
-        stdin = " ".join(feeder[1:]) + "\n"
+    for feeder in feeders:  # only `echo TEXT |` and `printf TEXT |` feed our commands
+        assert feeder[0] in ("echo", "printf"), f"README line {line}: pipe from {feeder[0]}"
+        stdin = " ".join(feeder[1:]).replace("\\n", "\n") + ("\n" if feeder[0] == "echo" else "")
     if ours[1:2] == ["chat"]:
         stdin = "Hi\n/stats\n/quit\n"
-    argv = shrink(ours, paths)
+    argv = launcher + shrink(ours, paths)
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run(
         argv, input=stdin, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
@@ -181,7 +200,8 @@ PY_EXAMPLES = python_examples()
 def test_python_example_runs(code, line, skip, paths, monkeypatch, tmp_path):
     if skip:
         pytest.skip(f"README line {line}: {skip}")
-    code = code.replace(repr(HUB_MODEL).replace("'", '"'), repr(paths["o200k"]))
+    for hub_model in (HUB_MODEL, HUB_MODEL.replace("20b", "120b")):
+        code = code.replace(repr(hub_model).replace("'", '"'), repr(paths["o200k"]))
     code = re.sub(r"max_tokens=\d+", "max_tokens=4", code)
     monkeypatch.chdir(tmp_path)
     exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "readme_example"})
