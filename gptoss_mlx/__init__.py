@@ -1,14 +1,16 @@
 """gptoss-mlx: OpenAI's gpt-oss models on Apple Silicon with MLX.
 
 The public API: `load_model` (and, with the tokenizer, `load`), `stream_generate`, `generate`,
-`ChatSession` (multi-turn chat keeping the KV cache), `convert`, `Benchmark`, `harmony`, and the
-one error type `GptOssError`. The command line (`gptoss_mlx.cli`) uses nothing else.
+`ChatSession` (multi-turn chat keeping the KV cache), `convert`, `Benchmark`, `harmony`,
+`check_response_format` (structured output, see `gptoss_mlx.constrain`), and the one error type
+`GptOssError`. The command line (`gptoss_mlx.cli`) uses nothing else.
 """
 
 from . import harmony
 from .benchmark import Benchmark
 from .chat import ChatSession
 from .config import ModelConfig, preset
+from .constrain import check_response_format
 from .convert import convert
 from .errors import GptOssError
 from .generate import GenerationEvent, GenerationStats, generate, stream_generate
@@ -27,6 +29,7 @@ __all__ = [
     "ModelConfig",
     "StreamingDetokenizer",
     "Tokenizer",
+    "check_response_format",
     "check_sampling",
     "convert",
     "generate",

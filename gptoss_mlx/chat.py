@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import harmony
+from .constrain import compile_constraint
 from .errors import GptOssError
 from .generate import GenerationEvent, GenerationStats, stream_generate
 from .model import GptOssModel
@@ -81,7 +82,9 @@ class ChatSession:
     ``stats``); after it is exhausted (or closed early) the reply is part of the history.
     Sampling keywords (``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``seed``,
     ``prefill_chunk``) are passed on to :func:`stream_generate`; with a ``seed``, turn ``i`` uses
-    ``seed + i`` so a whole session replays identically.
+    ``seed + i`` so a whole session replays identically. ``response_format`` and ``tool_choice``
+    (with ``tools``) constrain every turn's answer and tool calls as in :func:`stream_generate`;
+    one that cannot be enforced is a :class:`GptOssError` here.
     """
 
     def __init__(
@@ -92,6 +95,8 @@ class ChatSession:
         system: str | None = None,
         reasoning_effort: str = "medium",
         tools: Sequence[Mapping] | None = None,
+        tool_choice: str | Mapping | None = None,
+        response_format: Mapping | None = None,
         current_date: str | datetime.date | None = None,
         **generation: Any,
     ) -> None:
@@ -100,6 +105,11 @@ class ChatSession:
         self.system = system
         self.reasoning_effort = harmony.check_reasoning_effort(reasoning_effort)
         self.tools = tools
+        self.tool_choice = tool_choice
+        self.response_format = response_format
+        compile_constraint(
+            self.tokenizer, response_format=response_format, tools=tools, tool_choice=tool_choice
+        )
         self.current_date = current_date
         check_sampling(
             generation.get("temperature", 1.0),
@@ -155,6 +165,7 @@ class ChatSession:
                 tools=self.tools,
                 reasoning_effort=self.reasoning_effort,
                 current_date=self.current_date,
+                response_format=self.response_format,
                 tokenizer=self.tokenizer,
             )
         return self.history + harmony.render_turn([user], tokenizer=self.tokenizer)
@@ -184,7 +195,14 @@ class ChatSession:
         turn = _Turn(prompt)
         try:
             for event in stream_generate(
-                self.model, new, tokenizer=self.tokenizer, cache=self.cache, **options
+                self.model,
+                new,
+                tokenizer=self.tokenizer,
+                cache=self.cache,
+                tools=self.tools,
+                tool_choice=self.tool_choice,
+                response_format=self.response_format,
+                **options,
             ):
                 turn.completion.append(event.token)
                 if event.stats is not None:

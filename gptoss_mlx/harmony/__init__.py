@@ -17,10 +17,17 @@ Modules: :mod:`.schema` (tool declarations: JSON schemas as TypeScript-like type
 multi-turn chat), :mod:`.parse` (completion ids -> reasoning, content and tool calls, streaming),
 :mod:`.format` (the words both sides share). Built-in tools (browser, python) belong in the system
 message's ``# Tools`` section: ``render._system_text`` takes their rendered namespace sections as
-``builtin_tools`` (none yet).
+``builtin_tools`` (none yet). A JSON schema response format goes at the end of the developer
+message (``# Response Formats``, as harmony's guide shows it); openai-harmony has no API for it,
+so that section is tested against the guide's layout.
 """
 
-from gptoss_mlx.harmony.parse import Delta, StreamParser, parse_completion
+from gptoss_mlx.harmony.parse import (
+    Delta,
+    StreamParser,
+    header_channel_and_recipient,
+    parse_completion,
+)
 from gptoss_mlx.harmony.render import (
     DEFAULT_MODEL_IDENTITY,
     REASONING_EFFORTS,
@@ -30,7 +37,13 @@ from gptoss_mlx.harmony.render import (
     render_prompt,
     render_turn,
 )
-from gptoss_mlx.harmony.schema import tools_to_typescript
+from gptoss_mlx.harmony.schema import (
+    FunctionTool,
+    ResponseFormat,
+    function_tools,
+    parse_response_format,
+    tools_to_typescript,
+)
 from gptoss_mlx.tokenizer import STOP_TOKENS
 
 __all__ = [
@@ -43,6 +56,11 @@ __all__ = [
     "chat_history_tokens",
     "common_prefix_length",
     "tools_to_typescript",
+    "function_tools",
+    "FunctionTool",
+    "parse_response_format",
+    "ResponseFormat",
+    "header_channel_and_recipient",
     "parse_completion",
     "StreamParser",
     "Delta",
