@@ -106,15 +106,26 @@ def ll_tokenizer(tokenizer: Tokenizer) -> llg.LLTokenizer:
 
 
 def _one_line(message: str) -> str:
-    """llguidance's error, on one line: its ``error: ...`` line when it has one."""
+    """llguidance's error on one line: its ``error: ...`` line when it has one, else its first."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     detail = next((line for line in lines if line.startswith("error:")), None)
-    return (detail[len("error:") :].strip() if detail else " ".join(lines))[:300]
+    return (detail[len("error:") :].strip() if detail else lines[0] if lines else "")[:300]
+
+
+# What each kind of grammar may use, for error messages.
+_SUPPORTED = {
+    "json": "JSON schema features llguidance supports: "
+    "https://github.com/guidance-ai/llguidance/blob/main/docs/json_schema.md",
+    "regex": "regular expressions in Rust's syntax, without look-around or backreferences",
+    "lark": "llguidance's Lark syntax: "
+    "https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md",
+}
 
 
 def _grammar_entry(kind: str, source, what: str) -> dict:
-    """One llguidance grammar (an entry of its ``grammars`` list) for a JSON schema, a regular
-    expression or a Lark grammar; ``what`` names it in errors."""
+    """One llguidance grammar (an entry of its ``grammars`` list) for a JSON schema (``kind``
+    "json"), a regular expression ("regex") or a Lark grammar ("lark"); ``what`` names it in
+    errors."""
     try:
         if kind == "json":
             text = llg.LLMatcher.grammar_from_json_schema(
@@ -122,16 +133,17 @@ def _grammar_entry(kind: str, source, what: str) -> dict:
             )
         elif kind == "regex":
             text = llg.LLMatcher.grammar_from_regex(source)
-        else:
-            text = llg.LLMatcher.grammar_from_lark(source)
+        else:  # Lark needs no conversion
+            text = json.dumps({"grammars": [{"lark_grammar": source}]})
+        entry = json.loads(text)["grammars"][0]
+        failed, messages = llg.LLMatcher.validate_grammar_with_warnings(
+            json.dumps({"grammars": [entry]})
+        )
+        problem = messages[0] if failed else None
     except (TypeError, ValueError) as e:
-        raise GptOssError(f"{what} is not valid: {_one_line(str(e))}") from None
-    entry = json.loads(text)["grammars"][0]
-    failed, messages = llg.LLMatcher.validate_grammar_with_warnings(
-        json.dumps({"grammars": [entry]})
-    )
-    if failed:
-        raise GptOssError(f"{what} cannot be enforced: {_one_line(messages[0])}")
+        problem = str(e)
+    if problem is not None:
+        raise GptOssError(f"{what} cannot be used: {_one_line(problem)} (use {_SUPPORTED[kind]})")
     return entry
 
 
@@ -298,13 +310,14 @@ def apply_bitmask(logits: mx.array, words: mx.array) -> mx.array:
 
 
 class Guide:
-    """A :class:`Constraint` during one generation: where the completion is and, when the next
-    token is constrained, its mask.
+    """A :class:`Constraint` during one generation: where the completion is, and whether (and
+    by which grammar) the next token is masked.
 
     The decode loop calls :meth:`first` for token 0, then per token n: :meth:`propose` with the
     logits of n+1 (a speculative free draw, or None when n+1 will surely be masked), :meth:`feed`
-    with token n and the parser's deltas for it, and :meth:`choose` for token n+1.
-    ``mask_seconds`` is the host time spent computing masks, ``masked_tokens`` how many.
+    with token n and the parser's deltas for it, and, unless generation ends there,
+    :meth:`choose` for token n+1 (which computes its mask). ``masked_tokens`` counts the tokens
+    drawn under a mask, ``mask_seconds`` the host time spent computing those masks.
     """
 
     def __init__(self, constraint: Constraint, sampler: Sampler) -> None:
@@ -313,12 +326,11 @@ class Guide:
         self.tok = constraint.tokenizer
         self.mask_seconds = 0.0
         self.masked_tokens = 0
-        self.mask: mx.array | None = None  # of the next token; None when it is free
         self._key: mx.array | None = None  # the key of the last speculative draw
         self._words = llg_numpy.allocate_token_bitmask(1, constraint._ll.vocab_size)
         self._header: list[int] = []  # tokens of the header being generated (guided)
         self._body: str | None = None  # channel of the free body being generated (guided)
-        self._state = "free"  # "free", "match" (a matcher masks), "done"
+        self._state = "free"  # "free", "match" (a matcher masks the next token), "done"
         if constraint.guided:
             self._match(constraint._first.deep_copy())
 
@@ -340,15 +352,14 @@ class Guide:
     def choose(self, logits: mx.array, proposal: mx.array | None) -> mx.array:
         """The next token: ``proposal`` when it is free, else drawn from the masked ``logits``
         with the proposal's key."""
-        if self.mask is None:
+        if self._state != "match":
             return proposal if proposal is not None else self.sampler(logits)
         key = self._key if proposal is not None else self.sampler.next_key()
-        return self.sampler(apply_bitmask(logits, self.mask), key=key)
+        return self.sampler(apply_bitmask(logits, self._mask()), key=key)
 
     def feed(self, token: int, deltas: Sequence[Delta] = ()) -> bool:
-        """Advance past ``token`` (computing the next mask when one applies). True when a stop
-        token here ends the completion; False for one the constraint reads as the end of the
-        reasoning (guided), and for every other token."""
+        """Advance past ``token``. True when a stop token here ends the completion; False for one
+        the constraint reads as the end of the reasoning (guided), and for every other token."""
         if self._state == "match":
             return self._feed_matcher(token)
         if self._state == "done":
@@ -369,9 +380,7 @@ class Guide:
         else:
             self._header.append(token)
         if not matcher.is_stopped():
-            self._compute_mask()
             return False
-        self.mask = None
         if token in self.tok.stop_tokens:  # a constrained body's last token
             self._state = "done"
             return True
@@ -405,17 +414,17 @@ class Guide:
         self._matcher, self._state, self._header = matcher, "match", []
         if written is not None:
             self._feed_matcher(written)
-        else:
-            self._compute_mask()
 
-    def _compute_mask(self) -> None:
+    def _mask(self) -> mx.array:
+        """The next token's mask, packed (int32 words), on the device."""
         tic = time.perf_counter()
         llg_numpy.fill_next_token_bitmask(self._matcher, self._words)
         if self._matcher.is_error():
             raise GptOssError(f"the constraint failed: {_one_line(self._matcher.get_error())}")
-        self.mask = mx.array(self._words[0])
+        mask = mx.array(self._words[0])
         self.mask_seconds += time.perf_counter() - tic
         self.masked_tokens += 1
+        return mask
 
 
 def check_response_format(response_format: Mapping | None) -> None:
