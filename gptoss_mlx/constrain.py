@@ -40,9 +40,9 @@ token n turns out to start a constrained stretch, the token is drawn again from 
 with the same random key (:meth:`Sampler.next_key`), so each token uses one key and the free
 stretches are the same tokens as without a constraint, for the same seed.
 
-JSON schemas compile with at most 24 whitespace characters between JSON tokens (llguidance
-allows any run by default, which lets a model loop on newlines); a schema's own ``x-guidance``
-options override that. Unsupported keywords or formats, bad patterns and bad grammars are a
+JSON schemas compile with at most 32 whitespace characters wherever JSON allows whitespace
+(enough to pretty-print 7 levels deep at 4 spaces; llguidance allows any run by default, which
+lets a model loop on newlines); a schema's own ``x-guidance`` options override that. Unsupported keywords or formats, bad patterns and bad grammars are a
 :class:`GptOssError` before any token is generated.
 """
 
@@ -81,7 +81,7 @@ __all__ = [
 ]
 
 # Whitespace JSON may have at each place it is allowed (see the module docstring).
-JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{1,24}"
+JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{1,32}"
 
 _LL_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
