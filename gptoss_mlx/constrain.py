@@ -35,15 +35,16 @@ token n+1 depends on token n, so while the device runs the forward pass for n+1 
 token n, advances the grammar and computes the mask (llguidance: tens of microseconds); the mask
 goes to the device as packed bits (int32 words, 1/32 of the vocabulary: 25 KB) and is unpacked
 there (:func:`apply_bitmask`). Where the next token is free (reasoning, unconstrained text) the
-loop draws it speculatively before token n is read, exactly as it does without a constraint; if
-token n turns out to start a constrained stretch, the token is drawn again from masked logits
-with the same random key (:meth:`Sampler.next_key`), so each token uses one key and the free
-stretches are the same tokens as without a constraint, for the same seed.
+loop draws it speculatively before token n is read, exactly as it does without a constraint
+(one draw, so one split of the sampler's random key, per token: the free stretches are the same
+tokens as without a constraint, for the same seed); if token n turns out to start a constrained
+stretch, the token is drawn again from the masked logits.
 
 JSON schemas compile with at most 32 whitespace characters wherever JSON allows whitespace
 (enough to pretty-print 7 levels deep at 4 spaces; llguidance allows any run by default, which
-lets a model loop on newlines); a schema's own ``x-guidance`` options override that. Unsupported keywords or formats, bad patterns and bad grammars are a
-:class:`GptOssError` before any token is generated.
+lets a model loop on newlines); a schema's own ``x-guidance`` options override that.
+Unsupported keywords or formats, bad patterns and bad grammars are a :class:`GptOssError` before
+any token is generated.
 """
 
 from __future__ import annotations
@@ -128,9 +129,12 @@ def _grammar_entry(kind: str, source, what: str) -> dict:
     errors."""
     try:
         if kind == "json":
-            text = llg.LLMatcher.grammar_from_json_schema(
-                json.dumps(source), defaults={"whitespace_pattern": JSON_WHITESPACE}
+            options = source.get("x-guidance") if isinstance(source, Mapping) else None
+            own = isinstance(options, Mapping) and (
+                "whitespace_pattern" in options or "whitespace_flexible" in options
             )
+            defaults = None if own else {"whitespace_pattern": JSON_WHITESPACE}
+            text = llg.LLMatcher.grammar_from_json_schema(json.dumps(source), defaults=defaults)
         elif kind == "regex":
             text = llg.LLMatcher.grammar_from_regex(source)
         else:  # Lark needs no conversion
@@ -326,7 +330,6 @@ class Guide:
         self.tok = constraint.tokenizer
         self.mask_seconds = 0.0
         self.masked_tokens = 0
-        self._key: mx.array | None = None  # the key of the last speculative draw
         self._words = llg_numpy.allocate_token_bitmask(1, constraint._ll.vocab_size)
         self._header: list[int] = []  # tokens of the header being generated (guided)
         self._body: str | None = None  # channel of the free body being generated (guided)
@@ -343,19 +346,13 @@ class Guide:
     def propose(self, logits: mx.array) -> mx.array | None:
         """A draw of the next token from ``logits`` as if it were free, or None when the
         constraint will surely mask it."""
-        if self._state == "match":
-            self._key = None
-            return None
-        self._key = self.sampler.next_key()
-        return self.sampler(logits, key=self._key)
+        return None if self._state == "match" else self.sampler(logits)
 
     def choose(self, logits: mx.array, proposal: mx.array | None) -> mx.array:
-        """The next token: ``proposal`` when it is free, else drawn from the masked ``logits``
-        with the proposal's key."""
+        """The next token: ``proposal`` when it is free, else drawn from the masked ``logits``."""
         if self._state != "match":
             return proposal if proposal is not None else self.sampler(logits)
-        key = self._key if proposal is not None else self.sampler.next_key()
-        return self.sampler(apply_bitmask(logits, self._mask()), key=key)
+        return self.sampler(apply_bitmask(logits, self._mask()))
 
     def feed(self, token: int, deltas: Sequence[Delta] = ()) -> bool:
         """Advance past ``token``. True when a stop token here ends the completion; False for one

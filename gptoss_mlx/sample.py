@@ -122,25 +122,10 @@ class Sampler:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def next_key(self) -> mx.array | None:
-        """Split off the random key of the next draw (None when greedy).
-
-        Constrained decoding (:mod:`gptoss_mlx.constrain`) draws a token before it knows whether
-        a mask applies and may draw it again from masked logits with the same key, so each
-        token uses one key either way and free stretches sample exactly as without a constraint.
-        """
-        if self.greedy:
-            return None
-        self._key, key = mx.random.split(self._key)
-        return key
-
-    def __call__(self, logits: mx.array, key: mx.array | None = None) -> mx.array:
-        """Token ids `[B]` drawn from `logits` `[B, V]`, with `key` (from :meth:`next_key`) or
-        the next one."""
+    def __call__(self, logits: mx.array) -> mx.array:
         if self.greedy:
             return mx.argmax(logits, axis=-1)
-        if key is None:
-            key = self.next_key()
+        self._key, key = mx.random.split(self._key)
         x = filter_logits(logits, self.top_k, self.top_p, self.min_p)
         if self.temperature != 1.0:
             x = x / self.temperature

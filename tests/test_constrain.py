@@ -370,6 +370,29 @@ def test_regex_and_grammar(model, tok, seed):
     assert re.fullmatch(r"(yes|no|[0-9]{1,2})(,(yes|no|[0-9]{1,2}))*", out["content"])
 
 
+def test_json_whitespace_is_bounded_unless_the_schema_says_otherwise(tok):
+    """At most 32 whitespace characters in a row (the model would write 60); none at all when the
+    schema's own x-guidance asks for compact JSON."""
+    (eight_spaces,) = tok.encode(" " * 8)
+    script = tok.encode("<|channel|>final<|message|>{", allow_special=True) + [eight_spaces] * 8
+    script += tok.encode('"name": "Al", "age": 3}<|return|>', allow_special=True)
+    for schema, longest in (
+        (PERSON, 32),
+        ({**PERSON, "x-guidance": {"whitespace_flexible": False}}, 0),
+    ):
+        out = generate(
+            ScriptedModel(script),
+            "Who?",
+            tokenizer=tok,
+            temperature=0,
+            max_tokens=200,
+            response_format=json_format(schema),
+        )
+        between = re.sub(r'"(?:[^"\\]|\\.)*"', '""', out["content"])  # strings emptied
+        assert max((len(ws) for ws in re.findall(r"\s+", between)), default=0) == longest
+        validate(out["parsed"], PERSON)
+
+
 def test_no_constraint_costs_nothing_when_none_is_asked(tok):
     """Tools without strict and no tool choice: no masks at all, the model writes freely."""
     text = ANALYSIS + "x<|end|>" + FINAL_HEADER + "not json<|return|>"
