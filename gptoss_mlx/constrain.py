@@ -222,7 +222,6 @@ class Constraint:
         choice: _ToolChoice,
     ) -> None:
         self.tokenizer = tokenizer
-        self.format = fmt
         self.guided = fmt is not None or choice.mode != "auto"
         self._ll = ll_tokenizer(tokenizer)
         if self.guided:
