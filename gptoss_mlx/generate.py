@@ -262,7 +262,16 @@ def stream_generate(
 
 
 def _generate_events(
-    model, ids, cache, sampler, max_tokens, prefill_chunk, stops, parser, progress, guide: Guide
+    model,
+    ids,
+    cache,
+    sampler,
+    max_tokens,
+    prefill_chunk,
+    stops,
+    parser,
+    progress,
+    guide: Guide | None,
 ) -> Iterator[GenerationEvent]:
     mx.reset_peak_memory()
     stats = GenerationStats(prompt_tokens=len(ids))
@@ -295,7 +304,7 @@ def _generate_events(
         finish = FINISH_REASONS.get(token, "stop") if token in stops and ends else None
         if finish is None and n >= max_tokens:
             finish = "length"
-        if guide is not None and finish is None:  # the mask of n+1 is known: draw n+1
+        if guide is not None and finish is None:  # token n decides what constrains n+1: draw it
             next_y = guide.choose(logits, next_y)
             mx.async_eval(next_y)
         event = GenerationEvent(token=token, deltas=deltas)
