@@ -1,12 +1,13 @@
 """gptoss-mlx: OpenAI's gpt-oss models on Apple Silicon with MLX.
 
 The public API: `load_model` (and, with the tokenizer, `load`), `stream_generate`, `generate`,
-`ChatSession` (multi-turn chat keeping the KV cache), `convert`, `Benchmark`, `harmony`,
-`check_response_format` (structured output, see `gptoss_mlx.constrain`), and the one error type
-`GptOssError`. The command line (`gptoss_mlx.cli`) uses nothing else.
+`ChatSession` (multi-turn chat keeping the KV cache, running tools), `ToolLoop` (the tool loop on
+its own, for other sessions), `tools` (function tools, `Browser`, `Python`), `convert`,
+`Benchmark`, `harmony`, `check_response_format` (structured output, see `gptoss_mlx.constrain`),
+and the one error type `GptOssError`. The command line (`gptoss_mlx.cli`) uses nothing else.
 """
 
-from . import harmony
+from . import harmony, tools
 from .benchmark import Benchmark
 from .chat import ChatSession
 from .config import ModelConfig, preset
@@ -18,6 +19,7 @@ from .loading import load, load_model
 from .model import GptOssModel
 from .sample import check_sampling, make_sampler
 from .tokenizer import StreamingDetokenizer, Tokenizer
+from .tool_loop import ToolEvent, ToolLoop
 
 __all__ = [
     "Benchmark",
@@ -29,6 +31,8 @@ __all__ = [
     "ModelConfig",
     "StreamingDetokenizer",
     "Tokenizer",
+    "ToolEvent",
+    "ToolLoop",
     "check_response_format",
     "check_sampling",
     "convert",
@@ -39,4 +43,5 @@ __all__ = [
     "make_sampler",
     "preset",
     "stream_generate",
+    "tools",
 ]

@@ -63,9 +63,9 @@ import mlx.core as mx
 from .errors import GptOssError
 from .harmony import (
     Delta,
-    FunctionTool,
+    FunctionDeclaration,
     ResponseFormat,
-    function_tools,
+    function_declarations,
     header_channel_and_recipient,
     parse_response_format,
 )
@@ -161,7 +161,7 @@ def _format_entry(fmt: ResponseFormat) -> dict:
     return _grammar_entry("lark", fmt.grammar, "the response_format's grammar")
 
 
-def _arguments_entry(fn: FunctionTool, follow_schema: bool) -> dict:
+def _arguments_entry(fn: FunctionDeclaration, follow_schema: bool) -> dict:
     """Arguments of a call to ``fn``: its parameter schema, or any JSON object."""
     if not follow_schema:
         schema = {"type": "object"}
@@ -180,7 +180,7 @@ class _ToolChoice:
     name: str | None = None
 
 
-def _tool_choice(choice, tools: Sequence[FunctionTool]) -> _ToolChoice:
+def _tool_choice(choice, tools: Sequence[FunctionDeclaration]) -> _ToolChoice:
     names = [fn.name for fn in tools]
     if choice is None or choice == "auto":
         return _ToolChoice()
@@ -218,7 +218,7 @@ class Constraint:
         self,
         tokenizer: Tokenizer,
         fmt: ResponseFormat | None,
-        tools: Sequence[FunctionTool],
+        tools: Sequence[FunctionDeclaration],
         choice: _ToolChoice,
     ) -> None:
         self.tokenizer = tokenizer
@@ -236,7 +236,7 @@ class Constraint:
             }
 
     def _init_guided(
-        self, fmt: ResponseFormat | None, tools: Sequence[FunctionTool], choice: _ToolChoice
+        self, fmt: ResponseFormat | None, tools: Sequence[FunctionDeclaration], choice: _ToolChoice
     ) -> None:
         answers, entries = [], {}
         if choice.mode not in ("required", "named"):
@@ -289,7 +289,7 @@ def compile_constraint(
     tool choice ``"auto"`` without strict functions). Raises :class:`GptOssError` for a malformed
     format or tool choice and for a schema, regex or grammar llguidance cannot enforce."""
     fmt = parse_response_format(response_format)
-    fns = function_tools(tools) if tools else []
+    fns = function_declarations(tools) if tools else []
     choice = _tool_choice(tool_choice, fns)
     if fmt is None and choice.mode == "auto" and not any(fn.strict for fn in fns):
         return None

@@ -15,11 +15,12 @@ completions, and the same result and deltas however a completion is split into `
 Modules: :mod:`.schema` (tool declarations: JSON schemas as TypeScript-like types),
 :mod:`.render` (system, developer and conversation messages -> prompt ids; token histories for
 multi-turn chat), :mod:`.parse` (completion ids -> reasoning, content and tool calls, streaming),
-:mod:`.format` (the words both sides share). Built-in tools (browser, python) belong in the system
-message's ``# Tools`` section: ``render._system_text`` takes their rendered namespace sections as
-``builtin_tools`` (none yet). A JSON schema response format goes at the end of the developer
-message (``# Response Formats``, as harmony's guide shows it); openai-harmony has no API for it,
-so that section is tested against the guide's layout.
+:mod:`.format` (the words both sides share). Built-in tools (browser, python) are
+:class:`ToolNamespace` s declared in the system message's ``# Tools`` section
+(``render_prompt(builtin_tools=...)``); the tools themselves live in :mod:`gptoss_mlx.tools`.
+A JSON schema response format goes at the end of the developer message (``# Response Formats``,
+as harmony's guide shows it); openai-harmony has no API for it, so that section is tested
+against the guide's layout.
 """
 
 from gptoss_mlx.harmony.parse import (
@@ -34,13 +35,17 @@ from gptoss_mlx.harmony.render import (
     chat_history_tokens,
     check_reasoning_effort,
     common_prefix_length,
+    is_builtin_call,
+    render_messages,
     render_prompt,
     render_turn,
 )
 from gptoss_mlx.harmony.schema import (
-    FunctionTool,
+    FunctionDeclaration,
     ResponseFormat,
-    function_tools,
+    ToolNamespace,
+    function_declarations,
+    namespace_section,
     parse_response_format,
     tools_to_typescript,
 )
@@ -53,14 +58,18 @@ __all__ = [
     "check_reasoning_effort",
     "render_prompt",
     "render_turn",
+    "render_messages",
     "chat_history_tokens",
     "common_prefix_length",
     "tools_to_typescript",
-    "function_tools",
-    "FunctionTool",
+    "function_declarations",
+    "FunctionDeclaration",
     "parse_response_format",
     "ResponseFormat",
     "header_channel_and_recipient",
+    "ToolNamespace",
+    "namespace_section",
+    "is_builtin_call",
     "parse_completion",
     "StreamParser",
     "Delta",
