@@ -9,11 +9,12 @@ import checkpoints as ck
 import mlx.core as mx
 import numpy as np
 import pytest
-from scripted import SteeredModel
+from scripted import ScriptedModel, SteeredModel
 
 from gptoss_mlx import ChatSession, GptOssError, harmony, load, load_model, stream_generate
 from gptoss_mlx.chat import trim_cache
 from gptoss_mlx.tokenizer import SPECIAL_TOKENS
+from gptoss_mlx.tool_loop import ToolEvent
 
 RETURN, END = SPECIAL_TOKENS["<|return|>"], SPECIAL_TOKENS["<|end|>"]
 
@@ -223,3 +224,35 @@ def test_a_session_refuses_a_format_it_cannot_enforce(chat_model):
         ChatSession(model, tok, response_format=bad)
     with pytest.raises(GptOssError, match="needs tools"):
         ChatSession(model, tok, tool_choice="required")
+
+
+def test_a_required_tool_choice_forces_the_first_round_only(tok):
+    """The turn's first generation must call the tool (the model would answer in prose); once the
+    result is in, the model answers freely instead of being forced to call again."""
+    calls = []
+    spec = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 10}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    }
+
+    model = ScriptedModel.from_harmony(
+        [
+            "<|channel|>final<|message|>I think it is sunny.<|return|>",  # forced into a call
+            "<|channel|>final<|message|>It is sunny.<|return|>",
+        ],
+        tok,
+    )
+    tools = [(spec, lambda city: calls.append(city) or "sunny")]
+    session = ChatSession(model, tok, tools=tools, tool_choice="required", temperature=0)
+    events = list(session.send("Weather in Oslo?"))
+    assert [e.kind for e in events if isinstance(e, ToolEvent)] == ["tool_run", "tool_result"]
+    assert len(calls) == 1
+    assert session.messages[-1] == {"role": "assistant", "content": "It is sunny."}
