@@ -10,7 +10,6 @@ shares it, every rank computes, and only rank 0 writes output. An error names it
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -28,6 +27,7 @@ from . import (
     StreamingDetokenizer,
     Tokenizer,
     ToolEvent,
+    check_response_format,
     check_sampling,
     convert,
     distributed,
@@ -311,10 +311,55 @@ def _read_prompt(prompt: str | None) -> str:
     return prompt
 
 
+def _response_format(
+    json_schema: str | None, regex: str | None, grammar: str | None
+) -> dict | None:
+    """The response_format of --json-schema (a file or JSON text), --regex or --grammar (a
+    file), checked before the model loads."""
+    given = [v for v in (json_schema, regex, grammar) if v is not None]
+    if len(given) > 1:
+        raise click.UsageError("choose one of --json-schema, --regex and --grammar")
+    if json_schema is not None:
+        is_file = os.path.isfile(json_schema)
+        try:
+            if is_file:
+                with open(json_schema, encoding="utf-8") as f:
+                    schema = json.load(f)
+            else:
+                schema = json.loads(json_schema)
+        except (OSError, ValueError) as e:
+            what = f"file {json_schema}" if is_file else "value (not a file)"
+            raise GptOssError(f"--json-schema {what} is not JSON: {e}") from None
+        name = os.path.splitext(os.path.basename(json_schema))[0] if is_file else "response"
+        fmt = {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
+    elif regex is not None:
+        fmt = {"type": "regex", "pattern": regex}
+    elif grammar is not None:
+        with open(grammar, encoding="utf-8") as f:
+            fmt = {"type": "grammar", "grammar": f.read()}
+    else:
+        return None
+    check_response_format(fmt)
+    return fmt
+
+
 @main.command("generate")
 @click.argument("prompt", required=False)
 @model_options
 @sampling_options
+@click.option(
+    "--json-schema",
+    metavar="FILE_OR_JSON",
+    default=None,
+    help="Make the answer JSON that follows this schema (a file, or the schema itself).",
+)
+@click.option("--regex", default=None, help="Make the whole answer match this regular expression.")
+@click.option(
+    "--grammar",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Make the answer follow this Lark grammar (llguidance's syntax).",
+)
 @click.option("--hide-reasoning", is_flag=True, help="Print only the answer (and tool calls).")
 @click.option(
     "--raw", is_flag=True, help="Print the completion as harmony text, special tokens included."
@@ -323,7 +368,8 @@ def _read_prompt(prompt: str | None) -> str:
     "--json",
     "as_json",
     is_flag=True,
-    help="Print one JSON object: reasoning, content, tool_calls, token ids, statistics.",
+    help="Print one JSON object: reasoning, content, tool_calls, token ids, statistics "
+    "(and, with --json-schema, the answer parsed).",
 )
 @user_errors
 def generate_command(
@@ -332,6 +378,9 @@ def generate_command(
     dtype: str | None,
     reasoning_effort: str,
     system: str | None,
+    json_schema: str | None,
+    regex: str | None,
+    grammar: str | None,
     hide_reasoning: bool,
     raw: bool,
     as_json: bool,
@@ -339,7 +388,9 @@ def generate_command(
 ) -> None:
     """Answer PROMPT (or, without it, the text on stdin) with gpt-oss.
 
-    Reasoning streams first (dimmed), then the answer; statistics go to stderr.
+    Reasoning streams first (dimmed), then the answer; statistics go to stderr. With
+    --json-schema, --regex or --grammar the model reasons freely, then its answer follows the
+    format.
     """
     if raw and as_json:
         raise click.UsageError("choose one of --raw and --json")
@@ -348,6 +399,7 @@ def generate_command(
             "across ranks give the PROMPT as an argument (mlx.launch passes stdin on to every "
             "rank but never closes it)"
         )
+    response_format = _response_format(json_schema, regex, grammar)
     prompt = _read_prompt(prompt)
     sampling = _sampling(options)
     group = _connect()
@@ -355,8 +407,8 @@ def generate_command(
     interactive = sys.stderr.isatty() and leader
     mdl, tok = load(model, dtype, progress=interactive, group=group)
     request = {"prompt": prompt, "system": system, "effort": reasoning_effort, **sampling}
-    if group is not None:  # every rank runs rank 0's request
-        request = distributed.Ranks(group).share(request)
+    request["response_format"] = response_format
+    request = distributed.Ranks(group).share(request)  # every rank runs rank 0's request
     messages = [{"role": "system", "content": request["system"]}] if request["system"] else []
     messages.append({"role": "user", "content": request["prompt"]})
     printer = None if as_json else _RawPrinter(tok) if raw else _Printer(hide_reasoning)
@@ -365,6 +417,7 @@ def generate_command(
         messages,
         tokenizer=tok,
         reasoning_effort=request["effort"],
+        response_format=request["response_format"],
         progress=interactive,
         on_event=printer.event if printer and leader else None,
         **{k: request[k] for k in SAMPLING},
@@ -548,7 +601,7 @@ def chat_command(
     leader = group is None or group.rank() == 0
     interactive = sys.stderr.isatty() and leader
     mdl, tok = load(model, dtype, progress=interactive, group=group)
-    ranks = distributed.Ranks(group) if group is not None else None
+    ranks = distributed.Ranks(group)
     session = ChatSession(
         mdl,
         tok,
@@ -569,11 +622,11 @@ def _chat_loop(
     model: str,
     effort: str,
     hide_reasoning: bool,
-    ranks: distributed.Ranks | None = None,
+    ranks: distributed.Ranks,
 ) -> None:
     """Read lines (rank 0: from stdin, shared with the others; the others: rank 0's), run each
     as a command or a turn; only rank 0 says anything."""
-    leader = ranks is None or ranks.leader
+    leader = ranks.leader
     say = functools.partial(click.secho, err=True) if leader else _say_nothing
     browser = session.tool_loop.builtin.get("browser")
     if leader:
@@ -602,7 +655,7 @@ def _chat_loop(
                 if getattr(event, "kind", None) == "content":
                     answer.append(event.text)
         except KeyboardInterrupt:
-            if ranks is not None:  # the others are mid-reply: the run ends
+            if ranks.size > 1:  # the others are mid-reply: the run ends
                 raise
             printer.end()
             click.echo("(reply interrupted)", err=True)
@@ -617,20 +670,20 @@ def _say_nothing(*args, **kwargs) -> None:
     """What a follower rank tells the user: nothing (rank 0 speaks for all)."""
 
 
-def _next_line(prompt: str, ranks: distributed.Ranks | None) -> str | None:
+def _next_line(prompt: str, ranks: distributed.Ranks) -> str | None:
     """The next line of the chat ("" after Ctrl-C at the prompt), None at the end of input. Across
     ranks rank 0 reads it, the followers ticking meanwhile, and shares it."""
-    if ranks is not None and not ranks.leader:
+    if not ranks.leader:
         return ranks.receive()
     try:
-        with ranks.idle() if ranks is not None else contextlib.nullcontext():
+        with ranks.idle():
             line = input(prompt)
     except EOFError:
         line = None
     except KeyboardInterrupt:  # at the prompt: drop the line, keep chatting
         click.echo()
         line = ""
-    return ranks.share(line) if ranks is not None else line
+    return ranks.share(line)
 
 
 class IntList(click.ParamType):
@@ -728,8 +781,7 @@ def bench_command(
         chip=chip,
         group=group,
     )
-    if group is not None:
-        distributed.Ranks(group)  # from here, a rank that stops ends the others
+    distributed.Ranks(group)  # from here a rank that stops or hangs ends the others
     result = bench.run(prompt_tokens, gen_tokens, repeats, warmup, ops=ops)
     if leader:
         click.echo(json.dumps(result, indent=1) if as_json else format_report(result))
