@@ -224,21 +224,33 @@ def test_ranks_given_different_prompts_stop_with_an_error(hf_mxfp4_dir, tmp_path
 FLOAT32_GREEDY = ["--dtype", "float32", "--temperature", "0"]
 
 
-@pytest.mark.parametrize("n", [2, 3])
-def test_generate_across_ranks_prints_one_process_tokens_once(n, o200k_dir, tmp_path):
+@pytest.mark.parametrize(
+    "n,response_format",
+    [(2, None), (3, None), (2, {"type": "regex", "pattern": "[a-z ]{1,40}"})],
+    ids=["2", "3", "2-regex"],
+)
+def test_generate_across_ranks_prints_one_process_tokens_once(
+    n, response_format, o200k_dir, tmp_path
+):
     question = "Why is the sky blue?"
-    rc, out, err = launch(
-        n,
-        cli("generate", question, "-m", o200k_dir, *FLOAT32_GREEDY, "--max-tokens", "24", "--json"),
-        tmp_path,
-    )
+    args = ["generate", question, "-m", o200k_dir, *FLOAT32_GREEDY, "--max-tokens", "24", "--json"]
+    if response_format is not None:
+        args += ["--regex", response_format["pattern"]]
+    rc, out, err = launch(n, cli(*args), tmp_path)
     assert rc == 0 and not errors(err) and "Traceback" not in err, err
     lines = out.strip().splitlines()
     assert len(lines) == 1, out  # rank 0 alone writes
     model, tok = load(o200k_dir, "float32")
-    single = generate(model, question, tokenizer=tok, max_tokens=24, temperature=0.0)
+    single = generate(
+        model,
+        question,
+        tokenizer=tok,
+        max_tokens=24,
+        temperature=0.0,
+        response_format=response_format,
+    )
     assert json.loads(lines[0])["completion_token_ids"] == single["completion_token_ids"]
-    assert err.count("generation: 24 tokens") == 1  # statistics once, from rank 0
+    assert err.count("generation: ") == 1  # statistics once, from rank 0
 
 
 def test_generate_across_ranks_wants_the_prompt_as_an_argument(tmp_path):
