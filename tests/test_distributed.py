@@ -26,7 +26,7 @@ from gptoss_mlx.loading import build_model
 from gptoss_mlx.moe import MoE
 from gptoss_mlx.safetensors_check import read_header
 from gptoss_mlx.synthetic import hf_config_json
-from gptoss_mlx.weights import checkpoint_from_tensors
+from gptoss_mlx.weights import checkpoint_from_tensors, read_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANK_SCRIPT = os.path.join(ROOT, "tests", "distributed_rank.py")
@@ -184,6 +184,41 @@ def test_the_ranks_partial_moe_outputs_sum_to_the_whole_layer(hf_tensors):
             parts.append(np.array(layer.experts(flat, *shard.localize(indices, weights))))
         np.testing.assert_allclose(sum(parts), expected, rtol=1e-5, atol=1e-6)
         assert all(np.abs(p - expected).max() > 1e-3 for p in parts)
+
+
+@pytest.mark.parametrize(
+    "writer",
+    [
+        ck.write_hf_mxfp4,
+        ck.write_hf_bf16,
+        ck.write_original,
+        lambda folder, cfg, t: ck.write_mlx_community(folder, cfg, t, dense_bits=8),
+        "converted",
+    ],
+    ids=["hf-mxfp4", "hf-bf16", "original", "mlx-community", "gptoss-mlx"],
+)
+def test_every_layout_gives_a_rank_exactly_its_rows_of_every_tensor(
+    writer, hf_tensors, converted_dir, tmp_path
+):
+    """A rank's checkpoint, read from the files (only its byte ranges of the expert tensors),
+    holds rows start..stop of the whole checkpoint's expert tensors and all the rest unchanged."""
+    folder = converted_dir if writer == "converted" else writer(tmp_path, ck.TINY, hf_tensors)
+    whole = read_checkpoint(folder).tensors
+    for r in range(3):
+        part = read_checkpoint(folder, FakeGroup(r, 3))
+        assert (
+            part.shard is not None
+            and (part.shard.start, part.shard.stop) == [(0, 3), (3, 6), (6, 8)][r]
+        )
+        assert part.tensors.keys() == whole.keys()
+        for name, full in whole.items():
+            expected = full[part.shard.start : part.shard.stop] if ".experts." in name else full
+            assert part.tensors[name].dtype == expected.dtype, name
+            np.testing.assert_array_equal(
+                np.array(part.tensors[name].astype(mx.float32)),
+                np.array(expected.astype(mx.float32)),
+                err_msg=name,
+            )
 
 
 # --- parity with one process ----------------------------------------------------------------------
