@@ -63,11 +63,13 @@ def user_errors(command: Callable) -> Callable:
 
 
 def _connect() -> distributed.Group | None:
-    """The ranks this command runs across (None: a single process); the ring backend's own log
-    lines are kept off stderr (`distributed.quiet_backend_logs`)."""
+    """The ranks this command runs across (None: a single process). Across ranks the ring
+    backend's own log lines are kept off stderr (`distributed.quiet_backend_logs`) and Ctrl-C or
+    SIGTERM end the process at once, with one line (`distributed.end_on_signals`)."""
     group = distributed.connect()
     if group is not None:
         distributed.quiet_backend_logs()
+        distributed.end_on_signals()
     return group
 
 

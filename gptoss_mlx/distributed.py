@@ -304,6 +304,35 @@ def fail(message: str) -> None:
     os._exit(1)
 
 
+def end_on_signals() -> None:
+    """Across ranks, Ctrl-C (SIGINT) and SIGTERM end this process at once with one line, even
+    while its main thread waits in a collective that will never finish (Python would run its
+    handlers only once that wait returns). mlx.launch sends SIGTERM to every rank when one fails.
+
+    The signals wake a thread through Python's wakeup fd; that thread ends the process.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, lambda *_: None)  # the wakeup fd does the work
+    signal.set_wakeup_fd(write)
+    rank = launch_rank()
+
+    def watch() -> None:
+        number = os.read(read, 1)[0]
+        if number == signal.SIGINT:
+            os.write(_stderr_fd, b"interrupted\n")
+            os._exit(130)
+        fail(
+            f"rank {rank}: stopped by {signal.Signals(number).name} (mlx.launch stops every "
+            "rank when one fails)"
+        )
+
+    threading.Thread(target=watch, name="gptoss-signals", daemon=True).start()
+
+
 # --- the backend's own logs -----------------------------------------------------------------------
 
 

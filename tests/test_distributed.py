@@ -402,6 +402,71 @@ def test_a_killed_rank_ends_every_rank_with_one_error_line(o200k_dir, tmp_path):
         assert "[ring]" not in err.replace(errors(err)[0], "")  # the backend's log lines dropped
 
 
+def rank_pids(launcher: int) -> dict[int, int]:
+    """Rank -> pid of the processes `mlx.launch` (pid `launcher`) started, read from /proc."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    found = {}
+    for pid in parent:
+        ancestor = parent.get(pid)
+        while ancestor not in (None, 0, 1, launcher):
+            ancestor = parent.get(ancestor)
+        if ancestor != launcher:
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                python = b"gptoss_mlx.cli" in f.read()
+        except OSError:
+            continue
+        if python and b"MLX_RANK" in env:
+            found[int(env[b"MLX_RANK"])] = pid
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the ranks in /proc")
+def test_under_mlx_launch_a_killed_rank_ends_the_run_one_line_per_rank(o200k_dir, tmp_path):
+    """mlx.launch stops every rank (SIGTERM) when one fails; each says so in one line."""
+    args = cli("generate", "Hello", "-m", o200k_dir, *FLOAT32_GREEDY, *LONG_GENERATION)
+    command = [LAUNCHER, "--backend", "ring", "-n", "3", "--starting-port", str(free_ports(3))]
+    out, err = tmp_path / "out", tmp_path / "err"
+    with open(out, "w") as o, open(err, "w") as e:
+        launcher = subprocess.Popen(
+            [*command, "--", sys.executable, *args],
+            cwd=ROOT,
+            env=environment(),
+            stdin=subprocess.PIPE,
+            stdout=o,
+            stderr=e,
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while out.stat().st_size == 0 or len(rank_pids(launcher.pid)) < 3:
+            assert launcher.poll() is None, err.read_text()
+            assert time.monotonic() < deadline, "generation did not start"
+            time.sleep(0.2)
+        os.kill(rank_pids(launcher.pid)[1], signal.SIGKILL)
+        start = time.monotonic()
+        launcher.wait(timeout=30)
+        took = time.monotonic() - start
+    finally:
+        launcher.kill()
+        launcher.stdin.close()
+    assert took < 15
+    lines = errors(err.read_text())
+    assert sorted(line.split(":")[1] for line in lines) == [" rank 0", " rank 2"], lines
+    assert all(
+        "stopped by SIGTERM" in line or "another rank stopped, crashed" in line for line in lines
+    )
+
+
 def test_a_hung_rank_ends_the_others_after_the_timeout(o200k_dir, tmp_path):
     procs = spawn(
         2,
