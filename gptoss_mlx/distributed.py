@@ -18,7 +18,7 @@ output; the others follow the commands it shares (`share`). A collective that wa
 that died fails at once (MLX's ring backend notices the closed socket); one that waits on a rank
 that hangs, or on a machine that dropped off the network, is ended by a watchdog after
 `GPTOSS_MLX_DISTRIBUTED_TIMEOUT` seconds without progress (generation, or the leader's ticks
-while it waits for input). Either way each rank ends with a one-line `GptOssError`.
+while it waits for input). Either way each rank ends with a one-line error.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ _LAUNCH_ENV = ("MLX_HOSTFILE", "MLX_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "
 class ExpertShard:
     """The experts one rank holds, out of `num_experts` per layer, and the group it sums with."""
 
-    group: mx.distributed.Group
+    group: Group
     num_experts: int
 
     @property
@@ -103,7 +103,7 @@ class ExpertShard:
         return mx.distributed.all_sum(partial, group=self.group)
 
 
-def expert_shard(num_experts: int, group: mx.distributed.Group | None) -> ExpertShard | None:
+def expert_shard(num_experts: int, group: Group | None) -> ExpertShard | None:
     """The shard this process holds in `group`; None for a single process (or no group)."""
     if group is None or group.size() == 1:
         return None
@@ -118,7 +118,7 @@ def expert_shard(num_experts: int, group: mx.distributed.Group | None) -> Expert
 # --- sampling -------------------------------------------------------------------------------------
 
 
-def leader_token(token: mx.array, group: mx.distributed.Group | None) -> mx.array:
+def leader_token(token: mx.array, group: Group | None) -> mx.array:
     """Rank 0's `token` on every rank (lazily: one all_sum of the ids)."""
     if group is None or group.size() == 1:
         return token
@@ -128,7 +128,7 @@ def leader_token(token: mx.array, group: mx.distributed.Group | None) -> mx.arra
 
 
 def shared_sampler(
-    sampler: Callable[[mx.array], mx.array], group: mx.distributed.Group | None
+    sampler: Callable[[mx.array], mx.array], group: Group | None
 ) -> Callable[[mx.array], mx.array]:
     """`sampler`, with every rank taking rank 0's token: the ranks' logits can differ in the last
     bits (Macs of different chips round differently), their tokens never do."""
@@ -176,7 +176,7 @@ def launch_rank() -> str | None:
     return os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "?"))
 
 
-def connect(timeout: float | None = None) -> mx.distributed.Group | None:
+def connect(timeout: float | None = None) -> Group | None:
     """The group of the ranks this process was launched with, connected; None when it was not
     launched as one of several. GptOssError when the others cannot be reached within `timeout`
     seconds (default: `timeout_seconds()`)."""
@@ -221,18 +221,14 @@ def peer_failure(error: BaseException) -> GptOssError | None:
     return None
 
 
-def check_same_model(group: mx.distributed.Group, description: dict) -> None:
+def check_same_model(group: Group, description: dict) -> None:
     """GptOssError unless every rank of `group` describes its model the same way (configuration,
     dtype): ranks that loaded different checkpoints would compute nonsense together. Every rank
     waits here for the slowest to finish loading."""
-    digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).digest()
-    mine = mx.array(np.frombuffer(digest, np.uint8))
-    every = np.array(mx.distributed.all_gather(mine, group=group, stream=mx.cpu))
-    rows = every.reshape(group.size(), -1)
-    differ = [r for r in range(group.size()) if bytes(rows[r]) != bytes(rows[0])]
-    if differ:
+    differ = _differing_rank(group, json.dumps(description, sort_keys=True).encode())
+    if differ is not None:
         raise GptOssError(
-            f"rank {differ[0]} loaded a different model than rank 0 (configuration or dtype): "
+            f"rank {differ} loaded a different model than rank 0 (configuration or dtype): "
             "give every rank the same checkpoint and options"
         )
 
@@ -242,20 +238,21 @@ def check_same_tokens(ids: list[int], group: Group | None) -> None:
     (a prompt rendered differently) would otherwise exchange arrays of different shapes."""
     if group is None or group.size() == 1:
         return
-    digest = hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).digest()
-    every = np.array(
-        mx.distributed.all_gather(
-            mx.array(np.frombuffer(digest, np.uint8)), group=group, stream=mx.cpu
-        )
-    )
-    rows = every.reshape(group.size(), -1)
-    differ = [r for r in range(group.size()) if bytes(rows[r]) != bytes(rows[0])]
-    if differ:
+    differ = _differing_rank(group, np.asarray(ids, dtype=np.int64).tobytes())
+    if differ is not None:
         raise GptOssError(
-            f"rank {differ[0]} is about to run other tokens than rank 0: every rank must be "
+            f"rank {differ} is about to run other tokens than rank 0: every rank must be "
             "given the same prompt (rank 0 shares its input: see gptoss_mlx.distributed.Ranks)"
         )
     beat()
+
+
+def _differing_rank(group: Group, data: bytes) -> int | None:
+    """The first rank whose `data` differs from rank 0's (compared by digest), or None."""
+    digest = np.frombuffer(hashlib.sha256(data).digest(), np.uint8)
+    every = mx.distributed.all_gather(mx.array(digest), group=group, stream=mx.cpu)
+    rows = np.array(every).reshape(group.size(), -1)
+    return next((r for r in range(group.size()) if (rows[r] != rows[0]).any()), None)
 
 
 # --- the watchdog ---------------------------------------------------------------------------------
