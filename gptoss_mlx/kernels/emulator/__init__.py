@@ -191,7 +191,7 @@ class EmulatedKernel:
         """MLX's generated source (without its prelude) for these inputs."""
         infos = [
             InputInfo(n, a.dtype, a.ndim, a.size)
-            for n, a in zip(self.input_names, map(_as_array, inputs))
+            for n, a in zip(self.input_names, map(_as_array, inputs), strict=True)
         ]
         return generate(
             self.name,
@@ -266,10 +266,10 @@ class EmulatedKernel:
             )
         if tg[0] * tg[1] * tg[2] > MAX_THREADS_PER_THREADGROUP:
             raise KernelRuntimeError(
-                f"Thread group size ({tg[0] * tg[1] * tg[2]}) is greater than  the maximum allowed threads "
-                f"per threadgroup ({MAX_THREADS_PER_THREADGROUP}) (kernel '{self.name}')."
+                f"Thread group size ({tg[0] * tg[1] * tg[2]}) is greater than  the maximum allowed "
+                f"threads per threadgroup ({MAX_THREADS_PER_THREADGROUP}) (kernel '{self.name}')."
             )
-        tg = tuple(min(t, g) for t, g in zip(tg, grid))
+        tg = tuple(min(t, g) for t, g in zip(tg, grid, strict=True))
 
         tu = build.translation_unit(gen, self.name, self.header, guarded)
         lib = build.load(self.name, tu)
@@ -285,7 +285,7 @@ class EmulatedKernel:
         for x in arrays:
             host_inputs.append(_host_view(x, self.ensure_row_contiguous or x.ndim == 0))
         outputs = []
-        for shape, dt in zip(output_shapes, output_dtypes):
+        for shape, dt in zip(output_shapes, output_dtypes, strict=True):
             if dt not in _NP_DTYPES:
                 raise KernelError(f"the emulator does not support output dtype {dt}")
             o = np.empty(tuple(int(s) for s in shape), dtype=_NP_DTYPES[dt])
@@ -341,7 +341,7 @@ class EmulatedKernel:
         if rc != 0:
             raise KernelRuntimeError(err.value.decode(errors="replace"))
         result = []
-        for o, dt in zip(outputs, output_dtypes):
+        for o, dt in zip(outputs, output_dtypes, strict=True):
             a = mx.array(o)
             if dt == mx.bfloat16:
                 a = a.view(mx.bfloat16)
@@ -354,7 +354,7 @@ def _extent(h: np.ndarray) -> tuple[int, int]:
     if h.size == 0:
         return 0, 0
     first = last = 0
-    for n, s in zip(h.shape, h.strides):
+    for n, s in zip(h.shape, h.strides, strict=True):
         step = s // h.itemsize
         if step < 0:
             first += (n - 1) * step
@@ -378,12 +378,12 @@ def metal_kernel(
     ensure_row_contiguous: bool = True,
     atomic_outputs: bool = False,
 ) -> EmulatedKernel:
-    """Drop-in for ``mx.fast.metal_kernel`` that runs the kernel on the CPU (see module docstring)."""
+    """Drop-in for ``mx.fast.metal_kernel`` that runs the kernel on the CPU (module docstring)."""
     return EmulatedKernel(
         name, input_names, output_names, source, header, ensure_row_contiguous, atomic_outputs
     )
 
 
 def full_source(kernel: EmulatedKernel, inputs, output_dtypes, template=None) -> str:
-    """The source MLX generates for this call (what ``verbose=True`` prints), without the prelude."""
+    """The source MLX generates for this call (what ``verbose=True`` prints), without prelude."""
     return kernel.generated([_as_array(x) for x in inputs], list(output_dtypes), template).source
