@@ -59,7 +59,8 @@ struct Fiber;
 typedef void (*CollFn)(Fiber** parts, int n);
 
 struct Fiber {
-  ucontext_t ctx;
+  ucontext_t ctx;  // portable switching (ucontext)
+  void* sp;        // fast switching: the saved stack pointer
   int state;
   uint32_t tid;  // linear index in the threadgroup
   uint3 pos;     // position in the threadgroup
@@ -84,6 +85,7 @@ struct Worker {
   Fiber* fibers = nullptr;
   int* order = nullptr;
   ucontext_t main_ctx;
+  void* main_sp;
   int n = 0;
   uint3 tg_size, tg_pos;
   uint64_t rng = 0;
@@ -130,12 +132,85 @@ static const char* where_thread(char* buf, size_t n) {
   return buf;
 }
 
+// ---- switching between the scheduler and the fibers. On x86-64 a hand-written switch saves the
+// callee-saved registers on the stack and swaps stack pointers (no signal-mask system calls, which
+// swapcontext makes twice per switch and which dominate kernels rich in SIMD collectives);
+// elsewhere ucontext does it.
+#if defined(__x86_64__) && defined(__ELF__)
+#define MSL_FAST_SWITCH 1
+extern "C" void msl_switch_stack(void** save_sp, void* load_sp);
+asm(R"(
+  .text
+  .globl msl_switch_stack
+  .hidden msl_switch_stack
+  .type msl_switch_stack, @function
+msl_switch_stack:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size msl_switch_stack, .-msl_switch_stack
+)");
+#endif
+
+static void fiber_main();
+static inline void to_scheduler(Fiber* f) {
+#ifdef MSL_FAST_SWITCH
+  msl_switch_stack(&f->sp, tl_worker->main_sp);
+#else
+  swapcontext(&f->ctx, &tl_worker->main_ctx);
+#endif
+}
+static inline void to_fiber(Worker* w, Fiber* f) {
+#ifdef MSL_FAST_SWITCH
+  msl_switch_stack(&w->main_sp, f->sp);
+#else
+  swapcontext(&w->main_ctx, &f->ctx);
+#endif
+}
+#ifdef MSL_FAST_SWITCH
+static void fiber_start() {  // entered by the first switch to a fiber
+  fiber_main();
+  msl_switch_stack(&tl_fiber->sp, tl_worker->main_sp);  // done: never resumed
+  __builtin_unreachable();
+}
+#endif
+// Prepare fiber f of worker w to start at fiber_main on its own stack.
+static inline void init_fiber(Worker* w, Fiber* f, char* stack, size_t size) {
+#ifdef MSL_FAST_SWITCH
+  uintptr_t top = ((uintptr_t)(stack + size)) & ~(uintptr_t)15;
+  void** sp = (void**)top;
+  *--sp = nullptr;                 // fiber_start's (unused) return address
+  *--sp = (void*)&fiber_start;     // where msl_switch_stack's ret goes: rsp = 8 mod 16 after it
+  for (int i = 0; i < 6; ++i) *--sp = nullptr;  // rbp, rbx, r12..r15
+  f->sp = sp;
+  (void)w;
+#else
+  getcontext(&f->ctx);
+  f->ctx.uc_stack.ss_sp = stack;
+  f->ctx.uc_stack.ss_size = size;
+  f->ctx.uc_link = &w->main_ctx;
+  makecontext(&f->ctx, fiber_main, 0);
+#endif
+}
+
 static inline void block(int state) {
   Fiber* f = tl_fiber;
   f->state = state;
   f->spins = 0;
   tl_worker->progress = true;
-  swapcontext(&f->ctx, &tl_worker->main_ctx);
+  to_scheduler(f);
 }
 
 // Called by atomic loads and compare-exchanges: a thread that keeps polling an atomic lets the
@@ -146,7 +221,7 @@ static inline void spin_point() {
   if (!f) return;
   if (++f->spins % SPIN_YIELD == 0) {
     tl_worker->yielded = true;
-    swapcontext(&f->ctx, &tl_worker->main_ctx);
+    to_scheduler(f);
   }
 }
 
@@ -206,7 +281,7 @@ static void fiber_main() {
   kernel_entry(L->bufs, a);
   f->state = F_DONE;
   w->progress = true;
-  // returns to main_ctx through uc_link
+  // returns to the scheduler (uc_link, or fiber_start's last switch)
 }
 
 static inline uint64_t rng_next(uint64_t& s) {
@@ -226,11 +301,7 @@ static void run_threadgroup(Worker* w) {
     f->tid = i;
     f->spins = 0;
     f->pos = uint3(i % w->tg_size.x, (i / w->tg_size.x) % w->tg_size.y, i / (w->tg_size.x * w->tg_size.y));
-    getcontext(&f->ctx);
-    f->ctx.uc_stack.ss_sp = w->stacks + (size_t)i * w->stack_size;
-    f->ctx.uc_stack.ss_size = w->stack_size;
-    f->ctx.uc_link = &w->main_ctx;
-    makecontext(&f->ctx, fiber_main, 0);
+    init_fiber(w, f, w->stacks + (size_t)i * w->stack_size, w->stack_size);
     w->order[i] = (L->lane_order == LANE_REVERSE) ? n - 1 - i : i;
   }
   Fiber* parts[32];
@@ -246,7 +317,7 @@ static void run_threadgroup(Worker* w) {
       Fiber* f = &w->fibers[w->order[k]];
       if (f->state != F_READY) continue;
       tl_fiber = f;
-      swapcontext(&w->main_ctx, &f->ctx);
+      to_fiber(w, f);
       tl_fiber = nullptr;
       if (g_failed) return;
     }
@@ -844,10 +915,7 @@ void msl_mat_impl(msl::Fiber** parts, int n) {
   }
   msl::tl_fiber = saved;
   if (args0->kind != MAT_STORE)
-    for (int i = 0; i < n; ++i) {
-      const MatArgs<T, P>* ai = (const MatArgs<T, P>*)parts[i]->cin;
-      for (int e = 0; e < 64; ++e) ai->d->e[e] = result[e];
-    }
+    for (int i = 0; i < n; ++i) __builtin_memcpy(((const MatArgs<T, P>*)parts[i]->cin)->d->e, result, sizeof(result));
 }
 
 template <class T, class P>
