@@ -6,9 +6,9 @@ model's real shapes with its production launch sizes: checked against the mlx op
 against them in bfloat16, the compute dtype. A kernel is used only where correct *and* faster.
 Decisions are kept per chip, MLX version, kernel source (a hash of the kernel's text) and shapes
 in a JSON file in the user's cache folder (`cache_dir()`), so later runs start at once; a changed
-kernel is measured again. `GPTOSS_MLX_KERNELS=metal` (or `kernels="metal"`) forces the kernels wherever they are
-correct (checked, not timed); `mlx` forces the mlx ops. A kernel that raises on a real call steps
-aside for the rest of the process, with one warning (`run`).
+kernel is measured again. `GPTOSS_MLX_KERNELS=metal` (or `kernels="metal"`) forces the kernels
+wherever they are correct (checked, not timed); `mlx` forces the mlx ops. A kernel that raises on
+a real call steps aside for the rest of the process, with one warning (`run`).
 
 The decisions are made per trial, one per kernel and situation:
 
