@@ -60,7 +60,8 @@ inline float block_dot(uint4 q, thread const float4* xv) {
 // grid (32 * SG * ceil(I / (SG * ROWS)), N * K, 1), threadgroup (32 * SG, 1, 1): one threadgroup per
 // (block of SG * ROWS features, token-expert pair); lane l takes the MXFP4 blocks l, l + 32, ...
 constexpr uint NB = H / 32;
-threadgroup float xs[NB * XS_STRIDE];
+threadgroup float4 xs4[NB * XS_STRIDE / 4];  // float4: 16-byte aligned for the vector reads
+threadgroup float* xs = (threadgroup float*)xs4;
 const uint lane = thread_index_in_simdgroup;
 const uint tid = thread_index_in_threadgroup;
 const uint nthreads = threads_per_threadgroup.x;
@@ -112,7 +113,8 @@ if (lane == 0) {
 // grid (32 * SG * ceil(H / (SG * ROWS)), N, 1), threadgroup (32 * SG, 1, 1): one threadgroup per
 // (block of SG * ROWS rows, token); it stages each of the token's K activation rows in turn.
 constexpr uint NB = I / 32;
-threadgroup float xs[NB * XS_STRIDE];
+threadgroup float4 xs4[NB * XS_STRIDE / 4];  // float4: 16-byte aligned for the vector reads
+threadgroup float* xs = (threadgroup float*)xs4;
 const uint lane = thread_index_in_simdgroup;
 const uint tid = thread_index_in_threadgroup;
 const uint nthreads = threads_per_threadgroup.x;

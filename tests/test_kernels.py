@@ -556,6 +556,13 @@ def test_incorrect_kernel_is_not_used_however_fast(clock, monkeypatch):
     assert "relative error" in decisions[km.DOWN.name].detail
     assert not K.enabled(km.DOWN.name, "emulate")
     assert K.enabled(km.GATE_UP.name, "emulate")  # the other kernel still runs
+    # a later run: the incorrect kernel stays out (from the cache, not checked again)
+    K.reset_self_checks()
+    launches = clock.launches
+    with pytest.warns(RuntimeWarning, match="moe_down_combine"):
+        again = {d.name: d for d in K.decide("emulate", TINY_SHAPES, clock=clock)}
+    assert again[km.DOWN.name].cached and not again[km.DOWN.name].correct
+    assert clock.launches == launches and not K.enabled(km.DOWN.name, "emulate")
     ex = km.random_experts(4, 64, 96, seed=21)
     idx, w = km.random_routing(2, 2, 4, seed=22)
     x = mx.random.normal((2, 64), key=mx.random.key(22))

@@ -267,7 +267,9 @@ def decide(
     """Check (and with `measure`, time) every trial at `shapes` and record whether its kernel runs.
 
     Cached decisions for this chip, MLX version, shapes and kernel source are reused unless
-    `fresh`; new ones are saved (`cache`). A trial whose check raises is incorrect.
+    `fresh` (an incorrect kernel stays incorrect until its source changes; a kernel only checked
+    is timed when `measure` asks); new ones are saved (`cache`). A trial whose check raises is
+    incorrect.
     """
     clock = clock or time.perf_counter
     iters, repeat = (20, 5) if backend == "metal" else (1, 1)
@@ -282,7 +284,7 @@ def decide(
             entry
             and not fresh
             and entry.get("source") == source
-            and (entry.get("kernel_s") is not None or not measure)
+            and (entry.get("kernel_s") is not None or not measure or not entry["correct"])
         ):
             d = Decision(
                 trial.name,
