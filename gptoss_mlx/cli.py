@@ -35,7 +35,7 @@ from . import (
     load,
     tools,
 )
-from .benchmark import format_report
+from .benchmark import bench_kernels, format_report
 from .harmony import REASONING_EFFORTS, Delta
 
 
@@ -748,6 +748,12 @@ class IntList(click.ParamType):
 @click.option(
     "--ops", is_flag=True, help="Also count the MLX primitives one decode step evaluates."
 )
+@click.option(
+    "--kernels",
+    "kernel_table",
+    is_flag=True,
+    help="Instead: time each custom Metal kernel against its mlx path and print the decision.",
+)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
@@ -763,11 +769,15 @@ def bench_command(
     chip: str | None,
     compare: str | None,
     ops: bool,
+    kernel_table: bool,
     seed: int,
     as_json: bool,
 ) -> None:
     """Measure prompt and decode speed, memory and bytes per token (across ranks under
     mlx.launch: each rank on its shard, rank 0 reporting)."""
+    if kernel_table:
+        click.echo(bench_kernels(model_path, synthetic, progress=not as_json))
+        return
     if distributed.launched() and compare:
         raise GptOssError("--compare runs in one process: not across ranks")
     group = _connect()
