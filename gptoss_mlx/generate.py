@@ -1,13 +1,15 @@
 """Streaming generation: chunked prefill, pipelined decode, harmony stop tokens, statistics.
 
-    prompt ids ──► prefill in chunks of `prefill_chunk` through the KV cache (each chunk evaluated,
-                   so peak memory stays bounded; only the last position goes through the unembedding)
+    prompt ids ──► prefill in chunks of `prefill_chunk` through the KV cache (each chunk
+                   evaluated, so peak memory stays bounded; only the last position goes through
+                   the unembedding)
                ──► sample token 0
     decode:        queue step n+1 (mx.async_eval) before reading token n with .item(), so the
                    device computes the next token while the host parses and prints this one;
                    the only host sync per token is reading the sampled id.
     stop:          on <|return|> (finish "stop") or <|call|> ("tool_calls"), never on <|end|>;
-                   else after `max_tokens` ("length").
+                   on a `stop` string in the answer ("stop"); else after `max_tokens` or at the
+                   end of the model's context ("length").
 
 A consequence of pipelining: when generation stops on a stop token, that token has already been fed
 through the model, so the cache holds ``prompt + completion``; when it stops at ``max_tokens`` the
@@ -17,10 +19,11 @@ read ``cache[0].offset`` rather than assume either (see :mod:`gptoss_mlx.chat`).
 
 from __future__ import annotations
 
+import functools
 import operator
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Protocol
 
 import mlx.core as mx
@@ -31,7 +34,14 @@ from .progress import progress_bar
 from .sample import Sampler, make_sampler
 from .tokenizer import STOP_TOKENS, Tokenizer, default_tokenizer
 
-__all__ = ["GenerationEvent", "GenerationStats", "stream_generate", "generate", "prompt_tokens"]
+__all__ = [
+    "GenerationEvent",
+    "GenerationStats",
+    "stream_generate",
+    "generate",
+    "prompt_tokens",
+    "check_context",
+]
 
 FINISH_REASONS = {STOP_TOKENS[0]: "stop", STOP_TOKENS[1]: "tool_calls"}
 
@@ -53,7 +63,7 @@ class LanguageModel(Protocol):
 class GenerationStats:
     """Timings and counts of one generation (times in seconds, memory in bytes)."""
 
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # tokens prefilled (with a kept `cache`, only the new ones)
     prompt_tps: float = 0.0  # prompt tokens / time to first token
     time_to_first_token: float = 0.0  # from the call until the first token's id is on the host
     generation_tokens: int = 0
@@ -81,7 +91,11 @@ class GenerationEvent:
     ``text`` is the visible text this token completed (concatenated ``deltas``; "" inside headers,
     for special tokens, mid-UTF-8 character, or without a tokenizer). ``kind`` and ``channel`` are
     those of the last delta ("reasoning" / "content" / "tool_call"; None when the token produced
-    none). The last event has ``finish_reason`` and ``stats`` set.
+    none). ``part`` is where the token itself belongs: the kind of the message text it is part of
+    (mid-character tokens included), None for header and special tokens. With ``logprobs=``,
+    ``logprob`` is the token's log probability under the model (log-softmax of its logits, before
+    temperature and filters) and ``top_logprobs`` the most likely ``(token, logprob)`` pairs, best
+    first. The last event has ``finish_reason`` and ``stats`` set.
     """
 
     token: int
@@ -91,6 +105,9 @@ class GenerationEvent:
     deltas: list[Delta] = field(default_factory=list)
     finish_reason: str | None = None
     stats: GenerationStats | None = None
+    part: str | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 def prompt_tokens(
@@ -126,6 +143,74 @@ def prompt_tokens(
     return ids, tokenizer
 
 
+def context_length(model: LanguageModel) -> int | None:
+    """The most positions the model attends over (None when the model does not say)."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def check_context(model: LanguageModel, length: int) -> None:
+    """GptOssError unless a prompt of ``length`` tokens leaves room for one generated token."""
+    context = context_length(model)
+    if context is not None and length >= context:
+        raise GptOssError(
+            f"the prompt is {length} tokens, the model's context is {context}: shorten the "
+            "conversation so that it leaves room for the reply"
+        )
+
+
+class _StopStrings:
+    """Cuts the answer (``content`` deltas) before the first of ``stops``, holding back any text
+    that may be the start of one, so no part of a stop string is ever emitted. Held text is let
+    go when the answer is interrupted by reasoning or a tool call, and at the end."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.held: Delta | None = None
+        self.hit = False
+
+    def filter(self, deltas: list[Delta]) -> list[Delta]:
+        out: list[Delta] = []
+        for d in deltas:
+            if self.hit:
+                break
+            if d.kind != "content":
+                out += self.flush()
+                out.append(d)
+                continue
+            held = replace(d, text=(self.held.text if self.held else "") + d.text)
+            self.held = None
+            cuts = [i for i in (held.text.find(s) for s in self.stops) if i >= 0]
+            if cuts:
+                self.hit = True
+                if min(cuts) > 0:
+                    out.append(replace(held, text=held.text[: min(cuts)]))
+                break
+            keep = max(
+                (k for s in self.stops for k in range(1, len(s)) if held.text.endswith(s[:k])),
+                default=0,
+            )
+            if keep < len(held.text):
+                out.append(replace(held, text=held.text[: len(held.text) - keep]))
+            if keep:
+                self.held = replace(held, text=held.text[len(held.text) - keep :])
+        return out
+
+    def flush(self) -> list[Delta]:
+        held, self.held = self.held, None
+        return [held] if held is not None and not self.hit else []
+
+
+def _with_logprobs(token: mx.array, logits: mx.array, top: int) -> tuple[mx.array, ...]:
+    """``(token, its log probability, the top ids, their log probabilities)`` as lazy arrays."""
+    logits = logits.astype(mx.float32)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    chosen = mx.take_along_axis(logprobs, token.reshape(-1, 1), axis=-1)
+    if top == 0:
+        return token, chosen
+    best = mx.argpartition(-logprobs, top - 1, axis=-1)[:, :top]
+    return token, chosen, best, mx.take_along_axis(logprobs, best, axis=-1)
+
+
 def _cache_arrays(cache) -> list:
     """The key/value buffers the caches hold (to evaluate after a prefill chunk)."""
     return [
@@ -144,20 +229,33 @@ def _last_logits(model, ids: mx.array, cache) -> mx.array:
     return model(ids, cache=cache)[:, -1, :]
 
 
-def _prefill(model, ids: list[int], cache, chunk: int, progress: bool) -> mx.array:
+def _prefill(
+    model,
+    ids: list[int],
+    cache,
+    chunk: int,
+    progress: bool,
+    pauses: Sequence[int] = (),
+    on_pause: Callable[[int], None] | None = None,
+) -> mx.array:
     """Feed `ids` through the cache `chunk` tokens at a time; the last position's logits `[1, V]`.
 
-    Only the caches of the earlier chunks are evaluated: their logits are never computed.
+    Only the caches of the earlier chunks are evaluated: their logits are never computed. Chunks
+    also end at each of `pauses` (0 < p <= len(ids)), where `on_pause(p)` sees the cache holding
+    exactly `ids[:p]`.
     """
-    starts = list(range(0, len(ids), chunk))
+    pauses = {p for p in pauses if 0 < p <= len(ids)} if on_pause is not None else set()
+    starts = sorted(set(range(0, len(ids), chunk)) | {p for p in pauses if p < len(ids)})
+    ends = starts[1:] + [len(ids)]
     show = progress and len(starts) > 1
     with progress_bar(len(ids), "Prefill", show) as bar:
-        for start in starts[:-1]:
-            _last_logits(model, mx.array([ids[start : start + chunk]]), cache)
-            mx.eval(*_cache_arrays(cache))
-            bar.update(chunk)
-        logits = _last_logits(model, mx.array([ids[starts[-1] :]]), cache)
-        bar.update(len(ids) - starts[-1])
+        for start, end in zip(starts, ends, strict=True):
+            logits = _last_logits(model, mx.array([ids[start:end]]), cache)
+            if end < len(ids):
+                mx.eval(*_cache_arrays(cache))
+            if end in pauses:
+                on_pause(end)
+            bar.update(end - start)
     return logits
 
 
@@ -179,6 +277,10 @@ def stream_generate(
     stop_tokens: Sequence[int] = STOP_TOKENS,
     progress: bool = False,
     sampler: Sampler | None = None,
+    stop: str | Sequence[str] | None = None,
+    logprobs: int | None = None,
+    prefill_pauses: Sequence[int] = (),
+    on_pause: Callable[[int], None] | None = None,
 ) -> Iterator[GenerationEvent]:
     """Generate from ``prompt``, yielding a :class:`GenerationEvent` per token.
 
@@ -188,6 +290,12 @@ def stream_generate(
     and no tokenizer, events carry ids only. ``cache``: a cache from ``model.make_cache()`` to
     continue from (``prompt`` is then only the tokens to add); a fresh one when None.
     ``sampler`` overrides ``temperature``/``top_p``/``top_k``/``min_p``/``seed``.
+    ``stop``: strings that end the answer (``content`` text) before them, finish ``"stop"``; they
+    need a tokenizer. ``logprobs``: each event carries its token's log probability and the
+    ``logprobs`` (0..20) most likely tokens'. ``prefill_pauses`` / ``on_pause``: positions of
+    ``prompt`` at which the prefill pauses and calls ``on_pause(p)`` with the cache holding its
+    first ``p`` tokens (to snapshot it). The prompt (with what ``cache`` holds) must leave room in
+    the model's context for one token; generation ends ("length") where the context does.
     The last event carries ``finish_reason`` and :class:`GenerationStats`.
     """
     ids, tokenizer = prompt_tokens(
@@ -205,36 +313,62 @@ def stream_generate(
         raise GptOssError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
     if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
         raise GptOssError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
+    if logprobs is not None and (
+        isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= 20
+    ):
+        raise GptOssError(f"logprobs must be an integer in 0..20 (or None), got {logprobs!r}")
+    stop = [stop] if isinstance(stop, str) else list(stop or ())
+    if not all(isinstance(s, str) for s in stop):
+        raise GptOssError(f"stop must be a string or a list of strings, got {stop!r}")
+    if stop and tokenizer is None:
+        raise GptOssError("stop strings need a tokenizer (to read the answer's text)")
     sampler = sampler or make_sampler(temperature, top_p, top_k, min_p, seed=seed)
     stops = frozenset(int(t) for t in stop_tokens)
     if cache is None:
         cache = model.make_cache()
+    held = getattr(cache[0], "offset", 0) if cache else 0
+    check_context(model, held + len(ids))
+    context = context_length(model)
+    if context is not None:
+        max_tokens = min(max_tokens, context - held - len(ids))
     parser = StreamParser(tokenizer) if tokenizer is not None else None
+    prefill = functools.partial(
+        _prefill,
+        chunk=prefill_chunk,
+        progress=progress,
+        pauses=prefill_pauses,
+        on_pause=on_pause,
+    )
+    stopper = _StopStrings(stop) if stop else None
     return _generate_events(
-        model, ids, cache, sampler, max_tokens, prefill_chunk, stops, parser, progress
+        model, ids, cache, sampler, max_tokens, prefill, stops, parser, stopper, logprobs
     )
 
 
 def _generate_events(
-    model, ids, cache, sampler, max_tokens, prefill_chunk, stops, parser, progress
+    model, ids, cache, sampler, max_tokens, prefill, stops, parser, stopper, logprobs
 ) -> Iterator[GenerationEvent]:
     mx.reset_peak_memory()
     stats = GenerationStats(prompt_tokens=len(ids))
     tic = time.perf_counter()
 
-    def step(token: mx.array) -> mx.array:
-        logits = model(token.reshape(1, 1), cache=cache)[:, -1, :]
-        return sampler(logits)
+    def pick(logits: mx.array) -> tuple[mx.array, ...]:
+        """The sampled token `[1]`, with its log probabilities when asked for."""
+        token = sampler(logits)
+        return _with_logprobs(token, logits, logprobs) if logprobs is not None else (token,)
 
-    y = sampler(_prefill(model, ids, cache, prefill_chunk, progress))
-    mx.async_eval(y)
+    def step(token: mx.array) -> tuple[mx.array, ...]:
+        return pick(model(token.reshape(1, 1), cache=cache)[:, -1, :])
+
+    y = pick(prefill(model, ids, cache))
+    mx.async_eval(*y)
     t_first = t_last = tic
     n = 0
     while True:
         if n + 1 < max_tokens:  # queue the next step before waiting for this token
-            next_y = step(y)
-            mx.async_eval(next_y)
-        token = int(y.item())
+            next_y = step(y[0])
+            mx.async_eval(*next_y)
+        token = int(y[0].item())
         n += 1
         t_last = time.perf_counter()
         if n == 1:
@@ -244,9 +378,21 @@ def _generate_events(
             finish = "length"
         deltas = parser.feed(token) if parser is not None else []
         event = GenerationEvent(token=token, deltas=deltas)
+        if parser is not None and not parser.tok.is_special(token):
+            event.part = parser.kind
+        if logprobs is not None:
+            event.logprob = y[1].item()
+            if logprobs:
+                pairs = zip(y[2][0].tolist(), y[3][0].tolist(), strict=True)
+                event.top_logprobs = sorted(pairs, key=lambda p: -p[1])
+        if stopper is not None:
+            event.deltas = stopper.filter(event.deltas)
+            if stopper.hit and finish is None:
+                finish = "stop"
         if finish is not None:
             if parser is not None:
-                event.deltas = deltas + parser.finish()
+                end = parser.finish()
+                event.deltas += stopper.filter(end) + stopper.flush() if stopper else end
             stats.time_to_first_token = t_first - tic
             stats.prompt_tps = len(ids) / max(stats.time_to_first_token, 1e-9)
             stats.generation_tokens = n
@@ -276,8 +422,9 @@ def generate(
     """Run :func:`stream_generate` to the end and return the parsed result.
 
     ``{"reasoning", "content", "tool_calls"}`` as :func:`harmony.parse_completion` gives them
-    (empty without a tokenizer), plus ``"prompt_token_ids"``, ``"completion_token_ids"`` (stop
-    token included), ``"finish_reason"`` and ``"stats"`` (a dict). ``on_event`` sees every
+    (empty without a tokenizer; ``content`` cut before a ``stop`` string, as streamed), plus
+    ``"prompt_token_ids"``, ``"completion_token_ids"`` (stop token included),
+    ``"finish_reason"`` and ``"stats"`` (a dict). ``on_event`` sees every
     :class:`GenerationEvent` as it is generated (to print a reply while it streams).
     """
     ids, tokenizer = prompt_tokens(
@@ -286,14 +433,16 @@ def generate(
         tools=kwargs.get("tools"),
         reasoning_effort=kwargs.get("reasoning_effort", "medium"),
     )
-    tokens, stats = [], None
+    tokens, stats, content = [], None, []
     for event in stream_generate(model, ids, tokenizer=tokenizer, **kwargs):
         tokens.append(event.token)
         stats = event.stats or stats
+        content += [d.text for d in event.deltas if d.kind == "content"]
         if on_event is not None:
             on_event(event)
     if tokenizer is not None:
         result = parse_completion(tokens, tokenizer)
+        result["content"] = "".join(content)  # the parse's content, less what a stop string cut
     else:
         result = {"reasoning": "", "content": "", "tool_calls": []}
     result.update(

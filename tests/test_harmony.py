@@ -1042,3 +1042,83 @@ def test_random_completions_parse_like_openai_harmony(tok, harmony_enc):
         assert parse_completion(ids, tok) == want
         result, events = run_chunks(tok, [[t] for t in ids])
         assert result == want and deltas_to_result(events) == want
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated turns rendered as the ids the model wrote (completion_token_ids)
+# ---------------------------------------------------------------------------------------------
+
+
+def as_completion(harmony_enc, tok, messages, stop):
+    """The ids a model writes for `messages` (openai-harmony's rendering of each, without the
+    prompt's <|start|>assistant, ending in `stop`)."""
+    ids = [t for m in messages for t in harmony_enc.render(m)]
+    assert ids[:2] == [tok.start_id] + tok.encode("assistant")
+    return ids[2:-1] + [stop]
+
+
+def test_generated_turns_render_as_written_with_reasoning_restored(tok, harmony_enc):
+    """Turns sent back without their reasoning but with the ids the model wrote render as
+    openai-harmony renders the turns with their reasoning, earlier reasoning dropped by its rule."""
+    call_turn = [
+        o_assistant("Two calls.", "analysis"),
+        o_call("get_weather", '{"location":"Tokyo"}'),
+    ]
+    answer_turn = [o_assistant("Summarize.", "analysis"), o_assistant("Tokyo 20C.", "final")]
+    first = as_completion(harmony_enc, tok, call_turn, tok.call_id)
+    second = as_completion(harmony_enc, tok, answer_turn, tok.return_id)
+    messages = [
+        {"role": "user", "content": "Weather in Tokyo?"},
+        {
+            "role": "assistant",
+            "tool_calls": [call("c1", "get_weather", '{"location":"Tokyo"}')],
+            "completion_token_ids": first,
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "20C"},
+    ]
+    oracle = [o_system(), o_developer(None, [WEATHER]), o_user("Weather in Tokyo?")]
+    oracle += call_turn + [o_result("get_weather", "20C")]
+    for extra, oracle_extra in (
+        ([], []),  # the tool loop: reasoning kept
+        (
+            [
+                {"role": "assistant", "content": "Tokyo 20C.", "completion_token_ids": second},
+                {"role": "user", "content": "Thanks"},
+            ],
+            answer_turn + [o_user("Thanks")],  # a final answer: earlier reasoning dropped
+        ),
+    ):
+        ours = render_prompt(messages + extra, tools=openai_tools(WEATHER), tokenizer=tok)
+        want = harmony_enc.render_conversation_for_completion(
+            Conversation.from_messages(oracle + oracle_extra), Role.ASSISTANT
+        )
+        assert ours == want
+
+
+def test_a_generated_turn_keeps_the_models_own_header_order(tok):
+    """The model writes `<|channel|>commentary to=functions.f`; the renderer would write
+    `to=functions.f<|channel|>commentary`. A generated turn keeps the model's ids, so the prompt
+    that sent it plus its completion is a prefix of the next prompt (a kept cache stays valid)."""
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    prompt = render_prompt(messages, tools=openai_tools(WEATHER), tokenizer=tok)
+    text = (
+        "<|channel|>analysis<|message|>Use the tool.<|end|><|start|>assistant<|channel|>commentary"
+        ' to=functions.get_weather <|constrain|>json<|message|>{"location":"Paris"}<|call|>'
+    )
+    completion = tok.encode(text, allow_special=True)
+    turn = {
+        "role": "assistant",
+        "tool_calls": [call("c9", "get_weather", '{"location":"Paris"}')],
+        "completion_token_ids": completion,
+    }
+    result = {"role": "tool", "tool_call_id": "c9", "content": "18C"}
+    following = render_prompt(messages + [turn, result], tools=openai_tools(WEATHER), tokenizer=tok)
+    assert following[: len(prompt) + len(completion)] == prompt + completion
+    rendered = render_prompt(
+        messages + [{**turn, "completion_token_ids": None, "reasoning": "Use the tool."}, result],
+        tools=openai_tools(WEATHER),
+        tokenizer=tok,
+    )
+    assert rendered != following  # the canonical header order differs from the model's
+    tail = len(following) - len(prompt) - len(completion)  # the tool result, as rendered
+    assert following[-tail:] == rendered[-tail:]
