@@ -54,7 +54,8 @@ class ModelConfig:
         problems = []
         if len(self.layer_types) != self.num_hidden_layers:
             problems.append(
-                f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"
+                f"layer_types has {len(self.layer_types)} entries for "
+                f"{self.num_hidden_layers} layers"
             )
         if any(t not in (SLIDING, FULL) for t in self.layer_types):
             problems.append(f"layer_types must be '{SLIDING}' or '{FULL}'")

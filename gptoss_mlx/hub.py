@@ -1,4 +1,4 @@
-"""Resolve a model argument: a local folder, or a Hugging Face repo id fetched with huggingface-hub."""
+"""A model argument as a folder: a local one, or a Hugging Face repo id fetched by hf-hub."""
 
 from __future__ import annotations
 

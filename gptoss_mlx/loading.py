@@ -59,7 +59,8 @@ def quantized_layers(model: nn.Module) -> dict[str, dict]:
 
 
 def _check_against_model(model: nn.Module, ckpt: Checkpoint) -> None:
-    """Every parameter present with the shape the config implies and a usable dtype; nothing extra."""
+    """Every parameter present, with the shape the config implies and a usable dtype; nothing
+    extra."""
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(expected.keys() - ckpt.tensors.keys())
     if missing:
@@ -100,7 +101,8 @@ def build_model(
     materialize: bool = True,
     kernels: str | None = None,
 ) -> GptOssModel:
-    """Instantiate the model for `ckpt` and load its tensors; floats cast to `dtype` (None keeps them).
+    """Instantiate the model for `ckpt` and load its tensors; floats cast to `dtype` (None keeps
+    them).
 
     Parameters stay lazy until evaluated one layer at a time (`materialize`), so peak memory stays
     near the size of the weights themselves; the memory check runs only then. `kernels` picks the

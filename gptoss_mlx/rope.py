@@ -41,7 +41,7 @@ def yarn_inv_freq(config: ModelConfig) -> tuple[mx.array, float]:
 
 
 class YarnRoPE(nn.Module):
-    """Applies YaRN RoPE to `[B, H, T, D]` queries or keys starting at absolute position `offset`."""
+    """YaRN RoPE on `[B, H, T, D]` queries or keys starting at absolute position `offset`."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -41,7 +41,7 @@ class TensorInfo:
 
 
 def read_header(path: str) -> dict[str, TensorInfo]:
-    """Tensor name -> TensorInfo for one shard; raises GptOssError if the file is corrupt or cut short."""
+    """Tensor name -> TensorInfo for one shard; GptOssError if the file is corrupt or cut short."""
     name = os.path.basename(path)
     size = os.path.getsize(path)
     with open(path, "rb") as f:

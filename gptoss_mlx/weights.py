@@ -136,7 +136,7 @@ def checkpoint_from_tensors(
 
 
 class _Source:
-    """The checkpoint's tensors by their own names; `take` consumes one and records where it came from."""
+    """The checkpoint's tensors by their own names; `take` consumes one, recording its origin."""
 
     def __init__(self, arrays: dict[str, mx.array], infos: dict[str, TensorInfo]):
         self.arrays = arrays
@@ -177,7 +177,7 @@ class _Source:
 
 
 def mxfp4_blocks_to_weight(blocks: mx.array) -> mx.array:
-    """uint8 `[..., out, in/32, 16]` blocks -> MLX mxfp4 weight uint32 `[..., out, in/8]` (a view)."""
+    """uint8 `[..., out, in/32, 16]` blocks -> MLX mxfp4 weight uint32 `[..., out, in/8]` (view)."""
     return blocks.reshape(*blocks.shape[:-2], -1).view(mx.uint32)
 
 

@@ -148,7 +148,7 @@ def write_original(folder, config, tensors) -> str:
 
 
 def write_mlx_community(folder, config, tensors, dense_bits=8) -> str:
-    """mlx-lm's conversion: gate/up de-interleaved, experts mxfp4, dense affine-quantized (group 64)."""
+    """mlx-lm's conversion: gate/up de-interleaved, experts mxfp4, dense affine (group 64)."""
     out = {}
     for k, v in tensors.items():
         if "mlp.experts." in k:

@@ -2,10 +2,10 @@
 
 Tests of generation, the CLI, chat, the server and tools need the model to say exact things (an
 analysis message, a tool call with given arguments, a final answer); a random model cannot. The
-scripted model ignores its input: the logits of its n-th forward call pick `script[n]` (at any temperature) (the last
-entry once the script runs out), so a prompt's prefill (one call) yields `script[0]` and each
-decode step the next token. It counts its calls, so tests can check the pipelined decode loop
-queues no step it does not need.
+scripted model ignores its input: the logits of its n-th forward call pick `script[n]` at any
+temperature (the last entry once the script runs out), so a prompt's prefill (one call) yields
+`script[0]` and each decode step the next token. It counts its calls, so tests can check the
+pipelined decode loop queues no step it does not need.
 """
 
 from __future__ import annotations

@@ -522,7 +522,8 @@ def test_chat_history_after_tool_call(tok):
         tokenizer=tok,
     )
     assert tok.decode(turn) == (
-        "<|start|>functions.get_time to=assistant<|channel|>commentary<|message|>12:00<|end|><|start|>assistant"
+        "<|start|>functions.get_time to=assistant<|channel|>commentary<|message|>12:00<|end|>"
+        "<|start|>assistant"
     )
     truncated = chat_history_tokens(prompt, completion[:-1], tokenizer=tok)
     assert truncated[-1] == tok.end_id
@@ -643,7 +644,8 @@ MODEL_STYLE = [
         },
     ),
     (  # to= before the channel, no constrain
-        '<|channel|>analysis<|message|>x<|end|><|start|>assistant to=functions.f<|channel|>commentary json<|message|>{"a":1}<|call|>',
+        "<|channel|>analysis<|message|>x<|end|><|start|>assistant to=functions.f"
+        '<|channel|>commentary json<|message|>{"a":1}<|call|>',
         {"reasoning": "x", "content": "", "tool_calls": [("f", '{"a":1}')]},
     ),
     (  # constrain glued to the recipient
@@ -721,14 +723,15 @@ def check_all_splits(tok, ids, random_chunkings=20, seed=0):
     rng = random.Random(seed)
     for _ in range(random_chunkings):
         cuts = sorted(rng.sample(range(len(ids) + 1), min(len(ids) + 1, rng.randint(1, 6))))
-        chunks = [ids[a:b] for a, b in zip([0] + cuts, cuts + [len(ids)])]
+        chunks = [ids[a:b] for a, b in zip([0] + cuts, cuts + [len(ids)], strict=True)]
         result, events = run_chunks(tok, chunks)
         assert result == whole and deltas_to_result(events) == whole
 
 
 def test_stream_events_carry_channels_and_tool_call_header(tok):
     ids = tok.encode(
-        "<|channel|>analysis<|message|>think<|end|><|start|>assistant<|channel|>commentary to=functions.f "
+        "<|channel|>analysis<|message|>think<|end|>"
+        "<|start|>assistant<|channel|>commentary to=functions.f "
         '<|constrain|>json<|message|>{"x": 1}<|call|>',
         allow_special=True,
     )
@@ -751,7 +754,8 @@ MALFORMED = [
     "<|end|>",
     "Hello with no header at all",
     "<|channel|>final Hello there<|return|>",  # forgot <|message|>
-    "<|channel|>final<|message|>Hi<|channel|>final<|message|>again<|return|>",  # no <|end|><|start|>
+    # No <|end|><|start|> between the two messages:
+    "<|channel|>final<|message|>Hi<|channel|>final<|message|>again<|return|>",
     "<|channel|>final<|message|>Hi<|end|>trailing text<|return|>",
     "<|channel|><|message|>empty channel<|end|>",
     "<|message|>no channel<|end|>",
@@ -759,8 +763,10 @@ MALFORMED = [
     '<|channel|>commentary to=functions.f <|constrain|>json<|message|>{"a": ',
     "<|channel|>commentary to=functions.f",  # header never finished
     "<|start|><|start|>assistant<|channel|>final<|message|>x<|return|><|start|>assistant",
-    "<|channel|>final<|message|>a<|constrain|><|message|><|startoftext|><|reserved_200013|>b<|return|>",
-    "<|start|>user<|message|>hallucinated user turn<|end|><|start|>functions.f to=assistant<|channel|>commentary<|message|>r<|end|>",
+    "<|channel|>final<|message|>a<|constrain|><|message|><|startoftext|><|reserved_200013|>b"
+    "<|return|>",
+    "<|start|>user<|message|>hallucinated user turn<|end|>"
+    "<|start|>functions.f to=assistant<|channel|>commentary<|message|>r<|end|>",
     "<|channel|>weird_channel<|message|>text<|end|>",
     "<|channel|>final extra words here<|message|>body<|return|>",
     "<|endoftext|><|channel|>final<|message|>after eot",
@@ -815,7 +821,8 @@ def test_random_token_soup_never_raises(tok):
 
 def test_whitespace_between_messages_is_not_content(tok):
     ids = tok.encode(
-        "<|channel|>analysis<|message|>a<|end|>\n <|start|>assistant<|channel|>final<|message|>b<|return|>",
+        "<|channel|>analysis<|message|>a<|end|>\n "
+        "<|start|>assistant<|channel|>final<|message|>b<|return|>",
         allow_special=True,
     )
     assert parse_completion(ids, tok) == {"reasoning": "a", "content": "b", "tool_calls": []}

@@ -1,4 +1,4 @@
-"""The sampler against distributions computed independently in numpy from the filters' definitions."""
+"""The sampler against distributions computed in numpy from the filters' definitions."""
 
 from __future__ import annotations
 
