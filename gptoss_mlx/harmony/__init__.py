@@ -27,6 +27,8 @@ from gptoss_mlx.harmony.render import (
     chat_history_tokens,
     check_reasoning_effort,
     common_prefix_length,
+    content_text,
+    reasoning_text,
     render_prompt,
     render_turn,
 )
@@ -42,6 +44,8 @@ __all__ = [
     "render_turn",
     "chat_history_tokens",
     "common_prefix_length",
+    "content_text",
+    "reasoning_text",
     "tools_to_typescript",
     "parse_completion",
     "StreamParser",

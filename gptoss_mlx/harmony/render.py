@@ -110,7 +110,7 @@ def _render_msg(tok: Tokenizer, m: _Msg, out: list[int]) -> None:
 TEXT_PARTS = ("text", "input_text", "output_text")
 
 
-def _content_text(content: Any) -> str:
+def content_text(content: Any) -> str:
     """Text of an OpenAI ``content``: a string, None, or a list of text parts (``text``,
     ``input_text``, ``output_text``); any other part (an image, audio, a file) is an error."""
     if content is None:
@@ -134,6 +134,15 @@ def _content_text(content: Any) -> str:
     if isinstance(content, (dict, int, float, bool)):
         return json.dumps(content, ensure_ascii=False)
     raise GptOssError(f"Unsupported message content: {content!r}")
+
+
+# Where clients put an assistant turn's earlier reasoning (the first one given is used).
+REASONING_FIELDS = ("reasoning", "reasoning_content", "thinking")
+
+
+def reasoning_text(message: Mapping) -> str:
+    """The reasoning an OpenAI-shaped assistant message carries ("" when none)."""
+    return str(next((message[k] for k in REASONING_FIELDS if message.get(k)), ""))
 
 
 def _arguments_text(arguments: Any) -> str:
@@ -180,13 +189,10 @@ def _conversation_messages(
         if role in ("system", "developer"):
             continue
         if role == "user":
-            out.append(_Msg("user", _content_text(msg.get("content"))))
+            out.append(_Msg("user", content_text(msg.get("content"))))
         elif role == "assistant":
-            reasoning = next(
-                (msg[k] for k in ("reasoning", "reasoning_content", "thinking") if msg.get(k)),
-                None,
-            )
-            text = _content_text(msg.get("content"))
+            reasoning = reasoning_text(msg)
+            text = content_text(msg.get("content"))
             calls = msg.get("tool_calls") or []
             generated = msg.get("completion_token_ids")
             if generated is not None:
@@ -232,7 +238,7 @@ def _conversation_messages(
             out.append(
                 _Msg(
                     _function_recipient(name),
-                    _content_text(msg.get("content")),
+                    content_text(msg.get("content")),
                     "commentary",
                     recipient="assistant",
                 )
@@ -343,7 +349,7 @@ def render_prompt(
     effort = check_reasoning_effort(reasoning_effort)
     function_tools = tools_to_typescript(tools) if tools else None  # the `# Tools` section
     instructions = [
-        _content_text(m.get("content"))
+        content_text(m.get("content"))
         for m in messages
         if isinstance(m, Mapping) and m.get("role") in ("system", "developer")
     ]
