@@ -91,8 +91,9 @@ class FullCache(_KVBuffers):
         if self.keys is None:
             self.keys, self.values = new_k, new_v
         else:
-            self.keys = mx.concatenate([self.keys[..., : self.offset, :], new_k], axis=2)
-            self.values = mx.concatenate([self.values[..., : self.offset, :], new_v], axis=2)
+            # The whole buffer: after a trim it holds more slots than `offset`.
+            self.keys = mx.concatenate([self.keys, new_k], axis=2)
+            self.values = mx.concatenate([self.values, new_v], axis=2)
 
     def update(self, keys: mx.array, values: mx.array):
         B, H, T, D = keys.shape

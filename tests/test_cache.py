@@ -90,3 +90,19 @@ def test_a_copy_and_its_original_go_separate_ways(model):
     close(continue_one_by_one(model, copied, b), logits(model, tokens + b)[len(tokens) :])
     assert {c.offset for c in original} == {len(tokens) + 5}
     assert {c.offset for c in copied} == {len(tokens) + 6}
+
+
+def test_a_full_layer_grows_past_positions_it_trimmed(model):
+    """A trimmed full-layer buffer holds more slots than positions: growing it must keep them all
+    (it used to keep only `offset` slots, and the next chunk did not fit)."""
+    tokens, more, other = ids(300, 10), ids(200, 11), ids(300, 12)
+    cache = model.make_cache()
+    logits(model, tokens, cache)
+    snapshots = {i: c.snapshot() for i, c in enumerate(cache) if isinstance(c, SlidingCache)}
+    logits(model, more, cache)  # 500 positions in 512 slots
+    for i, c in enumerate(cache):
+        if i in snapshots:
+            c.restore(snapshots[i])
+        else:
+            assert c.trim(len(more))
+    close(logits(model, other, cache)[-5:], logits(model, tokens + other)[-5:])
