@@ -264,7 +264,7 @@ def stream_generate(
     prompt: Prompt,
     *,
     tokenizer: Tokenizer | None = None,
-    max_tokens: int = 512,
+    max_tokens: int | None = 512,
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
@@ -295,7 +295,8 @@ def stream_generate(
     ``logprobs`` (0..20) most likely tokens'. ``prefill_pauses`` / ``on_pause``: positions of
     ``prompt`` at which the prefill pauses and calls ``on_pause(p)`` with the cache holding its
     first ``p`` tokens (to snapshot it). The prompt (with what ``cache`` holds) must leave room in
-    the model's context for one token; generation ends ("length") where the context does.
+    the model's context for one token; generation ends ("length") where the context does
+    (``max_tokens=None``: only there).
     The last event carries ``finish_reason`` and :class:`GenerationStats`.
     """
     ids, tokenizer = prompt_tokens(
@@ -309,8 +310,10 @@ def stream_generate(
         raise GptOssError(
             f"prompt token id {bad} is outside the model's vocabulary (0..{vocab - 1})"
         )
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise GptOssError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+    ):
+        raise GptOssError(f"max_tokens must be an integer >= 1 (or None), got {max_tokens!r}")
     if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
         raise GptOssError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
     if logprobs is not None and (
@@ -330,7 +333,9 @@ def stream_generate(
     check_context(model, held + len(ids))
     context = context_length(model)
     if context is not None:
-        max_tokens = min(max_tokens, context - held - len(ids))
+        max_tokens = min(max_tokens or context, context - held - len(ids))
+    elif max_tokens is None:
+        raise GptOssError("max_tokens=None (to the end of the context) needs a model that says its")
     parser = StreamParser(tokenizer) if tokenizer is not None else None
     prefill = functools.partial(
         _prefill,

@@ -278,6 +278,10 @@ def test_the_context_bounds_the_prompt_and_the_reply():
         list(stream_generate(SmallContext([5] * 20), list(range(10)), max_tokens=5))
     events = list(stream_generate(SmallContext([5] * 20), list(range(7)), max_tokens=50))
     assert len(events) == 3 and events[-1].finish_reason == "length"
+    events = list(stream_generate(SmallContext([5] * 20), list(range(4)), max_tokens=None))
+    assert len(events) == 6 and events[-1].finish_reason == "length"
+    with pytest.raises(GptOssError, match="max_tokens=None"):
+        list(stream_generate(ScriptedModel([5]), [1], max_tokens=None))
 
 
 # -- seeds, statistics, no tokenizer --------------------------------------------------------------

@@ -45,10 +45,13 @@ def tiny(o200k_dir):
 
 
 @contextlib.contextmanager
-def serve(tiny, scripts=(), **options):
-    """(openai client, the forced model, base URL) of a server running the scripts."""
+def serve(tiny, scripts=(), context=None, **options):
+    """(openai client, the forced model, base URL) of a server running the scripts (on a model
+    whose context is `context` positions, when given)."""
     model, tok = tiny
     forced = ForcedModel(model, [ForcedModel.script(s, tok) for s in scripts])
+    if context is not None:
+        forced.config = model.config.replace(max_position_embeddings=context)
     options.setdefault("model_name", "gpt-oss-tiny")
     with running(create_app(forced, tok, **options)) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
@@ -273,6 +276,32 @@ def test_reasoning_exclude_and_reasoning_content_format(tiny):
     assert not hasattr(kept.choices[0].message, "reasoning")
     assert not hasattr(excluded.choices[0].message, "reasoning_content")
     assert excluded.usage.completion_tokens_details.reasoning_tokens == 6
+
+
+def test_the_context_bounds_the_prompt_and_by_default_the_reply(tiny):
+    with serve(tiny, context=120) as (client, _, _):
+        reply = client.chat.completions.create(model="m", messages=USER)  # no max_tokens
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi " * 100}]
+            )
+    assert reply.usage.total_tokens == 120 and reply.choices[0].finish_reason == "length"
+    error = refused.value.body
+    assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    assert "context is 120" in error["message"]
+
+
+def test_tool_choice_none_leaves_the_tools_out(tiny, harmony_enc):
+    with serve(tiny, [answer()] * 2) as (client, _, _):
+        none = client.chat.completions.create(
+            model="m", messages=USER, tools=TOOLS, tool_choice="none", max_tokens=100
+        )
+        auto = client.chat.completions.create(
+            model="m", messages=USER, tools=TOOLS, tool_choice="auto", max_tokens=100
+        )
+    assert none.usage.prompt_tokens == len(oracle(harmony_enc, o_system(), o_user("Hi")))
+    tooled = oracle(harmony_enc, o_system(), o_developer(None, [WEATHER]), o_user("Hi"))
+    assert auto.usage.prompt_tokens == len(tooled)
 
 
 # -- tool calls, exact, in both APIs and in streams -----------------------------------------------

@@ -148,6 +148,7 @@ def create_app(model: LanguageModel, tokenizer: Tokenizer | None = None, **optio
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         await run_in_threadpool(state.worker.stop)
+        state.prompt_cache.clear()  # the memory goes back now, not when the app is collected
 
     app = FastAPI(title="gptoss-mlx", lifespan=lifespan)
     app.state.server = state

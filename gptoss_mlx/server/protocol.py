@@ -195,8 +195,7 @@ def sampling(body: Mapping, options: ServerOptions, max_tokens_fields: Sequence[
     }
     if out["min_p"] >= 1:
         raise RequestError("'min_p' must be below 1", param="min_p")
-    if max_tokens is not None:
-        out["max_tokens"] = max_tokens
+    out["max_tokens"] = max_tokens  # None: to the end of the context
     return out
 
 
