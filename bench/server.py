@@ -1,7 +1,7 @@
 """`gptoss-mlx serve` against `stream_generate`: what the HTTP layer costs, what the prompt cache
 saves.
 
-    python bench/server.py [--tokens 256] [--repeats 3] [--dtype float32]
+    python bench/server.py [--tokens 256] [--repeats 5] [--dtype float32]
 
 The model: random weights with the CPU-proxy head geometry of `gptoss_mlx.benchmark.TINY` (64-dim
 heads, 16 query / 2 KV heads, window 128, 8 experts, 4 layers) at hidden size 64, and
@@ -106,12 +106,13 @@ class Server:
         if not body.get("stream"):
             r = httpx.post(self.url + "/v1/chat/completions", json=body, timeout=None)
             return time.perf_counter() - tic, r.json()
-        last = None
+        tail = b""
         with httpx.stream("POST", self.url + "/v1/chat/completions", json=body, timeout=None) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    last = json.loads(line[6:])
-        return time.perf_counter() - tic, last
+            for chunk in r.iter_raw():  # the client reads, and parses only the last event
+                tail = (tail + chunk)[-4096:]
+        seconds = time.perf_counter() - tic
+        last = [line for line in tail.split(b"\n") if line.startswith(b"data: {")][-1]
+        return seconds, json.loads(last[6:])
 
     def close(self) -> None:
         self.process.terminate()
@@ -137,7 +138,10 @@ def throughput(args, model, tok) -> None:
     try:
         for _ in range(args.repeats + 1):  # the first round warms both up
             tic = time.perf_counter()
-            n = sum(1 for _ in stream_generate(model, ids, tokenizer=tok, max_tokens=args.tokens))
+            events = stream_generate(
+                model, ids, tokenizer=tok, max_tokens=args.tokens, temperature=0
+            )
+            n = sum(1 for _ in events)
             direct.append(n / (time.perf_counter() - tic))
             seconds, last = server.chat(body)
             assert last["usage"]["completion_tokens"] == args.tokens, last
@@ -184,7 +188,7 @@ def turn_six(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=8765)

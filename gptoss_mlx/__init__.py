@@ -1,8 +1,10 @@
 """gptoss-mlx: OpenAI's gpt-oss models on Apple Silicon with MLX.
 
 The public API: `load_model` (and, with the tokenizer, `load`), `stream_generate`, `generate`,
-`ChatSession` (multi-turn chat keeping the KV cache), `convert`, `Benchmark`, `harmony`, and the
-one error type `GptOssError`. The command line (`gptoss_mlx.cli`) uses nothing else.
+`ChatSession` (multi-turn chat keeping the KV cache), `PromptCache` (KV caches of recent
+conversations, reused across requests), `convert`, `Benchmark`, `harmony`, and the one error type
+`GptOssError`; the HTTP server is `gptoss_mlx.server.create_app`. The command line
+(`gptoss_mlx.cli`) uses nothing else.
 """
 
 from . import harmony
@@ -14,6 +16,7 @@ from .errors import GptOssError
 from .generate import GenerationEvent, GenerationStats, generate, stream_generate
 from .loading import load, load_model
 from .model import GptOssModel
+from .prompt_cache import PromptCache
 from .sample import check_sampling, make_sampler
 from .tokenizer import StreamingDetokenizer, Tokenizer
 
@@ -25,6 +28,7 @@ __all__ = [
     "GptOssError",
     "GptOssModel",
     "ModelConfig",
+    "PromptCache",
     "StreamingDetokenizer",
     "Tokenizer",
     "check_sampling",

@@ -22,18 +22,22 @@ from gptoss_mlx.harmony import (
 
 oh = pytest.importorskip("openai_harmony")
 from openai_harmony import (  # noqa: E402
-    Author,
     Conversation,
-    DeveloperContent,
     Message,
-    ReasoningEffort,
     Role,
-    SystemContent,
-    ToolDescription,
+)
+from oracle import (  # noqa: E402
+    completion_tokens,
+    o_assistant,
+    o_call,
+    o_developer,
+    o_result,
+    o_system,
+    o_user,
 )
 
 # ---------------------------------------------------------------------------------------------
-# Tools, in OpenAI shape and as the oracle's ToolDescription
+# Tools in OpenAI shape (the oracle's builders: tests/oracle.py)
 # ---------------------------------------------------------------------------------------------
 
 WEATHER = {
@@ -114,65 +118,6 @@ NO_DESCRIPTION = {"name": "ping", "parameters": {"type": "object", "properties":
 
 def openai_tools(*fns):
     return [{"type": "function", "function": fn} for fn in fns]
-
-
-def oracle_tools(*fns):
-    return [
-        ToolDescription.new(fn["name"], fn.get("description", ""), fn.get("parameters"))
-        for fn in fns
-    ]
-
-
-# ---------------------------------------------------------------------------------------------
-# Oracle conversation builders (openai-harmony's API only)
-# ---------------------------------------------------------------------------------------------
-
-EFFORT = {
-    "low": ReasoningEffort.LOW,
-    "medium": ReasoningEffort.MEDIUM,
-    "high": ReasoningEffort.HIGH,
-}
-
-
-def o_system(effort="medium", date=None):
-    content = SystemContent.new().with_reasoning_effort(EFFORT[effort])
-    if date:
-        content = content.with_conversation_start_date(date)
-    return Message.from_role_and_content(Role.SYSTEM, content)
-
-
-def o_developer(instructions=None, tools=()):
-    content = DeveloperContent.new()
-    if instructions is not None:
-        content = content.with_instructions(instructions)
-    if tools:
-        content = content.with_function_tools(oracle_tools(*tools))
-    return Message.from_role_and_content(Role.DEVELOPER, content)
-
-
-def o_user(text):
-    return Message.from_role_and_content(Role.USER, text)
-
-
-def o_assistant(text, channel):
-    return Message.from_role_and_content(Role.ASSISTANT, text).with_channel(channel)
-
-
-def o_call(name, arguments):
-    return (
-        Message.from_role_and_content(Role.ASSISTANT, arguments)
-        .with_channel("commentary")
-        .with_recipient(f"functions.{name}")
-        .with_content_type("<|constrain|>json")
-    )
-
-
-def o_result(name, text):
-    return (
-        Message.from_author_and_content(Author.new(Role.TOOL, f"functions.{name}"), text)
-        .with_channel("commentary")
-        .with_recipient("assistant")
-    )
 
 
 def call(id_, name, arguments):
@@ -608,21 +553,6 @@ COMPLETIONS = {
 }
 
 
-def completion_tokens(harmony_enc, tok, messages):
-    """Render messages the way the model emits them: no leading <|start|>assistant, and a
-    final answer ending in <|return|>."""
-    ids = []
-    for m in messages:
-        ids += harmony_enc.render(m)
-    head = [tok.start_id] + tok.encode("assistant")
-    assert ids[: len(head)] == head
-    ids = ids[len(head) :]
-    if messages[-1].channel == "final":
-        assert ids[-1] == tok.end_id
-        ids[-1] = tok.return_id
-    return ids
-
-
 @pytest.mark.parametrize("name", list(COMPLETIONS))
 def test_parse_matches_openai_harmony(tok, harmony_enc, name):
     ids = completion_tokens(harmony_enc, tok, COMPLETIONS[name])
@@ -1056,14 +986,6 @@ def test_random_completions_parse_like_openai_harmony(tok, harmony_enc):
 # ---------------------------------------------------------------------------------------------
 
 
-def as_completion(harmony_enc, tok, messages, stop):
-    """The ids a model writes for `messages` (openai-harmony's rendering of each, without the
-    prompt's <|start|>assistant, ending in `stop`)."""
-    ids = [t for m in messages for t in harmony_enc.render(m)]
-    assert ids[:2] == [tok.start_id] + tok.encode("assistant")
-    return ids[2:-1] + [stop]
-
-
 def test_generated_turns_render_as_written_with_reasoning_restored(tok, harmony_enc):
     """Turns sent back without their reasoning but with the ids the model wrote render as
     openai-harmony renders the turns with their reasoning, earlier reasoning dropped by its rule."""
@@ -1072,8 +994,8 @@ def test_generated_turns_render_as_written_with_reasoning_restored(tok, harmony_
         o_call("get_weather", '{"location":"Tokyo"}'),
     ]
     answer_turn = [o_assistant("Summarize.", "analysis"), o_assistant("Tokyo 20C.", "final")]
-    first = as_completion(harmony_enc, tok, call_turn, tok.call_id)
-    second = as_completion(harmony_enc, tok, answer_turn, tok.return_id)
+    first = completion_tokens(harmony_enc, tok, call_turn)
+    second = completion_tokens(harmony_enc, tok, answer_turn)
     messages = [
         {"role": "user", "content": "Weather in Tokyo?"},
         {

@@ -16,14 +16,25 @@ import threading
 import time
 
 import httpx
-import openai
 import pytest
-from openai_harmony import Author, Conversation, DeveloperContent, Message, Role, SystemContent
 from scripted import ForcedModel
 from serving import running
 
 from gptoss_mlx import load
 from gptoss_mlx.server import create_app
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("openai_harmony")
+from oracle import (  # noqa: E402
+    completion_tokens,
+    o_assistant,
+    o_call,
+    o_developer,
+    o_result,
+    o_system,
+    o_user,
+)
+from oracle import prompt as oracle  # noqa: E402
 
 WEATHER = {
     "name": "get_weather",
@@ -72,61 +83,9 @@ def tool_call(arguments=ARGUMENTS, reasoning=5, name="get_weather"):
     )
 
 
-# -- oracle conversations (openai-harmony's own API) ----------------------------------------------
-
-
-def o_system():
-    return Message.from_role_and_content(Role.SYSTEM, SystemContent.new())
-
-
-def o_developer(instructions=None, tools=()):
-    content = DeveloperContent.new()
-    if instructions:
-        content = content.with_instructions(instructions)
-    if tools:
-        from openai_harmony import ToolDescription
-
-        content = content.with_function_tools(
-            [ToolDescription.new(t["name"], t["description"], t["parameters"]) for t in tools]
-        )
-    return Message.from_role_and_content(Role.DEVELOPER, content)
-
-
-def o_user(text):
-    return Message.from_role_and_content(Role.USER, text)
-
-
-def o_assistant(text, channel):
-    return Message.from_role_and_content(Role.ASSISTANT, text).with_channel(channel)
-
-
-def o_call(arguments, name="get_weather"):
-    return (
-        o_assistant(arguments, "commentary")
-        .with_recipient(f"functions.{name}")
-        .with_content_type("<|constrain|>json")
-    )
-
-
-def o_result(text, name="get_weather"):
-    author = Author.new(Role.TOOL, f"functions.{name}")
-    return (
-        Message.from_author_and_content(author, text)
-        .with_channel("commentary")
-        .with_recipient("assistant")
-    )
-
-
-def oracle(harmony_enc, *messages):
-    return harmony_enc.render_conversation_for_completion(
-        Conversation.from_messages(list(messages)), Role.ASSISTANT
-    )
-
-
-def written(harmony_enc, tok, *messages, stop):
+def written(harmony_enc, tok, *messages):
     """A script: the completion a model writes for `messages`, as openai-harmony renders them."""
-    ids = [t for m in messages for t in harmony_enc.render(m)][2:-1] + [stop]
-    return tok.decode(ids)
+    return tok.decode(completion_tokens(harmony_enc, tok, messages))
 
 
 def as_sent_back(message):
@@ -366,17 +325,14 @@ def test_the_next_requests_are_rendered_like_openai_harmony(tiny, tok, harmony_e
     """The model sees what it saw: a tool call sent back without its reasoning gets it back (by
     tool call id), earlier reasoning is dropped once there is a final answer, and every prompt
     is token for token openai-harmony's rendering of the conversation."""
-    from gptoss_mlx.tokenizer import SPECIAL_TOKENS
-
-    call, ret = SPECIAL_TOKENS["<|call|>"], SPECIAL_TOKENS["<|return|>"]
     thought1, thought2 = (
         o_assistant("Need the weather tool.", "analysis"),
         o_assistant("Got it.", "analysis"),
     )
     final = o_assistant("It is 20C in Tokyo.", "final")
     scripts = [
-        written(harmony_enc, tok, thought1, o_call(ARGUMENTS), stop=call),
-        written(harmony_enc, tok, thought2, final, stop=ret),
+        written(harmony_enc, tok, thought1, o_call("get_weather", ARGUMENTS)),
+        written(harmony_enc, tok, thought2, final),
         answer(),
         answer(),
         answer(),
@@ -401,7 +357,8 @@ def test_the_next_requests_are_rendered_like_openai_harmony(tiny, tok, harmony_e
         result = {"role": "tool", "tool_call_id": call_id, "content": "20C"}
         messages += [as_sent_back(first), result]
         second, prompt = ask(messages)
-        assert prompt == oracle(harmony_enc, *head, thought1, o_call(ARGUMENTS), o_result("20C"))
+        turn = (thought1, o_call("get_weather", ARGUMENTS), o_result("get_weather", "20C"))
+        assert prompt == oracle(harmony_enc, *head, *turn)
         assert second.content == "It is 20C in Tokyo."
         messages += [as_sent_back(second), {"role": "user", "content": "Thanks!"}]
         _, prompt = ask(messages)
@@ -409,8 +366,8 @@ def test_the_next_requests_are_rendered_like_openai_harmony(tiny, tok, harmony_e
             harmony_enc,
             *head,
             thought1,
-            o_call(ARGUMENTS),
-            o_result("20C"),
+            o_call("get_weather", ARGUMENTS),
+            o_result("get_weather", "20C"),
             thought2,
             final,
             o_user("Thanks!"),
@@ -419,7 +376,11 @@ def test_the_next_requests_are_rendered_like_openai_harmony(tiny, tok, harmony_e
         edited = as_sent_back(first)
         edited["tool_calls"][0]["function"]["arguments"] = '{"location": "Kyoto"}'
         _, prompt = ask(messages[:2] + [edited, result])
-        want = (thought1, o_call('{"location": "Kyoto"}'), o_result("20C"))
+        want = (
+            thought1,
+            o_call("get_weather", '{"location": "Kyoto"}'),
+            o_result("get_weather", "20C"),
+        )
         assert prompt == oracle(harmony_enc, *head, *want)
         # A tool call this server did not make: nothing to restore.
         foreign = {**edited, "tool_calls": [{**edited["tool_calls"][0], "id": "call_theirs"}]}
@@ -428,11 +389,9 @@ def test_the_next_requests_are_rendered_like_openai_harmony(tiny, tok, harmony_e
 
 
 def test_responses_input_items_render_like_openai_harmony(tiny, tok, harmony_enc):
-    from gptoss_mlx.tokenizer import SPECIAL_TOKENS
-
     thought = o_assistant("Need the weather tool.", "analysis")
     scripts = [
-        written(harmony_enc, tok, thought, o_call(ARGUMENTS), stop=SPECIAL_TOKENS["<|call|>"]),
+        written(harmony_enc, tok, thought, o_call("get_weather", ARGUMENTS)),
         answer(),
         answer(),
     ]
@@ -452,7 +411,13 @@ def test_responses_input_items_render_like_openai_harmony(tiny, tok, harmony_enc
         items = [user, {"type": "reasoning", "id": reasoning.id, "summary": []}]
         items += [call.model_dump(exclude_none=True)]
         items += [{"type": "function_call_output", "call_id": call.call_id, "output": "20C"}]
-        want = oracle(harmony_enc, *head, thought, o_call(ARGUMENTS), o_result("20C"))
+        want = oracle(
+            harmony_enc,
+            *head,
+            thought,
+            o_call("get_weather", ARGUMENTS),
+            o_result("get_weather", "20C"),
+        )
         client.responses.create(
             model="m",
             instructions="Use tools.",
