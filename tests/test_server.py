@@ -174,6 +174,7 @@ def test_responses_streamed_events_join_to_the_non_streamed_response(tiny, harmo
     assert [e.sequence_number for e in events] == list(range(len(events)))
     reasoning, message = full.output
     assert reasoning.type == "reasoning" and message.type == "message"
+    assert reasoning.id.startswith("rs_") and message.id.startswith("msg_")
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     thought = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
     assert text == full.output_text == message.content[0].text != ""
@@ -250,6 +251,46 @@ def test_the_context_bounds_the_prompt_and_by_default_the_reply(tiny):
     assert "context is 120" in error["message"]
 
 
+def test_unknown_fields_and_tools_it_cannot_run_are_left_out(tiny, harmony_enc):
+    others = [
+        {"type": "web_search"},
+        {"type": "local_shell"},
+        {"type": "custom", "name": "apply_patch", "format": {"type": "text"}},
+        {"type": "namespace", "name": "agents", "tools": [{"type": "function", "name": "spawn"}]},
+    ]
+    with serve(tiny, [answer()] * 2) as (client, _, _):
+        chat = client.chat.completions.create(
+            model="m",
+            messages=USER,
+            tools=TOOLS + others,
+            max_tokens=100,
+            extra_body={"user": "u", "service_tier": "auto", "prompt_cache_key": "k", "foo": 1},
+        )
+        response = client.responses.create(
+            model="m",
+            input="Hi",
+            tools=RESPONSES_TOOLS + others,
+            max_output_tokens=100,
+            include=["reasoning.encrypted_content"],
+            extra_body={"client_metadata": {"a": "b"}, "foo": [1]},
+        )
+    want = len(oracle(harmony_enc, o_system(), o_developer(None, [WEATHER]), o_user("Hi")))
+    assert chat.usage.prompt_tokens == response.usage.input_tokens == want
+
+
+def test_top_k_and_min_p_extensions(tiny):
+    def sample(**extra):
+        with serve(tiny, [answer()]) as (client, _, _):
+            reply = client.chat.completions.create(
+                model="m", messages=USER, max_tokens=100, seed=3, extra_body=extra
+            )
+        return reply.choices[0].message.content
+
+    greedy = sample(temperature=0)
+    assert sample(temperature=1.5, top_k=1) == greedy == sample(temperature=1.5, min_p=0.999)
+    assert sample(temperature=1.5) != greedy  # sampling does sample
+
+
 def test_tool_choice_none_leaves_the_tools_out(tiny, harmony_enc):
     with serve(tiny, [answer()] * 2) as (client, _, _):
         none = client.chat.completions.create(
@@ -307,6 +348,7 @@ def test_responses_function_call_with_exact_arguments_streamed_and_not(tiny):
         )
     reasoning, call = full.output
     assert reasoning.type == "reasoning" and call.type == "function_call"
+    assert call.id.startswith("fc_")
     assert call.name == "get_weather" and call.arguments == ARGUMENTS
     assert call.call_id.startswith("call_") and call.status == "completed"
     deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
@@ -427,7 +469,7 @@ def test_responses_input_items_render_like_openai_harmony(tiny, tok, harmony_enc
         )
         assert forced.prompts[-1] == want
         # The same through previous_response_id: the stored conversation, then the new input.
-        client.responses.create(
+        later = dict(
             model="m",
             instructions="Use tools.",
             previous_response_id=first.id,
@@ -435,7 +477,12 @@ def test_responses_input_items_render_like_openai_harmony(tiny, tok, harmony_enc
             tools=RESPONSES_TOOLS,
             max_output_tokens=100,
         )
+        client.responses.create(**later)
         assert forced.prompts[-1] == want
+        unstored = client.responses.create(model="m", input="Hi", store=False, max_output_tokens=9)
+        with pytest.raises(openai.BadRequestError, match="no stored response") as refused:
+            client.responses.create(**{**later, "previous_response_id": unstored.id})
+        assert refused.value.body["param"] == "previous_response_id"
 
 
 # -- the prompt cache across requests -------------------------------------------------------------

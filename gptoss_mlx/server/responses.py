@@ -179,6 +179,9 @@ class OutputItems:
     """Output items built from a turn's deltas, and the stream events that build them: a new
     item when the kind of output changes (reasoning, answer, each tool call)."""
 
+    TEXT = {"reasoning": "reasoning_text", "message": "output_text"}  # each item's text part
+    ID_PREFIX = {"reasoning": "rs", "message": "msg", "function_call": "fc"}
+
     def __init__(self) -> None:
         self.items: list[dict] = []
         self._open: dict | None = None
@@ -195,53 +198,52 @@ class OutputItems:
             events.append(self._delta(d.text))
         return events
 
-    def _where(self) -> dict:
-        return {"item_id": self._open["id"], "output_index": len(self.items) - 1}
+    def _where(self, item: dict) -> dict:
+        return {"item_id": item["id"], "output_index": self.items.index(item)}
+
+    def _part(self, kind: str, text: str) -> dict:
+        if kind == "reasoning":
+            return {"type": "reasoning_text", "text": text}
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
     def _start(self, kind: str, d: Delta) -> list[dict]:
+        item: dict[str, Any] = {"id": p.new_id(self.ID_PREFIX[kind]), "type": kind}
         if kind == "reasoning":
-            item = {"id": p.new_id("rs"), "type": "reasoning", "summary": [], "content": []}
-            part = {"type": "reasoning_text", "text": ""}
+            item.update(summary=[], content=[])
         elif kind == "message":
-            item = {
-                "id": p.new_id("msg"),
-                "type": "message",
-                "role": "assistant",
-                "status": "in_progress",
-                "content": [],
-            }
-            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            item.update(role="assistant", status="in_progress", content=[])
         else:
-            item = {
-                "id": p.new_id("fc"),
-                "type": "function_call",
-                "call_id": d.tool_call["id"],
-                "name": d.tool_call["name"],
-                "arguments": "",
-                "status": "in_progress",
-            }
-            part = None
-        self._open, self._part, self._text = item, part, []
+            item.update(call_id=d.tool_call["id"], name=d.tool_call["name"], arguments="")
+            item["status"] = "in_progress"
+        self._open, self._text = item, []
         self.items.append(item)
-        events = [{"type": "response.output_item.added", "output_index": len(self.items) - 1}]
-        events[0]["item"] = json.loads(json.dumps(item))
-        if part is not None:
+        where = self._where(item)
+        events = [
+            {
+                "type": "response.output_item.added",
+                "output_index": where["output_index"],
+                "item": dict(item),  # as it is now (sent before the item changes)
+            }
+        ]
+        if kind in self.TEXT:
+            part = self._part(kind, "")
             events.append(
-                {"type": "response.content_part.added", **self._where(), "content_index": 0}
-                | {"part": part}
+                {"type": "response.content_part.added", **where, "content_index": 0, "part": part}
             )
         return events
 
     def _delta(self, text: str) -> dict:
-        kind = self._open["type"]
-        if kind == "function_call":
-            return {"type": "response.function_call_arguments.delta", **self._where()} | {
-                "delta": text
-            }
-        name = "reasoning_text" if kind == "reasoning" else "output_text"
-        event = {"type": f"response.{name}.delta", **self._where(), "content_index": 0}
-        event["delta"] = text
-        if kind == "message":
+        item = self._open
+        if item["type"] == "function_call":
+            kind = "response.function_call_arguments.delta"
+            return {"type": kind, **self._where(item), "delta": text}
+        event = {
+            "type": f"response.{self.TEXT[item['type']]}.delta",
+            **self._where(item),
+            "content_index": 0,
+            "delta": text,
+        }
+        if item["type"] == "message":
             event["logprobs"] = []
         return event
 
@@ -250,30 +252,34 @@ class OutputItems:
         item, self._open = self._open, None
         if item is None:
             return []
-        text = "".join(self._text)
-        where = {"item_id": item["id"], "output_index": self.items.index(item)}
+        text, where = "".join(self._text), self._where(item)
         events = []
         if item["type"] == "function_call":
             item.update(arguments=text, status="completed")
-            events.append(
-                {"type": "response.function_call_arguments.done", **where}
-                | {"name": item["name"], "arguments": text}
-            )
+            kind = "response.function_call_arguments.done"
+            events.append({"type": kind, **where, "name": item["name"], "arguments": text})
         else:
-            part = {**self._part, "text": text}
-            name = "reasoning_text" if item["type"] == "reasoning" else "output_text"
-            done = {"type": f"response.{name}.done", **where, "content_index": 0, "text": text}
+            part = self._part(item["type"], text)
+            item["content"] = [part]
+            done = {
+                "type": f"response.{self.TEXT[item['type']]}.done",
+                **where,
+                "content_index": 0,
+                "text": text,
+            }
             if item["type"] == "message":
                 item["status"] = "completed"
                 done["logprobs"] = []
-            item["content"] = [part]
-            events += [
-                done,
-                {"type": "response.content_part.done", **where, "content_index": 0, "part": part},
-            ]
+            events.append(done)
+            events.append(
+                {"type": "response.content_part.done", **where, "content_index": 0, "part": part}
+            )
         events.append(
-            {"type": "response.output_item.done", "output_index": where["output_index"]}
-            | {"item": item}
+            {
+                "type": "response.output_item.done",
+                "output_index": where["output_index"],
+                "item": item,
+            }
         )
         return events
 
