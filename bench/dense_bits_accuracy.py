@@ -18,20 +18,13 @@ import mlx.core as mx
 import numpy as np
 
 from gptoss_mlx import load_model
-from gptoss_mlx.config import ModelConfig, preset
+from gptoss_mlx.benchmark import TINY
+from gptoss_mlx.config import preset
 from gptoss_mlx.convert import convert
 from gptoss_mlx.synthetic import hf_config_json, random_checkpoint, save_checkpoint
 
-TEST_MODEL = ModelConfig(
-    num_hidden_layers=4,
-    num_experts=8,
-    vocab_size=8000,
-    hidden_size=512,
-    intermediate_size=512,
-    num_attention_heads=16,
-    num_key_value_heads=2,
-    head_dim=64,
-)
+# The CPU-sized proxy of gpt-oss the benchmarks share (real head geometry, reduced width).
+TEST_MODEL = TINY
 
 
 def dense_bytes_per_token(bits: int, group_size: int = 64) -> float:
@@ -45,7 +38,7 @@ def dense_bytes_per_token(bits: int, group_size: int = 64) -> float:
     return params * (bits / 8 + 4 / group_size)  # + bf16 scale and bias per group
 
 
-def log_softmax(x):
+def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
@@ -66,7 +59,8 @@ def main() -> None:
         f"vocab {TEST_MODEL.vocab_size}; 2 x 64 tokens; float32 compute"
     )
     print(
-        f"{'dense':>6} {'rel max err':>12} {'mean KL':>10} {'top-1 agree':>12} {'20b dense GB/token':>19}"
+        f"{'dense':>6} {'rel max err':>12} {'mean KL':>10} {'top-1 agree':>12} "
+        f"{'20b dense GB/token':>19}"
     )
     for bits in (16, 8, 4):
         err = np.abs(logits[bits] - ref).max() / np.abs(ref).max()
@@ -74,7 +68,8 @@ def main() -> None:
         kl = (p * (log_softmax(ref) - log_softmax(logits[bits]))).sum(-1).mean()
         agree = (logits[bits].argmax(-1) == ref.argmax(-1)).mean()
         print(
-            f"{bits:>6} {err:12.4f} {kl:10.5f} {agree:12.3f} {dense_bytes_per_token(bits) / 1e9:19.3f}"
+            f"{bits:>6} {err:12.4f} {kl:10.5f} {agree:12.3f} "
+            f"{dense_bytes_per_token(bits) / 1e9:19.3f}"
         )
 
 

@@ -19,17 +19,20 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
+from gptoss_mlx import ops  # noqa: E402
 from gptoss_mlx.kernels import attention as ka  # noqa: E402
 from gptoss_mlx.kernels import moe as km  # noqa: E402
+from gptoss_mlx.kernels.dispatch import relative_error  # noqa: E402
 
 
-def timed(fn, iters: int, repeat: int) -> float:
+def timed(fn: Callable[[], mx.array], iters: int, repeat: int) -> float:
     """Median seconds per call; each loop evaluates all its calls at once, as a decode step does."""
     mx.eval(fn())  # warm up: builds the kernel, allocates
     samples = []
@@ -40,7 +43,9 @@ def timed(fn, iters: int, repeat: int) -> float:
     return statistics.median(samples)
 
 
-def cases(args):
+def cases(
+    args: argparse.Namespace,
+) -> Iterator[tuple[str, str, Callable[[], mx.array], Callable[[], mx.array], int]]:
     """(name, shape note, mlx fn, kernel fn, bytes the op must read)."""
     dt = mx.bfloat16
     E, H, I, K, N = args.experts, args.hidden, args.hidden, 4, args.tokens
@@ -57,14 +62,14 @@ def cases(args):
     yield (
         "moe up + swiglu",
         f"N={N} K={K} E={E} {H}->{2 * I}",
-        lambda: km.mlx_gate_up_swiglu(ex.gate_up_proj, x, idx, ex.alpha, ex.limit),
+        lambda: ops.experts_swiglu(ex.gate_up_proj, x, idx, ex.alpha, ex.limit),
         lambda: km.gate_up_swiglu(b, ex.gate_up_proj, x, idx, ex.alpha, ex.limit),
         up_bytes,
     )
     yield (
         "moe down + combine",
         f"N={N} K={K} E={E} {I}->{H}",
-        lambda: km.mlx_down_combine(ex.down_proj, act, idx, w),
+        lambda: ops.experts_combine(ex.down_proj, act, idx, w),
         lambda: km.down_combine(b, ex.down_proj, act, idx, w),
         down_bytes,
     )
@@ -81,7 +86,7 @@ def cases(args):
         yield (
             f"decode attention ({label})",
             f"Hq={Hq} Hkv={Hkv} slots={S} filled={n}",
-            lambda q=q, k=k, v=v, s=sinks, o=offset: ka.mlx_decode_attention(q, k, v, s, 0.125, o),
+            lambda q=q, k=k, v=v, s=sinks, o=offset: ops.decode_attention(q, k, v, s, 0.125, o),
             lambda q=q, k=k, v=v, s=sinks, o=offset: ka.decode_attention(
                 b, q, k, v, s, 0.125, mx.array(o)
             ),
@@ -92,7 +97,7 @@ def cases(args):
     yield (
         "banded prefill attention",
         f"T={T} window={W} Hq={Hq}",
-        lambda: ka.mlx_banded_attention(q, k, v, sinks, 0.125, W),
+        lambda: ops.sliding_window_attention(q, k, v, sinks, 0.125, W),
         lambda: ka.banded_attention(b, q, k, v, sinks, 0.125, W),
         2 * Hkv * T * D * 2 + Hq * T * D * 2,
     )
@@ -127,7 +132,7 @@ def main() -> int:
         print(f"{info.get('device_name', 'Metal GPU')}, mlx {mx.__version__}, bfloat16")
     rows = []
     for name, shape, mlx_fn, kernel_fn, nbytes in cases(args):
-        err = ka.relative_error(kernel_fn(), mlx_fn())
+        err = relative_error(kernel_fn(), mlx_fn())
         t_mlx = timed(mlx_fn, args.iters, args.repeat)
         t_k = timed(kernel_fn, args.iters, args.repeat)
         rows.append((name, shape, t_mlx * 1e3, t_k * 1e3, t_mlx / t_k, nbytes / t_k / 1e9, err))
@@ -140,17 +145,19 @@ def main() -> int:
         for i in range(len(head))
     ]
     fmt = lambda r: "  ".join(  # noqa: E731
-        (f"{v:.3f}" if isinstance(v, float) else str(v)).ljust(wd) for v, wd in zip(r, widths)
+        (f"{v:.3f}" if isinstance(v, float) else str(v)).ljust(wd)
+        for v, wd in zip(r, widths, strict=True)
     )
     print(fmt(head))
     for r in rows:
         print(fmt(r))
     print(
-        "GB/s: bytes the op must read (selected experts' MXFP4 weights + scales + biases; filled "
-        "K/V slots; prefill q/k/v) over the kernel's time.\nrel err: kernel vs the bfloat16 mlx ops "
-        "(max abs diff / max abs). The kernels accumulate in float32 and round once; the mlx ops round "
-        "the gate/linear features to bfloat16 before the SwiGLU, so a few % on 'moe up' is the mlx "
-        "side's rounding (tests/test_kernels.py compares both with float32 ops)."
+        "GB/s: bytes the op must read (selected experts' MXFP4 weights + scales + biases; "
+        "filled K/V slots; prefill q/k/v) over the kernel's time.\nrel err: kernel vs the "
+        "bfloat16 mlx ops (max abs diff / max abs). The kernels accumulate in float32 and round "
+        "once; the mlx ops round the gate/linear features to bfloat16 before the SwiGLU, so a few "
+        "% on 'moe up' is the mlx side's rounding (tests/test_kernels.py compares both with "
+        "float32 ops)."
     )
     return 0
 

@@ -71,7 +71,8 @@ def main() -> None:
         f"sliding ring: {cache[0].nbytes / gb:.4f})"
     )
     print(
-        f"  working set       {(stats.peak_memory - weights - kv) / gb:7.3f} GB (per chunk, any depth)"
+        f"  working set       {(stats.peak_memory - weights - kv) / gb:7.3f} GB "
+        "(per chunk, any depth)"
     )
     print(f"  prefill           {stats.prompt_tps:.1f} tok/s")
 

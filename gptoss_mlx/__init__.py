@@ -1,13 +1,14 @@
 """gptoss-mlx: OpenAI's gpt-oss models on Apple Silicon with MLX.
 
 The public API: `load_model` (and, with the tokenizer, `load`), `stream_generate`, `generate`,
-`ChatSession` (multi-turn chat keeping the KV cache), `PromptCache` (KV caches of recent
-conversations, reused across requests), `convert`, `Benchmark`, `harmony`, and the one error type
-`GptOssError`; the HTTP server is `gptoss_mlx.server.create_app`. The command line
+`ChatSession` (multi-turn chat keeping the KV cache, running tools), `ToolLoop` (the tool loop on
+its own, for other sessions), `tools` (function tools, `Browser`, `Python`), `PromptCache` (KV
+caches of recent conversations, reused across requests), `convert`, `Benchmark`, `harmony`, and
+the one error type `GptOssError`; the HTTP server is `gptoss_mlx.server.create_app`. The command line
 (`gptoss_mlx.cli`) uses nothing else.
 """
 
-from . import harmony
+from . import harmony, tools
 from .benchmark import Benchmark
 from .chat import ChatSession
 from .config import ModelConfig, preset
@@ -19,6 +20,7 @@ from .model import GptOssModel
 from .prompt_cache import PromptCache
 from .sample import check_sampling, make_sampler
 from .tokenizer import StreamingDetokenizer, Tokenizer
+from .tool_loop import ToolEvent, ToolLoop
 
 __all__ = [
     "Benchmark",
@@ -31,6 +33,8 @@ __all__ = [
     "PromptCache",
     "StreamingDetokenizer",
     "Tokenizer",
+    "ToolEvent",
+    "ToolLoop",
     "check_sampling",
     "convert",
     "generate",
@@ -40,4 +44,5 @@ __all__ = [
     "make_sampler",
     "preset",
     "stream_generate",
+    "tools",
 ]

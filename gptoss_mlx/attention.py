@@ -6,11 +6,9 @@ For query head h (reading KV head h // group) and keys j in its window:
     out = sum_j exp(s_j - m) v_j / (sum_j exp(s_j - m) + exp(sink_h - m))
 
 The sink joins the softmax denominator unscaled and has no value vector. Sliding layers see the
-`window` keys ending at the query (itself included), full layers every earlier key.
-
-A long chunk on a sliding layer is computed in blocks of `window` queries (`banded_attention`):
-each block attends only to the 2 * window keys around it, so the work grows as T x window
-instead of T x T.
+`window` keys ending at the query (itself included), full layers every earlier key. The kernels
+take the op where they apply (`kernels.attend`); elsewhere it is `ops.attention`, which computes a
+long chunk on a sliding layer in blocks of `window` queries (`ops.banded_attention`).
 """
 
 from __future__ import annotations
@@ -18,13 +16,13 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import kernels
-from .cache import attention_mask
+from . import kernels, ops
+from .cache import DecodeSlot, KVCache
 from .config import SLIDING, ModelConfig
 from .rope import YarnRoPE
 
 
-class Attention(nn.Module):
+class Attention(nn.Module, kernels.UsesKernels):
     """`[B, T, hidden]` -> `[B, T, hidden]`; q/k/v/o projections with biases, sinks `[H]`."""
 
     def __init__(self, config: ModelConfig, layer_type: str):
@@ -42,7 +40,9 @@ class Attention(nn.Module):
         self.sinks = mx.zeros((H,))
         self.rope = YarnRoPE(config)
 
-    def __call__(self, x: mx.array, cache=None, last_only: bool = False) -> mx.array:
+    def __call__(
+        self, x: mx.array, cache: KVCache | DecodeSlot | None = None, last_only: bool = False
+    ) -> mx.array:
         """`[B, T, hidden]` -> `[B, T, hidden]`; with `last_only`, only the last position's query
         (-> `[B, 1, hidden]`) while every position's key and value still enter the cache."""
         B, T, _ = x.shape
@@ -57,53 +57,14 @@ class Attention(nn.Module):
         if cache is not None:
             k, v, mask = cache.update(k, v)
         else:
-            mask = attention_mask(T, T, self.window)
+            mask = ops.attention_mask(T, T, self.window)
         if last_only and isinstance(mask, mx.array):  # a [T, S] band: keep the last query's row
             mask = mask[-1:]
         sinks = self.sinks.astype(q.dtype)
-        out = kernels.attend(self, q, k, v, sinks, cache)  # decode / banded kernels, or None
-        if out is None and self.window is not None and Tq > 2 * self.window:
-            out = banded_attention(q, k, v, sinks, self.scale, self.window)
-        elif out is None:
-            out = mx.fast.scaled_dot_product_attention(
-                q, k, v, scale=self.scale, mask=mask, sinks=sinks
-            )
+        decode_offset = cache.offset if isinstance(cache, DecodeSlot) else None
+        out = kernels.attend(
+            self.backend, q, k, v, sinks, self.scale, self.window, decode_offset
+        )  # the decode / banded kernels, or None
+        if out is None:
+            out = ops.attention(q, k, v, sinks, self.scale, mask, self.window)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, Tq, -1))
-
-
-def banded_attention(
-    q: mx.array, k: mx.array, v: mx.array, sinks: mx.array, scale: float, window: int
-) -> mx.array:
-    """Sliding-window attention with sinks for a chunk of T queries, in blocks of `window`.
-
-    q `[B, H, T, D]` are the last T of the S = P + T positions in k, v `[B, H_kv, S, D]` (P < window
-    earlier positions first). Keys are padded to start `window` positions before the first query,
-    so query block b (positions b*W .. b*W+W-1 of the chunk) needs exactly key blocks b and b+1:
-    query t of a block sees block column c iff t < c <= t + W and the key is not padding.
-    Returns `[B, H, T, D]`.
-    """
-    B, H, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    W, P = window, S - T
-    nb = -(-T // W)
-    pad_q = nb * W - T
-    pad_left, pad_right = W - P, (nb + 1) * W - (W - P) - S
-
-    def blocks(x, heads):  # [B, heads, S, D] -> [B*nb, heads, 2W, D]
-        x = mx.pad(x, [(0, 0), (0, 0), (pad_left, pad_right), (0, 0)])
-        x = x.reshape(B, heads, nb + 1, W, D)
-        x = mx.concatenate([x[:, :, :-1], x[:, :, 1:]], axis=3)  # [B, heads, nb, 2W, D]
-        return x.transpose(0, 2, 1, 3, 4).reshape(B * nb, heads, 2 * W, D)
-
-    qb = mx.pad(q, [(0, 0), (0, 0), (0, pad_q), (0, 0)]).reshape(B, H, nb, W, D)
-    qb = qb.transpose(0, 2, 1, 3, 4).reshape(B * nb, H, W, D)
-    t = mx.arange(W)[:, None]
-    c = mx.arange(2 * W)[None, :]
-    block_start = (mx.arange(nb) * W)[:, None, None]
-    mask = (c > t) & (c <= t + W) & (block_start + c >= pad_left)  # [nb, W, 2W]
-    mask = mx.broadcast_to(mask[None, :, None], (B, nb, 1, W, 2 * W)).reshape(B * nb, 1, W, 2 * W)
-    out = mx.fast.scaled_dot_product_attention(
-        qb, blocks(k, Hkv), blocks(v, Hkv), scale=scale, mask=mask, sinks=sinks
-    )
-    out = out.reshape(B, nb, H, W, D).transpose(0, 2, 1, 3, 4).reshape(B, H, nb * W, D)
-    return out[:, :, :T]

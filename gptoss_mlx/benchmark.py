@@ -12,11 +12,15 @@ table shows ours / theirs.
 from __future__ import annotations
 
 import collections
+import importlib
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import ModuleType
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -25,11 +29,14 @@ from mlx.utils import tree_flatten
 from .config import ModelConfig, preset
 from .errors import GptOssError
 from .generate import stream_generate
-from .loading import build_model
+from .hub import resolve_model_path
+from .loading import build_model, load_model, parse_dtype
+from .model import GptOssModel
+from .progress import progress_bar
 from .synthetic import hf_config_json, random_checkpoint
-from .weights import checkpoint_from_tensors
+from .weights import checkpoint_from_tensors, find_weights_folder
 
-# The CPU proxy the benchmarks run on: real head geometry (64-dim heads, 8 query heads per KV
+# A CPU-sized proxy of gpt-oss: real head geometry (64-dim heads, 8 query heads per KV
 # head, window 128) at reduced width, depth and vocabulary.
 TINY = ModelConfig(
     num_hidden_layers=4,
@@ -105,7 +112,7 @@ def chip_bandwidth(chip: str | None) -> float | None:
     return None
 
 
-def weight_bytes_per_token(model) -> int:
+def weight_bytes_per_token(model: GptOssModel) -> int:
     """Weight bytes one decoded token reads: all dense layers, k of E experts per layer, the whole
     unembedding and one embedding row (KV-cache reads come on top and grow with the context)."""
     c = model.config
@@ -120,7 +127,32 @@ def weight_bytes_per_token(model) -> int:
     return total
 
 
-def count_primitives(outputs) -> collections.Counter:
+# MLX primitives that never launch a kernel on a Metal GPU: evaluating one only points its output
+# at the input's buffer with a new shape, strides or offset (NumberOfElements writes one scalar on
+# the host). Read from MLX 0.32's mlx/backend/gpu/primitives.cpp and mlx/backend/common/common.cpp.
+VIEWS = frozenset(
+    {
+        "AsStrided",
+        "Broadcast",
+        "BroadcastAxes",
+        "Copy",
+        "CustomTransforms",
+        "Depends",
+        "ExpandDims",
+        "NumberOfElements",
+        "Slice",
+        "Split",
+        "Squeeze",
+        "StopGradient",
+        "Transpose",
+    }
+)
+# Primitives that are a view when the input's strides allow one and one copy kernel otherwise
+# (which of the two only the evaluated input's layout tells).
+RESHAPES = frozenset({"Contiguous", "Flatten", "Reshape", "Unflatten", "View"})
+
+
+def count_primitives(outputs: mx.array | Sequence[mx.array]) -> collections.Counter:
     """The MLX primitives in the graph that computes `outputs` (not yet evaluated), by name."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "graph.dot")
@@ -133,7 +165,27 @@ def count_primitives(outputs) -> collections.Counter:
             )
 
 
-def decode_step_primitives(model, make_cache, prompt_tokens: int = 16) -> collections.Counter:
+def launch_summary(counts: collections.Counter) -> dict:
+    """Primitive counts split by what they cost on a Metal GPU.
+
+    `launching`: primitives that launch at least one kernel (a few launch more than one, e.g.
+    Concatenate one copy per input); `reshapes`: a view, or one copy kernel when the input's
+    layout needs it; `views`: never a kernel. Names not in VIEWS or RESHAPES count as launching.
+    """
+    views = sum(n for p, n in counts.items() if p in VIEWS)
+    reshapes = sum(n for p, n in counts.items() if p in RESHAPES)
+    return {
+        "launching": sum(counts.values()) - views - reshapes,
+        "reshapes": reshapes,
+        "views": views,
+        "total": sum(counts.values()),
+        "by_primitive": dict(counts.most_common()),
+    }
+
+
+def decode_step_primitives(
+    model: nn.Module, make_cache: Callable[[], list], prompt_tokens: int = 16
+) -> collections.Counter:
     """Primitives in one decode step (after a short prefill) of any MLX model with a cache."""
     cache = make_cache()
     mx.eval(model(mx.array([[1] * prompt_tokens]), cache=cache))
@@ -143,7 +195,7 @@ def decode_step_primitives(model, make_cache, prompt_tokens: int = 16) -> collec
 class _Ours:
     name = "gptoss-mlx"
 
-    def __init__(self, model):
+    def __init__(self, model: GptOssModel):
         self.model = model
 
     def run(self, prompt: list[int], gen_tokens: int) -> RunResult:
@@ -170,14 +222,13 @@ class _MlxLm:
 
     name = "mlx-lm"
 
-    def __init__(self, model):
-        from mlx_lm.generate import generate_step
-
+    def __init__(self, model: nn.Module):
         self.model = model
-        self._generate_step = generate_step
+        self._generate_step = _import_mlx_lm("mlx_lm.generate").generate_step
+        self._make_prompt_cache = _import_mlx_lm("mlx_lm.models.cache").make_prompt_cache
 
     @classmethod
-    def from_tensors(cls, tensors: dict, config_json: dict, dtype) -> _MlxLm:
+    def from_tensors(cls, tensors: dict, config_json: dict, dtype: mx.Dtype) -> _MlxLm:
         """The same published-layout tensors, loaded as mlx-lm loads a checkpoint."""
         gpt_oss = _import_mlx_lm("mlx_lm.models.gpt_oss")
         model = gpt_oss.Model(gpt_oss.ModelArgs.from_dict(config_json))
@@ -199,14 +250,10 @@ class _MlxLm:
 
     @classmethod
     def from_folder(cls, folder: str) -> _MlxLm:
-        from pathlib import Path
-
         model, _ = _import_mlx_lm("mlx_lm.utils").load_model(Path(folder))
         return cls(model)
 
     def run(self, prompt: list[int], gen_tokens: int) -> RunResult:
-        from mlx_lm.models.cache import make_prompt_cache
-
         mx.reset_peak_memory()
         tic = time.perf_counter()
         n, t_first, t_last = 0, tic, tic
@@ -215,7 +262,7 @@ class _MlxLm:
             self.model,
             max_tokens=gen_tokens,
             sampler=lambda logits: mx.argmax(logits, axis=-1),
-            prompt_cache=make_prompt_cache(self.model),
+            prompt_cache=self._make_prompt_cache(self.model),
         )
         for token, _ in steps:
             int(token)
@@ -230,21 +277,18 @@ class _MlxLm:
         )
 
     def primitives(self) -> collections.Counter:
-        from mlx_lm.models.cache import make_prompt_cache
-
-        return decode_step_primitives(self.model, lambda: make_prompt_cache(self.model))
+        return decode_step_primitives(self.model, lambda: self._make_prompt_cache(self.model))
 
 
-def _import_mlx_lm(module: str):
-    import importlib
-
+def _import_mlx_lm(module: str) -> ModuleType:
+    """A module of mlx-lm, an optional dependency imported only when comparing against it."""
     try:
         return importlib.import_module(module)
     except ImportError:
         raise GptOssError("--compare mlx-lm needs mlx-lm installed: pip install mlx-lm") from None
 
 
-def _synthetic(name: str, seed: int, dtype):
+def _synthetic(name: str, seed: int, dtype: mx.Dtype) -> tuple[GptOssModel, dict, dict]:
     if name not in SYNTHETIC:
         raise GptOssError(f"--synthetic must be one of {', '.join(SYNTHETIC)}, not {name!r}")
     config = SYNTHETIC[name]
@@ -267,17 +311,18 @@ class Benchmark:
         dtype: str | None = None,
         seed: int = 0,
         progress: bool = False,
+        bandwidth: float | None = None,
+        chip: str | None = None,
     ):
-        from .hub import resolve_model_path
-        from .loading import load_model, parse_dtype
-        from .weights import find_weights_folder
-
+        """`bandwidth`: GB/s for the decode ceiling, else that of `chip` ("M4 Max"), else that
+        of this Mac's chip when known."""
         if (model_path is None) == (synthetic is None):
             raise GptOssError("give exactly one of --model PATH|REPO or --synthetic 20b|120b|tiny")
         if compare not in (None, "mlx-lm"):
             raise GptOssError(f"--compare supports only mlx-lm, not {compare!r}")
         if compare:
             _import_mlx_lm("mlx_lm")
+        self.bandwidth = bandwidth or chip_bandwidth(chip)  # an unknown chip fails here, first
         dtype = parse_dtype(dtype)  # the compute dtype of every engine (default bfloat16)
         self.dtype = dtype
         self.label = model_path or f"synthetic-{synthetic}"
@@ -285,20 +330,28 @@ class Benchmark:
         self.progress = progress
         if synthetic is not None:
             model, tensors, config_json = _synthetic(synthetic, seed, dtype)
-            theirs = lambda: _MlxLm.from_tensors(tensors, config_json, dtype)
+            theirs = _MlxLm.from_tensors(tensors, config_json, dtype) if compare else None
         else:
             folder = find_weights_folder(resolve_model_path(model_path, progress=progress))
             model = load_model(folder, dtype=dtype, progress=progress)
-            theirs = lambda: _MlxLm.from_folder(folder)
+            theirs = _MlxLm.from_folder(folder) if compare else None
         self.model = model
-        self.engines = [_Ours(model)] + ([theirs()] if compare else [])
+        self.engines = [_Ours(model)] + ([theirs] if theirs else [])
 
     def run(
-        self, prompt_tokens=(512,), gen_tokens: int = 128, repeats: int = 3, warmup: bool = True
+        self,
+        prompt_tokens: Sequence[int] = (512,),
+        gen_tokens: int = 128,
+        repeats: int = 3,
+        warmup: bool = True,
+        *,
+        ops: bool = False,
     ) -> dict:
-        """Each prompt length `repeats` times per engine, alternating which runs first; medians."""
-        from .progress import progress_bar
+        """Each prompt length `repeats` times per engine, alternating which runs first; medians.
 
+        With a bandwidth, the result has the bandwidth-bound decode ceiling; `ops` adds the
+        primitives of one decode step per engine.
+        """
         if gen_tokens < 2 or repeats < 1 or not prompt_tokens or any(p < 1 for p in prompt_tokens):
             raise GptOssError("--gen-tokens must be >= 2, --repeats >= 1 and prompt lengths >= 1")
         vocab = self.model.config.vocab_size
@@ -320,13 +373,16 @@ class Benchmark:
                         )
                         bar.update(1)
         names = [e.name for e in self.engines]
-        return {
+        bandwidth = self.bandwidth
+        per_token = weight_bytes_per_token(self.model)
+        result = {
             "model": self.label,
             "config": self.model.config.to_hf(),
             "device": str(mx.default_device()),
             "dtype": str(self.dtype),
             "device_info": {k: str(v) for k, v in mx.device_info().items()},
-            "weight_bytes_per_token": weight_bytes_per_token(self.model),
+            "weight_bytes_per_token": per_token,
+            "bandwidth_gbs": bandwidth,
             "gen_tokens": gen_tokens,
             "repeats": repeats,
             "engines": names,
@@ -345,27 +401,40 @@ class Benchmark:
                 for s in settings
             ],
         }
+        if bandwidth:
+            result["decode_ceiling_tps"] = bandwidth * 1e9 / per_token
+        if ops:
+            result["primitives_per_decode_step"] = self.primitives()
+        return result
 
     def primitives(self) -> dict:
-        """Primitives one decode step evaluates, per engine, with a breakdown by primitive."""
-        out = {}
-        for engine in self.engines:
-            counts = engine.primitives()
-            out[engine.name] = {
-                "total": sum(counts.values()),
-                "by_primitive": dict(counts.most_common()),
-            }
-        return out
+        """Per engine, the primitives one decode step evaluates (see `launch_summary`)."""
+        return {engine.name: launch_summary(engine.primitives()) for engine in self.engines}
 
 
-def _prompt(key, vocab: int, length: int) -> list[int]:
+def _prompt(key: mx.array, vocab: int, length: int) -> list[int]:
     return mx.random.randint(0, vocab, (length,), key=key).tolist()
 
 
-def format_table(result: dict, bandwidth_gbs: float | None = None) -> str:
+def format_report(result: dict) -> str:
+    """`Benchmark.run`'s result for people: the table, the primitive counts when measured, and a
+    note when the figures come from MLX's CPU backend."""
+    parts = [format_table(result)]
+    if "primitives_per_decode_step" in result:
+        parts.append(format_ops(result))
+    if "gpu" not in result["device"]:
+        parts.append(
+            "note: no Metal GPU here; these are CPU figures (MLX's CPU backend), a proxy for "
+            "graph-level efficiency, not Apple Silicon speed."
+        )
+    return "\n\n".join(parts)
+
+
+def format_table(result: dict) -> str:
     """The medians as a table for people; with a bandwidth, the decode ceiling and its fraction."""
     per_token = result["weight_bytes_per_token"]
-    ceiling = bandwidth_gbs * 1e9 / per_token if bandwidth_gbs else None
+    bandwidth_gbs = result["bandwidth_gbs"]
+    ceiling = result.get("decode_ceiling_tps")
     lines = [
         f"model: {result['model']}   device: {result['device']} "
         f"({result['device_info'].get('device_name', '?')})   generated tokens: "
@@ -377,7 +446,10 @@ def format_table(result: dict, bandwidth_gbs: float | None = None) -> str:
             else ""
         ),
     ]
-    header = f"{'engine':<11} {'prompt':>7} {'prompt tok/s':>13} {'decode tok/s':>13} {'TTFT s':>8} {'peak GB':>8}"
+    header = (
+        f"{'engine':<11} {'prompt':>7} {'prompt tok/s':>13} {'decode tok/s':>13} "
+        f"{'TTFT s':>8} {'peak GB':>8}"
+    )
     if ceiling:
         header += f" {'of ceiling':>10}"
     lines += ["", header]
@@ -386,8 +458,8 @@ def format_table(result: dict, bandwidth_gbs: float | None = None) -> str:
         for name in engines:
             m = s["median"][name]
             row = (
-                f"{name:<11} {s['prompt_tokens']:>7} {m['prompt_tps']:>13.1f} {m['decode_tps']:>13.2f} "
-                f"{m['ttft_s']:>8.3f} {m['peak_memory_bytes'] / 1e9:>8.3f}"
+                f"{name:<11} {s['prompt_tokens']:>7} {m['prompt_tps']:>13.1f} "
+                f"{m['decode_tps']:>13.2f} {m['ttft_s']:>8.3f} {m['peak_memory_bytes'] / 1e9:>8.3f}"
             )
             if ceiling:
                 row += f" {m['decode_tps'] / ceiling:>10.1%}"
@@ -399,4 +471,34 @@ def format_table(result: dict, bandwidth_gbs: float | None = None) -> str:
                 f"{ours['prompt_tps'] / theirs['prompt_tps']:>12.2f}x "
                 f"{ours['decode_tps'] / theirs['decode_tps']:>12.2f}x"
             )
+    return "\n".join(lines)
+
+
+def format_ops(result: dict) -> str:
+    """The primitive counts of `Benchmark.primitives` (in `result["primitives_per_decode_step"]`)
+    as a table for people."""
+    counts = result["primitives_per_decode_step"]
+    lines = [
+        "MLX primitives per decode step. launching: at least one kernel launch on a Metal GPU;",
+        "reshapes: a view, or one copy kernel where the input's layout needs it; views: no kernel.",
+    ]
+    if "gpu" not in result["device"]:
+        lines.append(
+            f"Graphs built on {result['device']}: MLX's fast RMSNorm, RoPE and attention appear\n"
+            "decomposed into several primitives there (in both engines); on a Mac each is one."
+        )
+    lines += ["", f"{'engine':<11} {'launching':>9} {'reshapes':>8} {'views':>6} {'total':>6}"]
+    for name, c in counts.items():
+        top = [(p, n) for p, n in c["by_primitive"].items() if p not in VIEWS | RESHAPES][:6]
+        lines.append(
+            f"{name:<11} {c['launching']:>9} {c['reshapes']:>8} {c['views']:>6} {c['total']:>6}   "
+            + ", ".join(f"{p} {n}" for p, n in top)
+        )
+    if len(counts) == 2:
+        ours, theirs = counts.values()
+        ratio = {k: ours[k] / theirs[k] for k in ("launching", "reshapes", "views", "total")}
+        lines.append(
+            f"{'ratio':<11} {ratio['launching']:>8.2f}x {ratio['reshapes']:>7.2f}x "
+            f"{ratio['views']:>5.2f}x {ratio['total']:>5.2f}x"
+        )
     return "\n".join(lines)

@@ -5,7 +5,7 @@ Both store keys/values `[B, H_kv, slots, D]` (RoPE already applied) and share on
 p % window; position p of a full layer in slot p.
 
 A chunk of T > 1 new positions goes through `update`, which returns the keys/values those queries
-attend to and the mask that goes with them (see `attention_mask`). A single decoded token goes
+attend to and the mask that goes with them (see `ops.attention_mask`). A single decoded token goes
 through `DecodeSlot` instead: a functional update at an array-valued offset that always returns
 the whole buffer and a mask of its filled slots, so the decode step has fixed shapes and can be
 compiled once (see `GptOssModel.__call__`).
@@ -18,32 +18,18 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-
-def attention_mask(num_queries: int, num_keys: int, window: int | None):
-    """Mask for queries that are the last `num_queries` of `num_keys` consecutive positions.
-
-    Query t (absolute position num_keys - num_queries + t) sees key j iff j <= its position and, for
-    a sliding layer, its position - j < window. Returns None (nothing to mask), "causal" (MLX's
-    lower-right causal mask), or a boolean `[T, S]` band.
-    """
-    if num_queries == 1 and (window is None or num_keys <= window):
-        return None
-    if window is None or num_keys <= window:
-        return "causal"
-    q_pos = mx.arange(num_keys - num_queries, num_keys)[:, None]
-    k_pos = mx.arange(num_keys)[None, :]
-    distance = q_pos - k_pos
-    return (distance >= 0) & (distance < window)
+from .ops import attention_mask, filled_slots
 
 
-class _KVBuffers:
-    """Keys and values `[B, H_kv, slots, D]` (None until first use) and the position counter."""
+class KVCache:
+    """Keys and values `[B, H_kv, slots, D]` (None until first use) and the position counter;
+    `FullCache` and `SlidingCache` say how positions map to slots."""
 
     window: int | None = None
 
-    def __init__(self):
-        self.keys = None
-        self.values = None
+    def __init__(self) -> None:
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
         self.offset = 0
 
     @property
@@ -51,6 +37,7 @@ class _KVBuffers:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
     def can_trim(self, n: int) -> bool:
+        """Whether the last `n` positions can be forgotten."""
         return n <= self.offset
 
     def trim(self, n: int) -> bool:
@@ -72,7 +59,7 @@ class _KVBuffers:
         return other
 
 
-class FullCache(_KVBuffers):
+class FullCache(KVCache):
     """Every position's keys and values, in a buffer grown `step` positions at a time."""
 
     step = 256  # a new capacity means a new decode-step shape (one recompilation)
@@ -95,7 +82,10 @@ class FullCache(_KVBuffers):
             self.keys = mx.concatenate([self.keys, new_k], axis=2)
             self.values = mx.concatenate([self.values, new_v], axis=2)
 
-    def update(self, keys: mx.array, values: mx.array):
+    def update(
+        self, keys: mx.array, values: mx.array
+    ) -> tuple[mx.array, mx.array, mx.array | str | None]:
+        """Append T positions `[B, H_kv, T, D]`; -> every key and value so far and their mask."""
         B, H, T, D = keys.shape
         self.reserve(B, H, D, keys.dtype, T)
         end = self.offset + T
@@ -105,14 +95,14 @@ class FullCache(_KVBuffers):
         return self.keys[..., :end, :], self.values[..., :end, :], attention_mask(T, end, None)
 
 
-class SlidingCache(_KVBuffers):
+class SlidingCache(KVCache):
     """The last `window` positions' keys and values in a ring: position p lives in slot p % window.
 
     A multi-token chunk attends to the previous window-1 positions in order followed by its own
     keys, under a band mask; then the last `window` positions are written back to their slots.
     """
 
-    def __init__(self, window: int):
+    def __init__(self, window: int) -> None:
         super().__init__()
         self.window = window
 
@@ -129,7 +119,11 @@ class SlidingCache(_KVBuffers):
         slots = mx.arange(self.offset - count, self.offset) % self.window
         return mx.take(buffer, slots, axis=2)
 
-    def update(self, keys: mx.array, values: mx.array):
+    def update(
+        self, keys: mx.array, values: mx.array
+    ) -> tuple[mx.array, mx.array, mx.array | str | None]:
+        """Add T positions `[B, H_kv, T, D]`; -> the keys and values they attend to (the previous
+        window - 1 positions, then theirs) and the band mask."""
         B, H, T, D = keys.shape
         W = self.window
         self.reserve(B, H, D, keys.dtype, T)
@@ -195,12 +189,15 @@ class DecodeSlot:
     compiles once per buffer capacity. The new buffers are left in `keys`/`values`.
     """
 
-    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array, window: int | None):
+    def __init__(
+        self, keys: mx.array, values: mx.array, offset: mx.array, window: int | None
+    ) -> None:
         self.keys, self.values, self.offset, self.window = keys, values, offset, window
 
-    def update(self, keys: mx.array, values: mx.array):
+    def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Write the token's key and value `[B, H_kv, 1, D]`; -> the whole buffers and the mask of
+        their filled slots."""
         slot = self.offset % self.window if self.window else self.offset
         self.keys = mx.slice_update(self.keys, keys, slot.reshape(1), axes=(2,))
         self.values = mx.slice_update(self.values, values, slot.reshape(1), axes=(2,))
-        filled = mx.arange(self.keys.shape[2]) <= self.offset
-        return self.keys, self.values, filled
+        return self.keys, self.values, filled_slots(self.keys.shape[2], self.offset)

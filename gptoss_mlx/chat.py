@@ -10,16 +10,22 @@ The conversation is kept twice:
   ``history + harmony.render_turn([user message])``, which extends what the cache holds, rather
   than a re-rendering (not prefix-stable: see ``gptoss_mlx/harmony/render.py``).
 
-Before each turn the session compares the tokens the cache holds with the new prompt and prefills
-only what differs: normally just the new turn, plus at most the last sampled token (not yet fed
-when a turn ends at ``max_tokens``) and an ``<|end|>`` (replacing a fed ``<|return|>``, which
-takes trimming one position off the cache).
+Before each generation the session compares the tokens the cache holds with the new prompt and
+prefills only what differs: normally just the new turn, plus at most the last sampled token (not
+yet fed when a turn ends at ``max_tokens``) and an ``<|end|>`` (replacing a fed ``<|return|>``,
+which takes trimming one position off the cache).
+
+Tools: a turn runs through a :class:`~gptoss_mlx.tool_loop.ToolLoop`. When the model calls a tool
+the session has (a function with a callable, ``browser``, ``python``), the loop runs it, appends
+the result and generates again from the same cache: each round prefills only the tool result
+and the next ``<|start|>assistant``. The events stream the tokens of every round and a
+:class:`~gptoss_mlx.tool_loop.ToolEvent` for each call run and each result.
 """
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +35,8 @@ from .generate import GenerationEvent, GenerationStats, stream_generate
 from .model import GptOssModel
 from .sample import check_sampling
 from .tokenizer import Tokenizer, default_tokenizer
+from .tool_loop import DEFAULT_MAX_TOOL_ROUNDS, ToolCall, ToolEvent, ToolLoop, ToolTurn
+from .tools import BuiltinTool
 
 __all__ = ["ChatSession", "trim_cache"]
 
@@ -48,9 +56,12 @@ class ChatStats:
     turns: int = 0
     prefilled_tokens: int = 0  # tokens run through prefill, all turns
     generated_tokens: int = 0
-    full_prefills: int = 0  # turns that had to prefill from scratch (first, after a reset)
+    full_prefills: int = 0  # generations that prefilled from scratch (first, after a reset)
+    generations: int = 0  # one per turn, plus one per tool round
+    tool_rounds: int = 0  # rounds that ran a tool, all turns
     last: GenerationStats | None = None
-    last_prefill_tokens: int = 0
+    last_prefill_tokens: int = 0  # the last generation's
+    last_turn_prefills: list[int] = field(default_factory=list)  # each generation of the last turn
     history_tokens: int = 0
     cached_tokens: int = 0
     cache_bytes: int = 0
@@ -59,29 +70,34 @@ class ChatStats:
         lines = [
             f"turns: {self.turns} | history: {self.history_tokens} tokens | cache: "
             f"{self.cached_tokens} tokens, {self.cache_bytes / 1e6:.1f} MB",
-            f"prefilled: {self.prefilled_tokens} tokens in all, {self.last_prefill_tokens} "
-            f"last turn | generated: {self.generated_tokens} tokens | full prefills: "
-            f"{self.full_prefills}",
+            f"prefilled: {self.prefilled_tokens} tokens in all, "
+            f"{sum(self.last_turn_prefills)} last turn | generated: {self.generated_tokens} "
+            f"tokens | full prefills: {self.full_prefills}",
         ]
+        if self.tool_rounds:
+            rounds = " + ".join(str(n) for n in self.last_turn_prefills)
+            lines.append(f"tool rounds: {self.tool_rounds} | last turn prefilled: {rounds}")
         if self.last is not None:
             lines.append("last turn: " + self.last.summary())
         return "\n".join(lines)
 
 
-@dataclass
-class _Turn:
-    prompt: list[int]
-    completion: list[int] = field(default_factory=list)
-
-
 class ChatSession:
     """A conversation with a model, its KV cache kept between turns.
 
-    ``send(text)`` yields :class:`GenerationEvent` s for the assistant's reply (the last one with
-    ``stats``); after it is exhausted (or closed early) the reply is part of the history.
+    ``send(text)`` yields :class:`GenerationEvent` s for the assistant's reply (the last one of
+    each generation with ``stats``) and, between the rounds of a tool loop, :class:`ToolEvent` s;
+    after it is exhausted (or closed early) the reply is part of the history.
     Sampling keywords (``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``seed``,
-    ``prefill_chunk``) are passed on to :func:`stream_generate`; with a ``seed``, turn ``i`` uses
-    ``seed + i`` so a whole session replays identically.
+    ``prefill_chunk``) are passed on to :func:`stream_generate`; with a ``seed``, generation ``i``
+    of the session uses ``seed + i`` so a whole session replays identically.
+
+    Tools: ``tools`` are Python callables (their JSON schema from type hints and docstring),
+    ``(OpenAI function tool dict, callable)`` pairs, or bare dicts (declared only: a call to one
+    ends the turn, for the caller to handle). ``builtin_tools`` are ``"browser"``, ``"python"``
+    or configured ``gptoss_mlx.tools.Browser(...)`` / ``Python(...)`` instances.
+    ``max_tool_rounds`` bounds the rounds that run tools in one turn; ``approve(call) -> bool``,
+    if given, is asked before each call runs. :meth:`close` stops the tools' processes.
     """
 
     def __init__(
@@ -91,7 +107,10 @@ class ChatSession:
         *,
         system: str | None = None,
         reasoning_effort: str = "medium",
-        tools: Sequence[Mapping] | None = None,
+        tools: Sequence[Any] | None = None,
+        builtin_tools: Sequence[str | BuiltinTool] = (),
+        max_tool_rounds: int = DEFAULT_MAX_TOOL_ROUNDS,
+        approve: Callable[[ToolCall], bool] | None = None,
         current_date: str | datetime.date | None = None,
         **generation: Any,
     ) -> None:
@@ -99,7 +118,13 @@ class ChatSession:
         self.tokenizer = tokenizer or default_tokenizer()
         self.system = system
         self.reasoning_effort = harmony.check_reasoning_effort(reasoning_effort)
-        self.tools = tools
+        self.tool_loop = ToolLoop(
+            tools or (),
+            builtin_tools,
+            max_tool_rounds=max_tool_rounds,
+            approve=approve,
+            tokenizer=self.tokenizer,
+        )
         self.current_date = current_date
         check_sampling(
             generation.get("temperature", 1.0),
@@ -125,7 +150,8 @@ class ChatSession:
     # -- state ---------------------------------------------------------------------------------
 
     def reset(self) -> None:
-        """Forget the conversation and empty the cache."""
+        """Forget the conversation and empty the cache (the tools forget their state too)."""
+        self.tool_loop.reset()
         self.messages: list[dict] = []
         if self.system:
             self.messages.append({"role": "system", "content": self.system})
@@ -144,6 +170,16 @@ class ChatSession:
         self.history = None
         self._drop_cache()
 
+    def close(self) -> None:
+        """Stop the tools' processes and remove their files (the python tool's scratch)."""
+        self.tool_loop.close()
+
+    def __enter__(self) -> ChatSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # -- a turn ------------------------------------------------------------------------------
 
     def next_prompt(self, user_text: str) -> list[int]:
@@ -152,18 +188,33 @@ class ChatSession:
         if self.history is None:
             return harmony.render_prompt(
                 self.messages + [user],
-                tools=self.tools,
+                tools=self.tool_loop.function_specs,
+                builtin_tools=self.tool_loop.namespaces,
                 reasoning_effort=self.reasoning_effort,
                 current_date=self.current_date,
                 tokenizer=self.tokenizer,
             )
         return self.history + harmony.render_turn([user], tokenizer=self.tokenizer)
 
-    def send(self, user_text: str) -> Iterator[GenerationEvent]:
-        """The assistant's reply to ``user_text``, one event per token."""
+    def send(self, user_text: str) -> Iterator[GenerationEvent | ToolEvent]:
+        """The assistant's reply to ``user_text``: one event per token, and the tool loop's
+        events between rounds when the model calls tools."""
         if not isinstance(user_text, str):
             raise GptOssError("a chat message must be text")
-        prompt = self.next_prompt(user_text)
+        turn = self.tool_loop.run(self.next_prompt(user_text), self._generate)
+        self.stats.last_turn_prefills = []
+        return self._run(user_text, turn)
+
+    def _run(self, user_text: str, turn: ToolTurn) -> Iterator[GenerationEvent | ToolEvent]:
+        try:
+            yield from turn
+        finally:
+            turn.close()
+            self._record(user_text, turn)
+
+    def _generate(self, prompt: list[int]) -> Iterator[GenerationEvent]:
+        """One generation from ``prompt`` (the whole conversation's tokens), prefilling only what
+        the cache does not hold yet; afterwards the cache record matches the cache."""
         reuse = harmony.common_prefix_length(self.cached, prompt)
         reuse = min(reuse, len(prompt) - 1)  # at least one token must run to get logits
         if not trim_cache(self.cache, len(self.cached) - reuse):
@@ -174,43 +225,36 @@ class ChatSession:
         new = prompt[reuse:]
         self.cached = prompt[:reuse]
         self.stats.last_prefill_tokens = len(new)
+        self.stats.last_turn_prefills.append(len(new))
         self.stats.prefilled_tokens += len(new)
-        return self._run(user_text, prompt, new)
-
-    def _run(self, user_text: str, prompt: list[int], new: list[int]) -> Iterator[GenerationEvent]:
         options = dict(self.generation)
         if options.get("seed") is not None:
-            options["seed"] = int(options["seed"]) + self.stats.turns
-        turn = _Turn(prompt)
+            options["seed"] = int(options["seed"]) + self.stats.generations
+        self.stats.generations += 1
+        completion: list[int] = []
         try:
             for event in stream_generate(
                 self.model, new, tokenizer=self.tokenizer, cache=self.cache, **options
             ):
-                turn.completion.append(event.token)
+                completion.append(event.token)
                 if event.stats is not None:
                     self.stats.last = event.stats
                 yield event
         finally:
-            self._record(user_text, turn)
+            self.stats.generated_tokens += len(completion)
+            known = prompt + completion
+            offset = getattr(self.cache[0], "offset", None) if self.cache else None
+            if offset is None or offset > len(known):  # interrupted before a fed token was read
+                self._drop_cache()
+            else:
+                self.cached = known[:offset]
 
-    def _record(self, user_text: str, turn: _Turn) -> None:
-        """Make the turn (finished or cut short) part of the conversation and the cache record."""
-        known = turn.prompt + turn.completion
-        offset = getattr(self.cache[0], "offset", None) if self.cache else None
-        if offset is None or offset > len(known):  # interrupted before a fed token was read
-            self._drop_cache()
-        else:
-            self.cached = known[:offset]
-        self.history = harmony.chat_history_tokens(turn.prompt, turn.completion, self.tokenizer)
-        reply = harmony.parse_completion(turn.completion, self.tokenizer)
-        assistant = {"role": "assistant", "content": reply["content"]}
-        if reply["reasoning"]:
-            assistant["reasoning"] = reply["reasoning"]
-        if reply["tool_calls"]:
-            assistant["tool_calls"] = reply["tool_calls"]
-        self.messages += [{"role": "user", "content": user_text}, assistant]
+    def _record(self, user_text: str, turn: ToolTurn) -> None:
+        """Make the turn (finished or cut short) part of the conversation."""
+        self.history = turn.history
+        self.messages += [{"role": "user", "content": user_text}, *turn.messages]
         self.stats.turns += 1
-        self.stats.generated_tokens += len(turn.completion)
+        self.stats.tool_rounds += turn.tool_rounds
         self.stats.history_tokens = len(self.history)
         self.stats.cached_tokens = len(self.cached)
         self.stats.cache_bytes = sum(getattr(c, "nbytes", 0) for c in self.cache)

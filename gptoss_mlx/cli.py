@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 
@@ -15,17 +16,21 @@ import click
 import uvicorn
 
 from . import (
+    Benchmark,
     ChatSession,
     GenerationEvent,
     GenerationStats,
     GptOssError,
     StreamingDetokenizer,
     Tokenizer,
+    ToolEvent,
     check_sampling,
     convert,
     generate,
     load,
+    tools,
 )
+from .benchmark import format_report
 from .harmony import REASONING_EFFORTS, Delta
 from .kernels import BACKENDS
 from .server import create_app
@@ -234,14 +239,38 @@ class _Printer:
             self._enter("content")
             self._write(d.text)
 
-    def event(self, event: GenerationEvent) -> None:
+    def event(self, event: GenerationEvent | ToolEvent) -> None:
+        if isinstance(event, ToolEvent):
+            self.tool_event(event)
+            return
         for d in event.deltas:
             self.delta(d)
+
+    def tool_event(self, event: ToolEvent) -> None:
+        """A call about to run, its result (errors in red, long output shortened), or the
+        round limit."""
+        if event.kind == "tool_run":  # the call is complete: end its line (approval may follow)
+            self._write("\n" if self.line_open else "")
+            return
+        self._enter(f"tool_result {id(event)}")
+        name = event.call.recipient.removeprefix("functions.")
+        if event.kind == "tool_limit":
+            self._write(f"[{name} not run: the limit of tool rounds for one reply was reached]\n")
+            return
+        self._write(f"[{name} {'error' if event.error else 'result'}]\n", bold=True)
+        lines = event.output.rstrip("\n").splitlines() or ["(no output)"]
+        if len(lines) > TOOL_OUTPUT_LINES:
+            cut = len(lines) - TOOL_OUTPUT_LINES
+            lines = lines[:TOOL_OUTPUT_LINES] + [f"... ({cut} more lines)"]
+        self._write("\n".join(lines) + "\n", **({"fg": "red"} if event.error else {"dim": True}))
 
     def end(self) -> None:
         if self.line_open:
             click.echo()
         self.section, self.line_open = None, False
+
+
+TOOL_OUTPUT_LINES = 20  # lines of a tool's result the chat shows (the model reads all of it)
 
 
 class _RawPrinter:
@@ -339,6 +368,75 @@ def _enable_line_editing() -> None:
             pass
 
 
+SEARCH_HELP = (
+    "browser: no search backend, so the model can open URLs and find text in pages but not "
+    "search. To search, give --search-url URL (a SearXNG instance with the json format enabled: "
+    "'search: formats: [html, json]' in its settings.yml) or set BRAVE_API_KEY (Brave Search "
+    "API)."
+)
+
+
+def _builtin_tools(names: str | None, search_url: str | None) -> list:
+    """The built-in tools `--tools` names, configured from the flags and environment."""
+    if not names:
+        if search_url:
+            raise click.UsageError("--search-url needs --tools browser")
+        return []
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in ("browser", "python")]
+    if unknown or not chosen:
+        raise click.UsageError(
+            f"--tools takes browser, python or both (comma-separated), not {names!r}"
+        )
+    if search_url and "browser" not in chosen:
+        raise click.UsageError("--search-url needs --tools browser")
+    out = []
+    if "browser" in chosen:
+        if search_url:
+            backend = tools.SearxngSearch(search_url)
+        elif os.environ.get("BRAVE_API_KEY"):
+            backend = tools.BraveSearch()
+        else:
+            backend = None
+            click.secho(SEARCH_HELP, fg="yellow", err=True)
+        out.append(tools.Browser(search=backend))
+    if "python" in chosen:
+        python = tools.Python()
+        isolation = {
+            "bwrap": "bubblewrap: no network, writes only in its scratch directory",
+            "unshare": "a network namespace: no network; writes NOT restricted",
+            "sandbox-exec": "sandbox-exec: no network, writes only in its scratch directory",
+            "none": "NO sandbox: the code can use the network and write files",
+        }[python.isolation.name]
+        click.echo(
+            f"python: a separate process, {python.timeout:g} s and "
+            f"{python.memory_limit // 1024**2} MB per call, scratch directory {python.scratch}, "
+            f"{isolation}.",
+            err=True,
+        )
+        out.append(python)
+    return out
+
+
+def _ask_before_python(call: tools.ToolCall) -> bool:
+    """Ask the person at the terminal before the model's Python code runs."""
+    if call.namespace != "python":
+        return True
+    return click.confirm(click.style("Run this Python code?", fg="yellow"), default=False, err=True)
+
+
+def _show_sources(browser: tools.Browser, answer: str) -> None:
+    """The pages the answer cites (【cursor†Lstart-Lend】), one line each."""
+    seen = []
+    for c in browser.citations(answer):
+        line = f"【{c.cursor}†L{c.start}" + (f"-L{c.end}" if c.end != c.start else "") + "】"
+        entry = f"{line} {c.title} {c.url}".rstrip()
+        if entry not in seen:
+            seen.append(entry)
+    if seen:
+        click.secho("Sources:\n" + "\n".join(seen), dim=True)
+
+
 def _chat_command_line(session: ChatSession, line: str) -> bool:
     """Handle a /command; False when the chat should end."""
     name, _, arg = line[1:].strip().partition(" ")
@@ -380,6 +478,25 @@ def _chat_command_line(session: ChatSession, line: str) -> bool:
 @model_options
 @sampling_options
 @click.option("--hide-reasoning", is_flag=True, help="Print only the answers (and tool calls).")
+@click.option(
+    "--tools",
+    "tool_names",
+    default=None,
+    help="Built-in tools the model may use: browser, python, or browser,python.",
+)
+@click.option(
+    "--search-url",
+    default=None,
+    help="A SearXNG instance for the browser's search (or set BRAVE_API_KEY).",
+)
+@click.option("--yes", is_flag=True, help="Run the model's Python code without asking.")
+@click.option(
+    "--max-tool-rounds",
+    type=click.IntRange(min=0),
+    default=10,
+    show_default=True,
+    help="Most rounds of tool calls in one reply.",
+)
 @user_errors
 def chat_command(
     model: str,
@@ -387,11 +504,16 @@ def chat_command(
     reasoning_effort: str,
     system: str | None,
     hide_reasoning: bool,
+    tool_names: str | None,
+    search_url: str | None,
+    yes: bool,
+    max_tool_rounds: int,
     **options,
 ) -> None:
     """Chat with gpt-oss. The KV cache is kept between turns: each turn prefills only its new
-    tokens."""
+    tokens. With --tools the model can browse the web and run Python (asking you first)."""
     sampling = _sampling(options)
+    builtin = _builtin_tools(tool_names, search_url)
     interactive = sys.stderr.isatty()
     mdl, tok = load(model, dtype, progress=interactive)
     session = ChatSession(
@@ -399,11 +521,20 @@ def chat_command(
         tok,
         system=system,
         reasoning_effort=reasoning_effort,
+        builtin_tools=builtin,
+        max_tool_rounds=max_tool_rounds,
+        approve=None if yes else _ask_before_python,
         progress=interactive,
         **sampling,
     )
+    with session:
+        _chat_loop(session, model, reasoning_effort, hide_reasoning)
+
+
+def _chat_loop(session: ChatSession, model: str, effort: str, hide_reasoning: bool) -> None:
+    browser = session.tool_loop.builtin.get("browser")
     _enable_line_editing()
-    click.echo(f"Chatting with {model} (reasoning: {reasoning_effort}). {CHAT_HELP}", err=True)
+    click.echo(f"Chatting with {model} (reasoning: {effort}). {CHAT_HELP}", err=True)
     printer = _Printer(hide_reasoning)
     prompt = ">>> " if sys.stdin is not None and sys.stdin.isatty() else ""
     while True:
@@ -422,13 +553,35 @@ def chat_command(
             if not _chat_command_line(session, text):
                 break
             continue
+        answer = []
         try:
             for event in session.send(text):
                 printer.event(event)
+                if getattr(event, "kind", None) == "content":
+                    answer.append(event.text)
         except KeyboardInterrupt:
             printer.end()
             click.echo("(reply interrupted)", err=True)
         printer.end()
+        if browser is not None:
+            _show_sources(browser, "".join(answer))
+
+
+class IntList(click.ParamType):
+    """A comma-separated list of positive integers, e.g. `512,2048`."""
+
+    name = "INT,INT,..."
+
+    def convert(self, value, param, ctx) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            values = tuple(int(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            values = ()
+        if not values or any(v < 1 for v in values):
+            self.fail(f"{value!r} is not a comma-separated list of positive integers", param, ctx)
+        return values
 
 
 @main.command("bench")
@@ -443,6 +596,7 @@ def chat_command(
 )
 @click.option(
     "--prompt-tokens",
+    type=IntList(),
     default="512,2048,8192",
     show_default=True,
     help="Comma-separated prompt lengths.",
@@ -477,30 +631,21 @@ def chat_command(
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
 def bench_command(
-    model_path,
-    synthetic,
-    prompt_tokens,
-    gen_tokens,
-    repeats,
-    warmup,
-    dtype,
-    bandwidth,
-    chip,
-    compare,
-    ops,
-    seed,
-    as_json,
-):
+    model_path: str | None,
+    synthetic: str | None,
+    prompt_tokens: tuple[int, ...],
+    gen_tokens: int,
+    repeats: int,
+    warmup: bool,
+    dtype: str,
+    bandwidth: float | None,
+    chip: str | None,
+    compare: str | None,
+    ops: bool,
+    seed: int,
+    as_json: bool,
+) -> None:
     """Measure prompt and decode speed, memory and bytes per token."""
-    from .benchmark import Benchmark, chip_bandwidth, format_table
-
-    try:
-        lengths = tuple(int(p) for p in prompt_tokens.split(",") if p.strip())
-    except ValueError:
-        raise GptOssError(
-            f"--prompt-tokens must be comma-separated integers, not {prompt_tokens!r}"
-        ) from None
-    bandwidth = bandwidth or chip_bandwidth(chip)
     bench = Benchmark(
         model_path=model_path,
         synthetic=synthetic,
@@ -508,36 +653,11 @@ def bench_command(
         dtype=dtype,
         seed=seed,
         progress=not as_json,
+        bandwidth=bandwidth,
+        chip=chip,
     )
-    result = bench.run(lengths, gen_tokens=gen_tokens, repeats=repeats, warmup=warmup)
-    result["bandwidth_gbs"] = bandwidth
-    if bandwidth:
-        result["decode_ceiling_tps"] = bandwidth * 1e9 / result["weight_bytes_per_token"]
-    if ops:
-        result["primitives_per_decode_step"] = bench.primitives()
-    if as_json:
-        click.echo(json.dumps(result, indent=1))
-        return
-    click.echo(format_table(result, bandwidth))
-    if ops:
-        counts = result["primitives_per_decode_step"]
-        click.echo("\nMLX primitives per decode step (each one a kernel launch on a Mac):")
-        for name, c in counts.items():
-            click.echo(
-                f"  {name:<11} {c['total']:>5}   "
-                + ", ".join(f"{k} {v}" for k, v in list(c["by_primitive"].items())[:6])
-            )
-        if len(counts) == 2:
-            ours, theirs = (c["total"] for c in counts.values())
-            click.echo(f"  ratio       {ours / theirs:.2f}x")
-    import mlx.core as mx
-
-    if not mx.metal.is_available():
-        click.echo(
-            "\nnote: no Metal GPU here; these are CPU figures (MLX's CPU backend), a proxy "
-            "for graph-level efficiency, not Apple Silicon speed.",
-            err=True,
-        )
+    result = bench.run(prompt_tokens, gen_tokens, repeats, warmup, ops=ops)
+    click.echo(json.dumps(result, indent=1) if as_json else format_report(result))
 
 
 @main.command("serve")

@@ -16,20 +16,24 @@ import mlx.nn as nn
 
 from . import kernels
 from .attention import Attention
-from .cache import DecodeSlot, FullCache, SlidingCache
+from .cache import DecodeSlot, FullCache, KVCache, SlidingCache
 from .config import SLIDING, ModelConfig
 from .moe import MoE
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, config: ModelConfig, layer_type: str):
+    """Pre-norm attention then pre-norm mixture of experts, each added to the residual stream."""
+
+    def __init__(self, config: ModelConfig, layer_type: str) -> None:
         super().__init__()
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.self_attn = Attention(config, layer_type)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = MoE(config)
 
-    def __call__(self, x: mx.array, cache=None, last_only: bool = False) -> mx.array:
+    def __call__(
+        self, x: mx.array, cache: KVCache | DecodeSlot | None = None, last_only: bool = False
+    ) -> mx.array:
         """`[B, T, H]` -> `[B, T, H]`, or `[B, 1, H]` for the last position alone with `last_only`
         (keys and values of every position still go to the cache)."""
         h = self.self_attn(self.input_layernorm(x), cache, last_only)
@@ -40,7 +44,7 @@ class TransformerBlock(nn.Module):
 class GptOssModel(nn.Module):
     """`model(ids [B, T], cache=None) -> logits [B, T, vocab]`."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -49,19 +53,22 @@ class GptOssModel(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._compiled_decode = None
 
-    def __call__(self, input_ids: mx.array, cache: list | None = None) -> mx.array:
+    def __call__(self, input_ids: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         if cache is not None and input_ids.shape[1] == 1:
             return self._decode_step(input_ids, cache)
         return self.lm_head(self.hidden_states(input_ids, cache))
 
-    def last_logits(self, input_ids: mx.array, cache: list | None = None) -> mx.array:
+    def last_logits(self, input_ids: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         """Logits `[B, vocab]` of the last position only, for prefill: the last block computes its
         queries, attention output and experts for that one position (earlier positions there only
         feed the cache), and the unembedding runs once."""
         return self.lm_head(self.hidden_states(input_ids, cache, last_only=True))[:, -1, :]
 
     def hidden_states(
-        self, input_ids: mx.array, cache: list | None = None, last_only: bool = False
+        self,
+        input_ids: mx.array,
+        cache: list[KVCache] | list[DecodeSlot] | None = None,
+        last_only: bool = False,
     ) -> mx.array:
         """Final-normed hidden states `[B, T, hidden]` (`[B, 1, hidden]` with `last_only`)."""
         x = self.embed_tokens(input_ids)
@@ -70,7 +77,7 @@ class GptOssModel(nn.Module):
             x = layer(x, cache[i] if cache is not None else None, last_only and i == last)
         return self.norm(x)
 
-    def _decode_step(self, input_ids: mx.array, cache: list) -> mx.array:
+    def _decode_step(self, input_ids: mx.array, cache: list[KVCache]) -> mx.array:
         """One new token per row through the caches, as one compiled graph.
 
         The caches' buffers and the position go in as arrays (see `DecodeSlot`), so the step has
@@ -93,7 +100,9 @@ class GptOssModel(nn.Module):
             layer_cache.offset += 1
         return logits
 
-    def _decode_graph(self, input_ids: mx.array, offset: mx.array, *buffers: mx.array):
+    def _decode_graph(
+        self, input_ids: mx.array, offset: mx.array, *buffers: mx.array
+    ) -> tuple[mx.array, ...]:
         slots = [
             DecodeSlot(
                 buffers[2 * i],
@@ -106,7 +115,7 @@ class GptOssModel(nn.Module):
         logits = self.lm_head(self.hidden_states(input_ids, slots))
         return (logits, *[b for slot in slots for b in (slot.keys, slot.values)])
 
-    def make_cache(self) -> list:
+    def make_cache(self) -> list[KVCache]:
         """One cache per layer: a ring of `sliding_window` slots or a growing buffer."""
         return [
             SlidingCache(self.config.sliding_window) if t == SLIDING else FullCache()

@@ -9,7 +9,8 @@ Expert e (weights in MXFP4, blocks of 32 along the input dim, interleaved gate/l
     y_e    = W2[e] act + b2[e]
     out    = sum_e w_e y_e
 
-Gate and linear come from ONE gathered MXFP4 matmul over the published interleaved layout.
+Gate and linear come from ONE gathered MXFP4 matmul over the published interleaved layout. The
+fused decode kernels take the experts where they apply (`kernels.experts`); elsewhere `ops.experts`.
 """
 
 from __future__ import annotations
@@ -17,22 +18,19 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import kernels
+from . import kernels, ops
 from .config import ModelConfig
-
-MXFP4_BLOCK = 32  # values sharing one E8M0 scale, along the input dim
-# Token-expert pairs from which a prefill sorts tokens by expert so each expert's rows are contiguous.
-SORT_THRESHOLD = 64
+from .weights import MXFP4_BLOCK
 
 
 class MXFP4SwitchLinear(nn.Module):
     """E stacked `[out, in]` MXFP4 matrices with biases; each row of x picks its experts by index.
 
     weight: uint32 `[E, out, in/8]` (8 nibbles per word, low nibble = even element),
-    scales: uint8 `[E, out, in/32]` (E8M0), bias: `[E, out]`.
+    scales: uint8 `[E, out, in/32]` (E8M0), bias: `[E, out]` (the layout `ops.MXFP4Weights` names).
     """
 
-    def __init__(self, num_experts: int, input_dims: int, output_dims: int):
+    def __init__(self, num_experts: int, input_dims: int, output_dims: int) -> None:
         super().__init__()
         self.weight = mx.zeros((num_experts, output_dims, input_dims // 8), dtype=mx.uint32)
         self.scales = mx.zeros(
@@ -42,30 +40,14 @@ class MXFP4SwitchLinear(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         """x `[..., 1, in]` broadcast against indices `[...]` -> `[..., 1, out]` (bias added)."""
-        y = mx.gather_qmm(
-            x,
-            self.weight,
-            self.scales,
-            None,
-            rhs_indices=indices,
-            transpose=True,
-            mode="mxfp4",
-            sorted_indices=sorted_indices,
-        )
-        return y + mx.expand_dims(self.bias[indices], -2).astype(y.dtype)
+        return ops.gather_mxfp4_matmul(x, self, indices, sorted_indices)
 
 
-def swiglu(h: mx.array, alpha: float, limit: float) -> mx.array:
-    """The clamped SwiGLU on interleaved gate/linear features `[..., 2I]` -> `[..., I]`."""
-    gate = mx.minimum(h[..., 0::2], limit)
-    lin = mx.clip(h[..., 1::2], -limit, limit)
-    return gate * mx.sigmoid(alpha * gate) * (lin + 1)
+class Experts(nn.Module, kernels.UsesKernels):
+    """The E experts of one layer: `gate_up_proj` (hidden -> 2I interleaved), `down_proj`
+    (I -> hidden)."""
 
-
-class Experts(nn.Module):
-    """The E experts of one layer: `gate_up_proj` (hidden -> 2I interleaved), `down_proj` (I -> hidden)."""
-
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         E, H, I = config.num_experts, config.hidden_size, config.intermediate_size
         self.gate_up_proj = MXFP4SwitchLinear(E, H, 2 * I)
@@ -75,37 +57,23 @@ class Experts(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
         """x `[N, H]`, indices and weights `[N, k]` -> `[N, H]`."""
-        out = kernels.experts(self, x, indices, weights)  # fused decode kernels, or None
-        if out is not None:
-            return out
-        N, k = indices.shape
-        if N * k >= SORT_THRESHOLD:
-            # Group the N*k (token, expert) pairs by expert: each expert's weights are read once.
-            flat = indices.flatten()
-            order = mx.argsort(flat)
-            rows = x[order // k][:, None, :]  # [N*k, 1, H]
-            y = self._expert_mlp(rows, flat[order], sorted_indices=True)[:, 0, :]
-            y = y[mx.argsort(order)].reshape(N, k, -1)
-        else:
-            y = self._expert_mlp(x[:, None, None, :], indices)[..., 0, :]  # [N, k, H]
-        return (y * weights[..., None].astype(y.dtype)).sum(axis=1)
-
-    def _expert_mlp(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        h = self.gate_up_proj(x, indices, sorted_indices)
-        return self.down_proj(swiglu(h, self.alpha, self.limit), indices, sorted_indices)
+        args = (self.gate_up_proj, self.down_proj, x, indices, weights, self.alpha, self.limit)
+        out = kernels.experts(self.backend, *args)  # the fused decode kernels, or None
+        return out if out is not None else ops.experts(*args)
 
 
 class MoE(nn.Module):
     """`[B, T, H]` -> `[B, T, H]`: route each token to its top-k experts and mix their outputs."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.experts_per_token = config.experts_per_token
         self.router = nn.Linear(config.hidden_size, config.num_experts, bias=True)
         self.experts = Experts(config)
 
     def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        """Top-k expert indices `[N, k]` and their softmax weights `[N, k]` (softmax over the k only)."""
+        """Top-k expert indices `[N, k]` and their softmax weights `[N, k]` (softmax over the k
+        only)."""
         k = self.experts_per_token
         logits = self.router(x)
         indices = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]

@@ -7,6 +7,7 @@ Gaussian with 1/sqrt(fan_in) scale; sinks are large enough to matter in the soft
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -18,50 +19,55 @@ from .config import ModelConfig
 FP4_RMS = 2.93  # root mean square of the 16 E2M1 values
 
 
-def _expert_scales(key, shape, fan_in: int) -> mx.array:
-    """E8M0 bytes around 2**e with e chosen so that FP4_RMS * 2**e ~ 1/sqrt(fan_in)."""
-    e = round(math.log2(1.0 / (FP4_RMS * math.sqrt(fan_in))))
-    return (mx.random.randint(e - 1, e + 2, shape, key=key) + 127).astype(mx.uint8)
+def tensor_key(seed: int, name: str) -> mx.array:
+    """The random key of tensor `name`: from the seed and the name alone, so every tensor draws
+    from its own stream whatever else the checkpoint holds."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return mx.random.key(int.from_bytes(digest[:8], "little"))
 
 
-def random_checkpoint(config: ModelConfig, seed: int = 0, dtype=mx.bfloat16) -> dict[str, mx.array]:
+def random_checkpoint(
+    config: ModelConfig, seed: int = 0, dtype: mx.Dtype = mx.bfloat16
+) -> dict[str, mx.array]:
     """Tensor name -> lazy random array, named and shaped as `openai/gpt-oss-*` publishes them."""
-    keys = iter(mx.random.split(mx.random.key(seed), 16 + 16 * config.num_hidden_layers))
     H, I, E = config.hidden_size, config.intermediate_size, config.num_experts
     D, Hq, Hkv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
+    t: dict[str, mx.array] = {}
 
-    def normal(shape, std):
-        return (mx.random.normal(shape, key=next(keys)) * std).astype(dtype)
+    def normal(name: str, shape: tuple[int, ...], std: float, mean: float = 0.0) -> None:
+        t[name] = (mean + mx.random.normal(shape, key=tensor_key(seed, name)) * std).astype(dtype)
 
-    t = {
-        "model.embed_tokens.weight": normal((config.vocab_size, H), 1.0),
-        "model.norm.weight": 1 + normal((H,), 0.1),
-        "lm_head.weight": normal((config.vocab_size, H), H**-0.5),
-    }
+    def expert_scales(name: str, shape: tuple[int, ...], fan_in: int) -> None:
+        """E8M0 bytes around 2**e with e chosen so that FP4_RMS * 2**e ~ 1/sqrt(fan_in)."""
+        e = round(math.log2(1.0 / (FP4_RMS * math.sqrt(fan_in))))
+        codes = mx.random.randint(e - 1, e + 2, shape, key=tensor_key(seed, name))
+        t[name] = (codes + 127).astype(mx.uint8)
+
+    normal("model.embed_tokens.weight", (config.vocab_size, H), 1.0)
+    normal("model.norm.weight", (H,), 0.1, mean=1.0)
+    normal("lm_head.weight", (config.vocab_size, H), H**-0.5)
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
-        t[p + "input_layernorm.weight"] = 1 + normal((H,), 0.1)
-        t[p + "post_attention_layernorm.weight"] = 1 + normal((H,), 0.1)
+        normal(p + "input_layernorm.weight", (H,), 0.1, mean=1.0)
+        normal(p + "post_attention_layernorm.weight", (H,), 0.1, mean=1.0)
         for name, out_dims, in_dims in (
             ("q", Hq * D, H),
             ("k", Hkv * D, H),
             ("v", Hkv * D, H),
             ("o", H, Hq * D),
         ):
-            t[p + f"self_attn.{name}_proj.weight"] = normal((out_dims, in_dims), in_dims**-0.5)
-            t[p + f"self_attn.{name}_proj.bias"] = normal((out_dims,), 0.1)
-        t[p + "self_attn.sinks"] = normal((Hq,), 2.0)
-        t[p + "mlp.router.weight"] = normal((E, H), 2 * H**-0.5)
-        t[p + "mlp.router.bias"] = normal((E,), 0.1)
+            normal(p + f"self_attn.{name}_proj.weight", (out_dims, in_dims), in_dims**-0.5)
+            normal(p + f"self_attn.{name}_proj.bias", (out_dims,), 0.1)
+        normal(p + "self_attn.sinks", (Hq,), 2.0)
+        normal(p + "mlp.router.weight", (E, H), 2 * H**-0.5)
+        normal(p + "mlp.router.bias", (E,), 0.1)
         for proj, out_dims, in_dims in (("gate_up_proj", 2 * I, H), ("down_proj", H, I)):
             g = in_dims // 32
-            t[p + f"mlp.experts.{proj}_blocks"] = mx.random.randint(
-                0, 256, (E, out_dims, g, 16), key=next(keys)
-            ).astype(mx.uint8)
-            t[p + f"mlp.experts.{proj}_scales"] = _expert_scales(
-                next(keys), (E, out_dims, g), in_dims
-            )
-            t[p + f"mlp.experts.{proj}_bias"] = normal((E, out_dims), 0.1)
+            blocks = p + f"mlp.experts.{proj}_blocks"
+            codes = mx.random.randint(0, 256, (E, out_dims, g, 16), key=tensor_key(seed, blocks))
+            t[blocks] = codes.astype(mx.uint8)
+            expert_scales(p + f"mlp.experts.{proj}_scales", (E, out_dims, g), in_dims)
+            normal(p + f"mlp.experts.{proj}_bias", (E, out_dims), 0.1)
     return t
 
 

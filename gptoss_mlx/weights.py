@@ -26,8 +26,9 @@ import mlx.core as mx
 
 from .config import ModelConfig
 from .errors import GptOssError
-from .moe import MXFP4_BLOCK
 from .safetensors_check import TensorInfo, read_header
+
+MXFP4_BLOCK = 32  # values sharing one E8M0 scale, along the input dim
 
 # A tensor name that only one layout has, for recognising it.
 _LAYOUT_MARKERS = {

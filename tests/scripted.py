@@ -1,11 +1,14 @@
-"""A model that emits a given completion: harmony output without a trained model.
+"""A model that emits given completions: harmony output without a trained model.
 
 Tests of generation, the CLI, chat, the server and tools need the model to say exact things (an
 analysis message, a tool call with given arguments, a final answer); a random model cannot. The
-scripted model ignores its input: the logits of its n-th forward call pick `script[n]` at any
-temperature (the last entry once the script runs out), so a prompt's prefill (one call) yields
-`script[0]` and each decode step the next token. It counts its calls, so tests can check the
-pipelined decode loop queues no step it does not need.
+scripted model ignores what its input says: the logits of each forward call pick the next token
+of the current script (at any temperature; the last entry once a script runs out). It follows
+one script per generation, for tool loops that generate several times on one cache: the first
+call, and every call of more than one token that follows a decode step (a new prefill), starts
+the next script; a prefill's first token is its script's first. It counts its calls and records
+every id fed through it, so tests can check what the model saw and that the pipelined decode loop
+queues no step it does not need.
 """
 
 from __future__ import annotations
@@ -21,33 +24,59 @@ class ScriptedCache:
     def __init__(self):
         self.offset = 0
 
+    def can_trim(self, n: int) -> bool:
+        return n <= self.offset
+
+    def trim(self, n: int) -> bool:
+        self.offset -= n
+        return True
+
 
 class ScriptedModel:
-    """`model(ids [1, T], cache) -> logits [1, T, VOCAB]` whose argmax follows the script."""
+    """`model(ids [1, T], cache) -> logits [1, T, VOCAB]` whose argmax follows the scripts."""
 
     class config:
         vocab_size = VOCAB
 
-    def __init__(self, script):
-        self.script = list(script)
+    def __init__(self, *scripts):
+        self.scripts = [list(s) for s in scripts]
         self.calls = 0
+        self.script = -1  # index of the script being emitted
+        self.pos = 0  # next token of that script
+        self.fed: list[int] = []  # every id run through the model, in order
+        self.prefills: list[list[int]] = []  # the ids of each generation's prefill call(s)
+        self.contexts: list[list[int]] = []  # all ids fed when each generation's prefill ends
+        self._last_width = 0
 
     @classmethod
-    def from_harmony(cls, text: str, tokenizer) -> ScriptedModel:
-        """A model that emits `text` (harmony, special tokens written out) token by token."""
-        return cls(tokenizer.encode(text, allow_special=True))
+    def from_harmony(cls, texts: str | list[str], tokenizer) -> ScriptedModel:
+        """A model that emits `texts` (harmony, special tokens written out) token by token: one
+        text, or a list whose n-th text is the n-th generation's."""
+        texts = [texts] if isinstance(texts, str) else texts
+        return cls(*(tokenizer.encode(t, allow_special=True) for t in texts))
 
     def make_cache(self) -> list:
         return [ScriptedCache()]
 
     def __call__(self, ids: mx.array, cache: list | None = None) -> mx.array:
         self.calls += 1
-        if self.calls > 1:
-            assert ids.shape == (1, 1)
-        cache[0].offset += ids.shape[1]
-        nxt = self.script[min(self.calls - 1, len(self.script) - 1)]
+        width = ids.shape[1]
+        if self.calls == 1 or (width > 1 and self._last_width == 1):
+            self.script = min(self.script + 1, len(self.scripts) - 1)
+            self.prefills.append([])
+            self.contexts.append([])
+        self.fed += ids.reshape(-1).tolist()
+        if width > 1 or self.calls == 1:
+            self.prefills[-1] += ids.reshape(-1).tolist()
+            self.contexts[-1] = list(self.fed)
+            self.pos = 0
+        self._last_width = width
+        cache[0].offset += width
+        script = self.scripts[self.script]
+        nxt = script[min(self.pos, len(script) - 1)]
+        self.pos += 1
         row = mx.where(mx.arange(VOCAB) == nxt, 100.0, 0.0)  # exp(-100) x VOCAB: never sampled
-        return mx.broadcast_to(row, (1, ids.shape[1], VOCAB))
+        return mx.broadcast_to(row, (1, width, VOCAB))
 
 
 FREE = None  # a script position where the model chooses

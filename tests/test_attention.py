@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from gptoss_mlx.attention import banded_attention
+from gptoss_mlx.ops import banded_attention
 
 
 def dense_reference(q, k, v, sinks, scale, window):

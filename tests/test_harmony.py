@@ -13,6 +13,7 @@ from gptoss_mlx.errors import GptOssError
 from gptoss_mlx.harmony import (
     STOP_TOKENS,
     StreamParser,
+    ToolNamespace,
     chat_history_tokens,
     common_prefix_length,
     parse_completion,
@@ -22,11 +23,15 @@ from gptoss_mlx.harmony import (
 
 oh = pytest.importorskip("openai_harmony")
 from openai_harmony import (  # noqa: E402
+    Author,
     Conversation,
     Message,
     Role,
+    SystemContent,
+    ToolNamespaceConfig,
 )
 from oracle import (  # noqa: E402
+    EFFORT,
     completion_tokens,
     o_assistant,
     o_call,
@@ -794,6 +799,168 @@ def test_parsed_tool_call_renders_back_like_openai_harmony(tok, harmony_enc):
         Role.ASSISTANT,
     )
     assert ours == want
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in tools (browser, python): system message sections, calls and results
+# ---------------------------------------------------------------------------------------------
+
+
+def builtin_pair(config):
+    """openai-harmony's namespace config and ours, built from the config's own texts."""
+    functions = [
+        {"name": t.name, "description": t.description, "parameters": t.parameters}
+        for t in config.tools
+    ]
+    return ToolNamespace(config.name, config.description, functions)
+
+
+def o_system_with(*configs, effort="medium"):
+    content = SystemContent.new().with_reasoning_effort(EFFORT[effort])
+    for config in configs:
+        content = content.with_tools(config)
+    return Message.from_role_and_content(Role.SYSTEM, content)
+
+
+def test_builtin_tool_sections_match_openai_harmony(tok, harmony_enc):
+    """openai-harmony's own browser and python namespaces, and custom ones (a browser without
+    `search`, a python description of our own, one without a description), in either order."""
+    browser = ToolNamespaceConfig.browser()
+    python = ToolNamespaceConfig.python()
+    no_search = ToolNamespaceConfig(
+        name="browser",
+        description="Tool for browsing.\nCite as `【{cursor}†L{start}】`.",
+        tools=[t for t in browser.tools if t.name != "search"],
+    )
+    ours_python = ToolNamespaceConfig(
+        name="python",
+        description="Runs Python.\n\nA stateful session; times out after 30 seconds.",
+        tools=[],
+    )
+    bare = ToolNamespaceConfig(name="python", description=None, tools=[])
+    messages = [{"role": "user", "content": "Look it up"}]
+    for configs in [
+        (browser,),
+        (python,),
+        (browser, python),
+        (python, browser),
+        (no_search,),
+        (no_search, ours_python),
+        (bare,),
+    ]:
+        ours = render_prompt(
+            messages, tokenizer=tok, builtin_tools=[builtin_pair(c) for c in configs]
+        )
+        want = harmony_enc.render_conversation_for_completion(
+            Conversation.from_messages([o_system_with(*configs), o_user("Look it up")]),
+            Role.ASSISTANT,
+        )
+        assert tok.decode(ours) == tok.decode(want)
+        assert ours == want
+
+
+def o_builtin_call(recipient, arguments):
+    return (
+        Message.from_role_and_content(Role.ASSISTANT, arguments)
+        .with_channel("analysis")
+        .with_recipient(recipient)
+        .with_content_type("code")
+    )
+
+
+def o_builtin_result(author, text, channel="analysis"):
+    return (
+        Message.from_author_and_content(Author.new(Role.TOOL, author), text)
+        .with_channel(channel)
+        .with_recipient("assistant")
+    )
+
+
+def test_builtin_calls_and_results_render_like_openai_harmony(tok, harmony_enc):
+    """A conversation with browser and python calls, their results and a function call: built-in
+    calls on analysis as `code` to the tool itself, results from `browser.search` / `python`
+    (never `functions.python`), the function's result on commentary."""
+    browser, python = ToolNamespaceConfig.browser(), ToolNamespaceConfig.python()
+    messages = [
+        {"role": "user", "content": "Population of Lyon, squared?"},
+        {
+            "role": "assistant",
+            "reasoning": "Search first.",
+            "tool_calls": [call("a", "browser.search", '{"query": "Lyon population"}')],
+        },
+        {"role": "tool", "tool_call_id": "a", "content": "[0] Lyon: 522,250 (L0-L3)"},
+        {
+            "role": "assistant",
+            "reasoning": "Now square it.",
+            "tool_calls": [call("b", "python", "print(522250**2)")],
+        },
+        {"role": "tool", "tool_call_id": "b", "content": "272745062500"},
+        {"role": "assistant", "tool_calls": [call("c", "get_weather", '{"location": "Lyon"}')]},
+        {"role": "tool", "tool_call_id": "c", "content": "sunny"},
+    ]
+    ours = render_prompt(
+        messages,
+        tools=openai_tools(WEATHER),
+        builtin_tools=[builtin_pair(browser), builtin_pair(python)],
+        tokenizer=tok,
+    )
+    want = harmony_enc.render_conversation_for_completion(
+        Conversation.from_messages(
+            [
+                o_system_with(browser, python),
+                o_developer(None, [WEATHER]),
+                o_user("Population of Lyon, squared?"),
+                o_assistant("Search first.", "analysis"),
+                o_builtin_call("browser.search", '{"query": "Lyon population"}'),
+                o_builtin_result("browser.search", "[0] Lyon: 522,250 (L0-L3)"),
+                o_assistant("Now square it.", "analysis"),
+                o_builtin_call("python", "print(522250**2)"),
+                o_builtin_result("python", "272745062500"),
+                o_call("get_weather", '{"location": "Lyon"}'),
+                o_result("get_weather", "sunny"),
+            ]
+        ),
+        Role.ASSISTANT,
+    )
+    assert tok.decode(ours) == tok.decode(want)
+    assert ours == want
+    # A result on the channel its call came on (a function called on analysis).
+    turn = render_turn(
+        [{"role": "tool", "name": "python", "channel": "commentary", "content": "1"}],
+        tokenizer=tok,
+        builtin_tools=[builtin_pair(python)],
+    )
+    want = harmony_enc.render(o_builtin_result("python", "1", "commentary"))
+    assert turn[: len(want)] == want
+    # Without the built-in declared, `python` is a function like any other.
+    plain = render_turn([{"role": "tool", "name": "python", "content": "1"}], tokenizer=tok)
+    assert plain[: len(want)] != want and "functions.python" in tok.decode(plain)
+
+
+@pytest.mark.parametrize(
+    "text, recipient",
+    [
+        (
+            '<|channel|>analysis to=browser.search code<|message|>{"query": "mlx"}<|call|>',
+            "browser.search",
+        ),
+        (
+            " to=python<|channel|>analysis code<|message|>print(2)<|call|>",
+            "python",
+        ),
+        ('<|channel|>analysis to=browser.open code<|message|>{"id": 3}<|call|>', "browser.open"),
+    ],
+)
+def test_builtin_calls_parse_with_their_recipient(tok, harmony_enc, text, recipient):
+    """Built-in calls as the model writes them parse like openai-harmony's parser reads them,
+    and the opening delta names the full recipient (how a session tells tools apart)."""
+    ids = tok.encode(text, allow_special=True)
+    want = oracle_result(harmony_enc.parse_messages_from_completion_tokens(ids, Role.ASSISTANT))
+    assert parse_completion(ids, tok) == want
+    opening = [d for d in StreamParser(tok).feed(ids) if d.tool_call is not None]
+    assert [(d.recipient, d.channel, d.tool_call["name"]) for d in opening] == [
+        (recipient, "analysis", recipient)
+    ]
 
 
 def test_feed_accepts_numpy_ids_and_arrays(tok):

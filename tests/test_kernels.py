@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 import gptoss_mlx.kernels as K
-from gptoss_mlx.cache import attention_mask
+from gptoss_mlx import ops
+from gptoss_mlx.benchmark import count_primitives
 from gptoss_mlx.errors import GptOssError
 from gptoss_mlx.kernels import attention as ka
+from gptoss_mlx.kernels import dispatch, sources
 from gptoss_mlx.kernels import moe as km
-from gptoss_mlx.kernels import sources
 from gptoss_mlx.loading import load_model
 
 LANE_ORDERS = ("forward", "reverse", "random")
@@ -34,14 +35,14 @@ def lane_order(request, monkeypatch):
 @pytest.fixture
 def fresh_checks(monkeypatch):
     """Self-checks on for the emulator, starting from nothing checked and nothing built."""
-    monkeypatch.setattr(K, "SELF_CHECK_BACKENDS", {"emulate"})
+    monkeypatch.setattr(dispatch, "SELF_CHECK_BACKENDS", {"emulate"})
     K.reset_self_checks()
     yield
     K.reset_self_checks()
 
 
 def rel(a, b) -> float:
-    return K.relative_error(a, b)
+    return dispatch.relative_error(a, b)
 
 
 # --- dispatch -------------------------------------------------------------------------------------
@@ -70,15 +71,15 @@ def test_load_model_kernels_argument(hf_mxfp4_dir, monkeypatch):
     with pytest.raises(GptOssError, match="unknown kernel backend"):
         load_model(hf_mxfp4_dir, dtype="float32", kernels="gpu")
     model = load_model(hf_mxfp4_dir, dtype="float32")  # from the environment
-    assert {m._kernels for m in K._kernel_modules(model)} == {"emulate"}
+    assert {m.kernel_backend for m in K.kernel_modules(model)} == {"emulate"}
     assert not K.compilable(model)
     model = load_model(hf_mxfp4_dir, dtype="float32", kernels="mlx")
-    assert {m._kernels for m in K._kernel_modules(model)} == {"mlx"}
+    assert {m.kernel_backend for m in K.kernel_modules(model)} == {"mlx"}
     assert K.compilable(model)
 
 
 def test_sources_are_packaged_once():
-    """One copy in git (metal/); the wheel gets it as gptoss_mlx/metal/ from setup.py's build step."""
+    """One copy in git (metal/); the wheel gets it as gptoss_mlx/metal/ from setup.py's build."""
     d = sources.source_dir()
     assert d.name == "metal" and d.parent.name != "gptoss_mlx"
     assert {p.stem for p in d.glob("*.metal")} >= {"moe", "attention"}
@@ -132,11 +133,11 @@ def test_gate_up_swiglu_matches_mlx(lane_order, E, H, I, N, Kp):
     idx, _ = km.random_routing(N, Kp, E, seed=N)
     x = mx.array(np.random.default_rng(I).normal(size=(N, H)).astype(np.float32)) * 0.5
     got = km.gate_up_swiglu("emulate", ex.gate_up_proj, x, idx, ex.alpha, ex.limit)
-    want = km.mlx_gate_up_swiglu(ex.gate_up_proj, x, idx, ex.alpha, ex.limit)
+    want = ops.experts_swiglu(ex.gate_up_proj, x, idx, ex.alpha, ex.limit)
     assert got.shape == want.shape == (N * Kp, I)
     assert rel(got, want) < TOL[mx.float32]
     # the clamps are exercised: some gates above the limit
-    h = ex.gate_up_proj(x[:, None, None, :], idx)
+    h = ops.gather_mxfp4_matmul(x[:, None, None, :], ex.gate_up_proj, idx)
     assert (h[..., 0::2] > ex.limit).any().item() and (mx.abs(h[..., 1::2]) > ex.limit).any().item()
 
 
@@ -150,7 +151,7 @@ def test_down_combine_matches_mlx(lane_order, E, H, I, N, Kp):
     idx, w = km.random_routing(N, Kp, E, seed=I)
     act = mx.array(np.random.default_rng(H).normal(size=(N * Kp, I)).astype(np.float32))
     got = km.down_combine("emulate", ex.down_proj, act, idx, w)
-    want = km.mlx_down_combine(ex.down_proj, act, idx, w)
+    want = ops.experts_combine(ex.down_proj, act, idx, w)
     assert got.shape == want.shape == (N, H)
     assert rel(got, want) < TOL[mx.float32]
 
@@ -164,17 +165,32 @@ def test_moe_kernels_bfloat16():
     up32 = km.in_float32(ex.gate_up_proj)
     act = km.gate_up_swiglu("emulate", ex.gate_up_proj, x, idx, ex.alpha, ex.limit)
     assert act.dtype == mx.bfloat16
-    want = km.mlx_gate_up_swiglu(up32, f32(x), idx, ex.alpha, ex.limit)
+    want = ops.experts_swiglu(up32, f32(x), idx, ex.alpha, ex.limit)
     assert rel(act, want) < TOL[mx.bfloat16]
     assert rel(act, want) <= rel(
-        km.mlx_gate_up_swiglu(ex.gate_up_proj, x, idx, ex.alpha, ex.limit), want
+        ops.experts_swiglu(ex.gate_up_proj, x, idx, ex.alpha, ex.limit), want
     )
     y = km.down_combine("emulate", ex.down_proj, act, idx, w)
     assert y.dtype == mx.bfloat16
     assert (
-        rel(y, km.mlx_down_combine(km.in_float32(ex.down_proj), f32(act), idx, f32(w)))
+        rel(y, ops.experts_combine(km.in_float32(ex.down_proj), f32(act), idx, f32(w)))
         < TOL[mx.bfloat16]
     )
+
+
+@pytest.mark.parametrize("threshold", [8, 64])
+def test_kernels_take_exactly_the_batches_the_mlx_path_does_not_sort(monkeypatch, threshold):
+    """One constant, ops.SORT_THRESHOLD, splits the batches: below it the kernels apply and the mlx
+    ops gather unsorted; from it on the kernels decline and the mlx ops sort by expert."""
+    monkeypatch.setattr(ops, "SORT_THRESHOLD", threshold)
+    ex = km.random_experts(4, 64, 64, seed=5)
+    for N in (threshold // 4 - 1, threshold // 4):  # 4 experts per token
+        idx, w = km.random_routing(N, 4, 4, seed=N)
+        x = mx.ones((N, 64))
+        small = N * 4 < threshold
+        assert km.supported(ex.gate_up_proj, ex.down_proj, x, idx) == small
+        graph = count_primitives(ops.experts(ex.gate_up_proj, ex.down_proj, x, idx, w, 1.7, 7.0))
+        assert ("ArgSort" in graph) == (not small)
 
 
 # --- decode attention -----------------------------------------------------------------------------
@@ -197,7 +213,7 @@ def test_decode_attention_matches_mlx(lane_order, B, Hq, Hkv, S, offset):
         pytest.skip("one lane order is enough for the longest buffer")
     q, k, v, sinks = ka.random_qkv(B, Hq, Hkv, 1, S, 64, seed=S + offset)
     got = ka.decode_attention("emulate", q, k, v, sinks, 0.125, mx.array(offset))
-    want = ka.mlx_decode_attention(q, k, v, sinks, 0.125, offset)
+    want = ops.decode_attention(q, k, v, sinks, 0.125, offset)
     assert got.shape == (B, Hq, 1, 64)
     assert rel(got, want) < TOL[mx.float32]
 
@@ -215,8 +231,8 @@ def test_decode_attention_bfloat16_and_sinks_matter():
     got = ka.decode_attention("emulate", q, k, v, sinks, 0.125, 200)
     assert got.dtype == mx.bfloat16
     f32 = [a.astype(mx.float32) for a in (q, k, v, sinks)]
-    assert rel(got, ka.mlx_decode_attention(*f32, 0.125, 200)) < TOL[mx.bfloat16]
-    no_sink = ka.mlx_decode_attention(*f32[:3], f32[3] - 1e4, 0.125, 200)
+    assert rel(got, ops.decode_attention(*f32, 0.125, 200)) < TOL[mx.bfloat16]
+    no_sink = ops.decode_attention(*f32[:3], f32[3] - 1e4, 0.125, 200)
     assert rel(got, no_sink) > 10 * TOL[mx.bfloat16]
 
 
@@ -232,10 +248,10 @@ def test_banded_attention_matches_mlx(lane_order, B, T, P, W):
     q, k, v, sinks = ka.random_qkv(B, 16, 2, T, T + P, 64, seed=T + P)
     got = ka.banded_attention("emulate", q, k, v, sinks, 0.125, W)
     want = mx.fast.scaled_dot_product_attention(
-        q, k, v, scale=0.125, mask=attention_mask(T, T + P, W), sinks=sinks
+        q, k, v, scale=0.125, mask=ops.attention_mask(T, T + P, W), sinks=sinks
     )
     assert rel(got, want) < TOL[mx.float32]
-    assert rel(got, ka.mlx_banded_attention(q, k, v, sinks, 0.125, W)) < TOL[mx.float32]
+    assert rel(got, ops.sliding_window_attention(q, k, v, sinks, 0.125, W)) < TOL[mx.float32]
 
 
 def test_banded_attention_bfloat16():
@@ -243,7 +259,7 @@ def test_banded_attention_bfloat16():
     got = ka.banded_attention("emulate", q, k, v, sinks, 0.125, 16)
     assert got.dtype == mx.bfloat16
     f32 = [a.astype(mx.float32) for a in (q, k, v, sinks)]
-    assert rel(got, ka.mlx_banded_attention(*f32, 0.125, 16)) < TOL[mx.bfloat16]
+    assert rel(got, ops.sliding_window_attention(*f32, 0.125, 16)) < TOL[mx.bfloat16]
 
 
 def test_banded_work_grows_linearly_with_T():
@@ -254,7 +270,7 @@ def test_banded_work_grows_linearly_with_T():
     for T in (32, 64, 128, 256, 512):
         q, k, v, sinks = ka.random_qkv(1, 2, 1, T, T, 64, seed=T)
         out, visited = ka.banded_attention("emulate", q, k, v, sinks, 0.125, W, count=True)
-        want = ka.mlx_banded_attention(q, k, v, sinks, 0.125, W)
+        want = ops.sliding_window_attention(q, k, v, sinks, 0.125, W)
         assert rel(out, want) < TOL[mx.float32]
         visited = np.array(visited)
         assert visited.shape == (1, 2, T)
@@ -287,17 +303,15 @@ def _broken(family: str, name: str, old: str, new: str):
     return patched
 
 
-def _experts_module(backend="emulate"):
-    ex = km.random_experts(4, 64, 64, seed=21)
-    ex._kernels = backend
-    return ex
+def _experts(backend: str, ex, x, idx, w):
+    return km.experts(backend, ex.gate_up_proj, ex.down_proj, x, idx, w, ex.alpha, ex.limit)
 
 
 def test_self_check_passes_quietly(fresh_checks):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for name in (km.GATE_UP.name, km.DOWN.name, ka.DECODE.name, ka.BANDED.name):
-            assert K.enabled(name, "emulate")
+            assert dispatch.enabled(name, "emulate")
 
 
 def test_wrong_kernel_warns_once_and_falls_back(fresh_checks, monkeypatch):
@@ -306,20 +320,20 @@ def test_wrong_kernel_warns_once_and_falls_back(fresh_checks, monkeypatch):
         "family",
         _broken("moe", "moe_down_combine", "acc[r] + bsum[r]", "1.01f * (acc[r] + bsum[r])"),
     )
-    ex = _experts_module()
+    ex = km.random_experts(4, 64, 64, seed=21)
     idx, w = km.random_routing(2, 4, 4, seed=22)
     x = mx.random.normal((2, 64), key=mx.random.key(22))
     with pytest.warns(
         RuntimeWarning, match=r"kernel 'moe_down_combine' \(emulate\) failed its self-check"
     ):
-        out = km.experts(ex, x, idx, w)
-    act = km.mlx_gate_up_swiglu(ex.gate_up_proj, x, idx, ex.alpha, ex.limit)
-    want = km.mlx_down_combine(ex.down_proj, act, idx, w)
+        out = _experts("emulate", ex, x, idx, w)
+    act = ops.experts_swiglu(ex.gate_up_proj, x, idx, ex.alpha, ex.limit)
+    want = ops.experts_combine(ex.down_proj, act, idx, w)
     assert rel(out, want) < TOL[mx.float32]
-    assert K.enabled(km.GATE_UP.name, "emulate")  # the other kernel still runs
+    assert dispatch.enabled(km.GATE_UP.name, "emulate")  # the other kernel still runs
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once only
-        out = km.experts(ex, x, idx, w)
+        out = _experts("emulate", ex, x, idx, w)
     assert rel(out, want) < TOL[mx.float32]
 
 
@@ -327,13 +341,10 @@ def test_kernel_that_does_not_build_falls_back(fresh_checks, monkeypatch):
     monkeypatch.setattr(
         sources, "family", _broken("attention", "sdpa_decode", "simd_sum(part)", "simd_sum(part")
     )
-    from gptoss_mlx.cache import DecodeSlot
-
     q, k, v, sinks = ka.random_qkv(1, 16, 2, 1, 8, 64, seed=4)
-    module = type("A", (), {"_kernels": "emulate", "scale": 0.125, "window": 8})()
-    slot = DecodeSlot(k, v, mx.array(20), 8)
     with pytest.warns(RuntimeWarning, match="kernel 'sdpa_decode'.*does not compile"):
-        assert ka.attend(module, q, k, v, sinks, slot) is None  # the mlx path runs instead
+        out = ka.attend("emulate", q, k, v, sinks, 0.125, 8, decode_offset=mx.array(20))
+        assert out is None  # the mlx path runs instead
 
 
 # --- the whole model ------------------------------------------------------------------------------
@@ -367,7 +378,7 @@ def test_model_with_emulated_kernels_matches_transformers(real_heads, monkeypatc
     model = load_model(folder, dtype="float32")
     monkeypatch.setattr(ka, "FINAL_MAX_KEYS", 64)  # the full layer's buffer (>= 256 slots) splits
     calls = _count_kernel_calls(monkeypatch)
-    # prefill: banded kernel on the sliding layer (the 21-token prompt is longer than the 8-key window)
+    # prefill: banded kernel on the sliding layer (the 21-token prompt is longer than its window, 8)
     full = np.array(model(mx.array(ids)))
     assert ck.relative_error(full, ref) < FLOAT32_TOL
     assert calls == {"sdpa_banded": 1}

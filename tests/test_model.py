@@ -12,50 +12,44 @@ import pytest
 from gptoss_mlx import load_model
 from gptoss_mlx.rope import yarn_inv_freq
 
-FLOAT32_TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def ids():
-    # Batch 2, longer than the tiny model's 8-key window.
-    return np.random.RandomState(1).randint(0, ck.TINY.vocab_size, (2, 21))
-
-
-@pytest.fixture(scope="module")
-def ref_logits(reference, ids):
-    return ck.reference_logits(reference, ids)
-
-
-def logits(model, ids, **kw):
-    return ck.np32(model(mx.array(ids), **kw))
-
 
 def test_float32_matches_transformers(hf_mxfp4_dir, ids, ref_logits):
     # TINY: GQA ratio 4, intermediate 96 != hidden 64, sinks ~ N(0, 2), window 8 < 21 tokens.
     model = load_model(hf_mxfp4_dir, dtype="float32")
-    assert ck.relative_error(logits(model, ids), ref_logits) < FLOAT32_TOL
+    assert ck.relative_error(ck.logits(model, ids), ref_logits) < ck.FLOAT32_TOL
 
 
 def test_bfloat16_is_as_close_as_transformers_own_bfloat16(
     hf_mxfp4_dir, reference, ids, ref_logits
 ):
-    """bf16 against the float32 reference. On this random 4-layer model transformers' own bf16 is
-    ~5% off its float32 (routing and residual rounding compound), so a 2e-2 bound cannot be
-    met here by any bf16 implementation; we require ours to be within 2x of transformers' bf16
-    error and under 10%."""
+    """bf16 against the float32 reference, position by position (max |error| / max |reference
+    logit|): ours within 2x of transformers' own bf16 at the worst position and at the median one,
+    and the median under 5%.
+
+    No absolute bound on the worst position: on this random 4-layer model a bf16 rounding sometimes
+    flips a near-tied top-4 expert choice, and where that happens (in ours or in transformers)
+    depends on the draw of the weights, so the worst position ranges from 2% to 20% for either
+    engine across seeds; the median position is stable (~1.7% ours, ~1.3% transformers').
+    """
     import copy
 
     import torch
 
+    def position_errors(logits_: np.ndarray) -> np.ndarray:
+        return np.abs(logits_ - ref_logits).max(axis=-1) / np.abs(ref_logits).max()
+
     model = load_model(hf_mxfp4_dir)
     assert model.dtype == mx.bfloat16
-    ours = ck.relative_error(logits(model, ids), ref_logits)
+    ours = position_errors(ck.logits(model, ids))
     with torch.no_grad():
         theirs_bf16 = copy.deepcopy(reference).to(torch.bfloat16)
-        theirs_logits = theirs_bf16(torch.from_numpy(ids)).logits.float().numpy()
-    theirs = ck.relative_error(theirs_logits, ref_logits)
-    print(f"bf16 relative error: ours {ours:.4f}, transformers {theirs:.4f}")
-    assert ours < min(2 * theirs, 0.1)
+        theirs = position_errors(theirs_bf16(torch.from_numpy(ids)).logits.float().numpy())
+    print(
+        f"bf16 relative error per position, median / worst: ours {np.median(ours):.4f} / "
+        f"{ours.max():.4f}, transformers {np.median(theirs):.4f} / {theirs.max():.4f}"
+    )
+    assert ours.max() < 2 * theirs.max()
+    assert np.median(ours) < min(2 * np.median(theirs), 0.05)
 
 
 def test_real_head_geometry_matches_transformers(tmp_path):
@@ -65,7 +59,7 @@ def test_real_head_geometry_matches_transformers(tmp_path):
     model = load_model(ck.write_hf_mxfp4(tmp_path, cfg, tensors), dtype="float32")
     ids = np.random.RandomState(2).randint(0, cfg.vocab_size, (2, 19))
     ref = ck.reference_logits(ck.reference_model(tensors, cfg), ids)
-    assert ck.relative_error(logits(model, ids), ref) < FLOAT32_TOL
+    assert ck.relative_error(ck.logits(model, ids), ref) < ck.FLOAT32_TOL
 
 
 def test_sinks_are_large_enough_to_matter(hf_mxfp4_dir, ids, ref_logits):
@@ -73,28 +67,28 @@ def test_sinks_are_large_enough_to_matter(hf_mxfp4_dir, ids, ref_logits):
     model = load_model(hf_mxfp4_dir, dtype="float32")
     for layer in model.layers:
         layer.self_attn.sinks = mx.full(layer.self_attn.sinks.shape, -1e9)
-    assert ck.relative_error(logits(model, ids), ref_logits) > 100 * FLOAT32_TOL
+    assert ck.relative_error(ck.logits(model, ids), ref_logits) > 100 * ck.FLOAT32_TOL
 
 
 @pytest.mark.parametrize("prompt_len", [5, 13])  # shorter and longer than the 8-key window
 def test_decoding_through_the_cache_matches_full_forward(hf_mxfp4_dir, ids, prompt_len):
     model = load_model(hf_mxfp4_dir, dtype="float32")
-    full = logits(model, ids)
+    full = ck.logits(model, ids)
     cache = model.make_cache()
-    steps = [logits(model, ids[:, :prompt_len], cache=cache)]
+    steps = [ck.logits(model, ids[:, :prompt_len], cache=cache)]
     for t in range(prompt_len, ids.shape[1]):
-        steps.append(logits(model, ids[:, t : t + 1], cache=cache))
-    assert ck.relative_error(np.concatenate(steps, axis=1), full) < FLOAT32_TOL
+        steps.append(ck.logits(model, ids[:, t : t + 1], cache=cache))
+    assert ck.relative_error(np.concatenate(steps, axis=1), full) < ck.FLOAT32_TOL
 
 
 def test_chunked_prefill_through_the_cache_matches_full_forward(hf_mxfp4_dir, ids):
     model = load_model(hf_mxfp4_dir, dtype="float32")
-    full = logits(model, ids)
+    full = ck.logits(model, ids)
     cache = model.make_cache()
     chunks = [
-        logits(model, ids[:, a:b], cache=cache) for a, b in ((0, 3), (3, 12), (12, 14), (14, 21))
+        ck.logits(model, ids[:, a:b], cache=cache) for a, b in ((0, 3), (3, 12), (12, 14), (14, 21))
     ]
-    assert ck.relative_error(np.concatenate(chunks, axis=1), full) < FLOAT32_TOL
+    assert ck.relative_error(np.concatenate(chunks, axis=1), full) < ck.FLOAT32_TOL
 
 
 def test_cache_kinds_and_sizes(hf_mxfp4_dir, ids):
@@ -117,7 +111,8 @@ def reference_yarn(
     beta_slow=1.0,
     rounded=False,
 ):
-    """YaRN's inverse frequencies, in numpy; `rounded` is the known deviation (floor/ceil)."""
+    """YaRN as OpenAI's reference implementation computes it, in numpy; `rounded` is the known
+    deviation of some ports (ramp bounds floored/ceiled)."""
     low = (head_dim / 2) * math.log(context / (beta_fast * 2 * math.pi)) / math.log(theta)
     high = (head_dim / 2) * math.log(context / (beta_slow * 2 * math.pi)) / math.log(theta)
     if rounded:
@@ -141,7 +136,7 @@ def test_yarn_ramp_bounds_are_not_rounded():
 @pytest.mark.parametrize("cached", [False, True])
 def test_last_logits_equal_the_full_forward_last_position(hf_mxfp4_dir, ids, cached):
     model = load_model(hf_mxfp4_dir, dtype="float32")
-    full = logits(model, ids)
+    full = ck.logits(model, ids)
     if cached:  # the last chunk after a first one, through the caches
         cache = model.make_cache()
         model.last_logits(mx.array(ids[:, :9]), cache)
@@ -149,4 +144,4 @@ def test_last_logits_equal_the_full_forward_last_position(hf_mxfp4_dir, ids, cac
         assert cache[0].offset == ids.shape[1]
     else:
         last = ck.np32(model.last_logits(mx.array(ids)))
-    assert ck.relative_error(last, full[:, -1]) < FLOAT32_TOL
+    assert ck.relative_error(last, full[:, -1]) < ck.FLOAT32_TOL

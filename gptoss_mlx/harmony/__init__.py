@@ -15,9 +15,9 @@ completions, and the same result and deltas however a completion is split into `
 Modules: :mod:`.schema` (tool declarations: JSON schemas as TypeScript-like types),
 :mod:`.render` (system, developer and conversation messages -> prompt ids; token histories for
 multi-turn chat), :mod:`.parse` (completion ids -> reasoning, content and tool calls, streaming),
-:mod:`.format` (the words both sides share). Built-in tools (browser, python) belong in the system
-message's ``# Tools`` section: ``render._system_text`` takes their rendered namespace sections as
-``builtin_tools`` (none yet).
+:mod:`.format` (the words both sides share). Built-in tools (browser, python) are
+:class:`ToolNamespace` s declared in the system message's ``# Tools`` section
+(``render_prompt(builtin_tools=...)``); the tools themselves live in :mod:`gptoss_mlx.tools`.
 """
 
 from gptoss_mlx.harmony.parse import Delta, StreamParser, parse_completion
@@ -28,11 +28,13 @@ from gptoss_mlx.harmony.render import (
     check_reasoning_effort,
     common_prefix_length,
     content_text,
+    is_builtin_call,
     reasoning_text,
+    render_messages,
     render_prompt,
     render_turn,
 )
-from gptoss_mlx.harmony.schema import tools_to_typescript
+from gptoss_mlx.harmony.schema import ToolNamespace, namespace_section, tools_to_typescript
 from gptoss_mlx.tokenizer import STOP_TOKENS
 
 __all__ = [
@@ -42,11 +44,15 @@ __all__ = [
     "check_reasoning_effort",
     "render_prompt",
     "render_turn",
+    "render_messages",
     "chat_history_tokens",
     "common_prefix_length",
     "content_text",
     "reasoning_text",
     "tools_to_typescript",
+    "ToolNamespace",
+    "namespace_section",
+    "is_builtin_call",
     "parse_completion",
     "StreamParser",
     "Delta",

@@ -25,8 +25,12 @@ equivalent conversation:
   generated and a client sent back unchanged.
 
 Built-in tools (browser, python) are declared in the *system* message's own ``# Tools`` section,
-between the reasoning effort and the valid channels: :func:`_system_text` takes them as
-``builtin_tools``, namespace sections already rendered, and writes none today.
+between the reasoning effort and the valid channels, one :class:`ToolNamespace` each, in name
+order (openai-harmony keeps them in a sorted map). The model calls them on the ``analysis``
+channel (``to=browser.search``, ``to=python``) and their results come back on the call's channel
+from an author named after the tool: ``<|start|>browser.search to=assistant<|channel|>analysis``.
+In OpenAI-shaped messages a built-in call is a tool call whose name is the namespace (``python``)
+or ``namespace.function`` (``browser.search``) of a declared built-in tool (``builtin_tools=``).
 
 Multi-turn chat with a kept KV cache
 ------------------------------------
@@ -58,7 +62,12 @@ from typing import Any
 from gptoss_mlx.errors import GptOssError
 from gptoss_mlx.harmony.format import CHANNELS, CONSTRAIN
 from gptoss_mlx.harmony.parse import _parse_header
-from gptoss_mlx.harmony.schema import tools_section, tools_to_typescript
+from gptoss_mlx.harmony.schema import (
+    ToolNamespace,
+    namespace_section,
+    tools_section,
+    tools_to_typescript,
+)
 from gptoss_mlx.tokenizer import Tokenizer, default_tokenizer
 
 # The system message's first line unless a caller gives its own (openai-harmony's default too).
@@ -173,13 +182,26 @@ def _generated_messages(tok: Tokenizer, completion: Sequence[int]) -> list[_Msg]
     return out
 
 
+def is_builtin_call(name: str, builtin: Sequence[str]) -> bool:
+    """Whether a tool call named ``name`` (``python``, ``browser.search``, ``get_weather``) goes
+    to one of the built-in tool namespaces ``builtin`` rather than to ``functions``."""
+    return not name.startswith("functions.") and name.split(".", 1)[0] in builtin
+
+
 def _conversation_messages(
-    messages: Sequence[Mapping], call_names: dict[str, str], tok: Tokenizer
+    messages: Sequence[Mapping],
+    call_names: dict[str, str],
+    tok: Tokenizer,
+    builtin: Sequence[str] = (),
 ) -> list[_Msg]:
     """user / assistant / tool messages as harmony messages (system and developer skipped).
 
     ``call_names`` maps tool-call ids to function names; it is filled from assistant tool calls
-    as they are seen, so a ``tool`` message can name its function by ``tool_call_id``.
+    as they are seen, so a ``tool`` message can name its function by ``tool_call_id``. ``tok``
+    splits a generated turn (``completion_token_ids``) into its messages. ``builtin``: the names of the built-in tool namespaces, whose calls go on ``analysis`` as
+    ``code`` and whose results come from the tool itself (``python``, not ``functions.python``).
+    A tool message may give its ``channel`` (the call's); by default ``commentary`` for
+    functions, ``analysis`` for built-in tools.
     """
     out: list[_Msg] = []
     for i, msg in enumerate(messages):
@@ -216,13 +238,14 @@ def _conversation_messages(
                         )
                     if call.get("id"):
                         call_names[str(call["id"])] = name
+                    builtin_call = is_builtin_call(name, builtin)
                     out.append(
                         _Msg(
                             "assistant",
                             _arguments_text(fn.get("arguments")),
-                            "commentary",
-                            recipient=_function_recipient(name),
-                            content_type=CONSTRAIN + "json",
+                            "analysis" if builtin_call else "commentary",
+                            recipient=name if builtin_call else _function_recipient(name),
+                            content_type="code" if builtin_call else CONSTRAIN + "json",
                             is_assistant=True,
                         )
                     )
@@ -235,11 +258,12 @@ def _conversation_messages(
                     f"Tool message {i} names no function: give 'name' or the 'tool_call_id' of an "
                     "earlier assistant tool call"
                 )
+            builtin_call = is_builtin_call(name, builtin)
             out.append(
                 _Msg(
-                    _function_recipient(name),
+                    name if builtin_call else _function_recipient(name),
                     content_text(msg.get("content")),
-                    "commentary",
+                    msg.get("channel") or ("analysis" if builtin_call else "commentary"),
                     recipient="assistant",
                 )
             )
@@ -268,12 +292,12 @@ def _system_text(
     knowledge_cutoff: str | None,
     model_identity: str | None,
     has_functions: bool,
-    builtin_tools: Sequence[str] = (),
+    builtin_tools: Sequence[ToolNamespace] = (),
 ) -> str:
     """The system message's text, its sections joined by a blank line.
 
-    ``builtin_tools``: namespace sections (``## browser ...``, ``## python ...``) already rendered,
-    for the system message's ``# Tools`` section; none by default.
+    ``builtin_tools``: the built-in tool namespaces (browser, python) of the system message's
+    ``# Tools`` section, written in name order; none by default.
     """
     top = []
     if model_identity is not None:
@@ -290,7 +314,8 @@ def _system_text(
     if reasoning_effort is not None:
         sections.append(f"Reasoning: {reasoning_effort}")
     if builtin_tools:
-        sections.append(tools_section(builtin_tools))
+        ordered = sorted(builtin_tools, key=lambda ns: ns.name)
+        sections.append(tools_section([namespace_section(ns) for ns in ordered]))
     channels = (
         f"# Valid channels: {', '.join(CHANNELS)}. Channel must be included for every message."
     )
@@ -338,11 +363,13 @@ def render_prompt(
     tokenizer: Tokenizer | None = None,
     model_identity: str | None = DEFAULT_MODEL_IDENTITY,
     drop_analysis: bool = True,
+    builtin_tools: Sequence[ToolNamespace] = (),
 ) -> list[int]:
     """Token ids of the harmony prompt for ``messages`` (OpenAI Chat Completions shape).
 
     Ends with ``<|start|>assistant``: sample from there and stop on :data:`STOP_TOKENS`.
-    ``tools`` are OpenAI function tools; ``drop_analysis`` mirrors openai-harmony's
+    ``tools`` are OpenAI function tools; ``builtin_tools`` the built-in tool namespaces (browser,
+    python) declared in the system message; ``drop_analysis`` mirrors openai-harmony's
     ``auto_drop_analysis`` (on by default). Bad input is a :class:`GptOssError`.
     """
     tok = tokenizer or default_tokenizer()
@@ -362,6 +389,7 @@ def render_prompt(
                 knowledge_cutoff=knowledge_cutoff,
                 model_identity=model_identity,
                 has_functions=function_tools is not None,
+                builtin_tools=builtin_tools,
             ),
         )
     ]
@@ -372,10 +400,34 @@ def render_prompt(
         if function_tools is not None:
             sections.append(function_tools)
         msgs.append(_Msg("developer", "\n\n".join(sections)))
-    msgs += _conversation_messages(messages, {}, tok)
+    msgs += _conversation_messages(messages, {}, tok, [ns.name for ns in builtin_tools])
     if drop_analysis:
         msgs = _drop_earlier_analysis(msgs)
     return _prompt_tokens(tok, msgs)
+
+
+def render_messages(
+    messages: Sequence[Mapping],
+    *,
+    history: Sequence[Mapping] = (),
+    tokenizer: Tokenizer | None = None,
+    builtin_tools: Sequence[ToolNamespace] = (),
+) -> list[int]:
+    """Token ids of ``messages`` (user / tool / assistant, OpenAI shape) to append to a chat's
+    token history, without the ``<|start|>assistant`` that asks for a reply (:func:`render_turn`).
+
+    ``history``: the earlier messages, used only to resolve a tool message's ``tool_call_id`` to
+    its function name; ``builtin_tools`` as for :func:`render_prompt` (which tool names are
+    built-in). System and developer messages belong to the first prompt and are ignored here.
+    """
+    tok = tokenizer or default_tokenizer()
+    builtin = [ns.name for ns in builtin_tools]
+    call_names: dict[str, str] = {}
+    _conversation_messages(history, call_names, tok, builtin)
+    out: list[int] = []
+    for m in _conversation_messages(messages, call_names, tok, builtin):
+        _render_msg(tok, m, out)
+    return out
 
 
 def render_turn(
@@ -383,17 +435,15 @@ def render_turn(
     *,
     history: Sequence[Mapping] = (),
     tokenizer: Tokenizer | None = None,
+    builtin_tools: Sequence[ToolNamespace] = (),
 ) -> list[int]:
-    """Token ids to append to a chat's token history for a new turn, ending ``<|start|>assistant``.
-
-    ``messages`` are the new user / tool (or assistant) messages; ``history`` the earlier ones,
-    used only to resolve a tool message's ``tool_call_id`` to its function name. System and
-    developer messages belong to the first prompt and are ignored here.
-    """
+    """Token ids to append to a chat's token history for a new turn: :func:`render_messages`
+    then ``<|start|>assistant``."""
     tok = tokenizer or default_tokenizer()
-    call_names: dict[str, str] = {}
-    _conversation_messages(history, call_names, tok)
-    return _prompt_tokens(tok, _conversation_messages(messages, call_names, tok))
+    rendered = render_messages(
+        messages, history=history, tokenizer=tok, builtin_tools=builtin_tools
+    )
+    return rendered + [tok.start_id] + tok.encode("assistant")
 
 
 def chat_history_tokens(

@@ -6,7 +6,8 @@ namespace functions``, each function a type ``type NAME = (_: {...}) => any;`` b
 JSON schema: a ``// description`` line, optional fields marked ``?``, enums as unions of string
 literals, ``oneOf`` as one ``| variant`` line each, ``nullable`` as ``| null`` and defaults as
 ``// default: x`` comments. Built-in tools (browser, python) are declared the same way, in the
-system message: :func:`tools_section` is the one place that heading is written.
+system message, as :class:`ToolNamespace` s with a description of their own:
+:func:`namespace_section` writes any namespace, :func:`tools_section` the heading over them.
 """
 
 from __future__ import annotations
@@ -198,17 +199,40 @@ def _normalize_tools(tools: Sequence[Mapping]) -> list[_Function]:
     return out
 
 
-def _namespace_section(name: str, functions: Sequence[_Function]) -> str:
-    """``## name`` and ``namespace name { ... }``: one ``type`` per function, its description
-    above it as ``//`` lines."""
-    body = [f"## {name}\n", f"namespace {name} {{\n"]
-    for fn in functions:
-        body.extend(f"// {line}" for line in _text_lines(fn.description))
-        if fn.parameters is None:
-            body.append(f"type {fn.name} = () => any;\n")
-        else:
-            body.append(f"type {fn.name} = (_: {_schema_to_ts(fn.parameters, '')}) => any;\n")
-    body.append(f"}} // namespace {name}")
+@dataclass(frozen=True)
+class ToolNamespace:
+    """A namespace of tools, as openai-harmony's ``ToolNamespaceConfig``.
+
+    ``functions`` are OpenAI function tools (``{"type": "function", "function": {...}}`` or the
+    bare function dict); a namespace without functions (``python``) is declared by its
+    ``description`` alone. Built-in tools are namespaces in the system message (``browser``
+    with ``search``/``open``/``find``, ``python``); function tools the developer message's
+    ``functions`` namespace.
+    """
+
+    name: str
+    description: str | None = None
+    functions: Sequence[Mapping] = ()
+
+
+def namespace_section(namespace: ToolNamespace) -> str:
+    """``## name``, the description, and ``namespace name { ... }`` with one ``type`` per
+    function (its description above it as ``//`` lines). With functions, the namespace's
+    description is written as ``//`` lines too; without, as plain text and no namespace block."""
+    functions = _normalize_tools(namespace.functions)
+    body = [f"## {namespace.name}\n"]
+    if namespace.description is not None:
+        lines = _text_lines(namespace.description)
+        body.extend([f"// {line}" for line in lines] if functions else lines)
+    if functions:
+        body.append(f"namespace {namespace.name} {{\n")
+        for fn in functions:
+            body.extend(f"// {line}" for line in _text_lines(fn.description))
+            if fn.parameters is None:
+                body.append(f"type {fn.name} = () => any;\n")
+            else:
+                body.append(f"type {fn.name} = (_: {_schema_to_ts(fn.parameters, '')}) => any;\n")
+        body.append(f"}} // namespace {namespace.name}")
     return "\n".join(body)
 
 
@@ -224,4 +248,4 @@ def tools_to_typescript(tools: Sequence[Mapping]) -> str:
 
     Raises :class:`GptOssError` for a tool that is not a named function tool.
     """
-    return tools_section([_namespace_section("functions", _normalize_tools(tools))])
+    return tools_section([namespace_section(ToolNamespace("functions", None, tools))])

@@ -1,208 +1,45 @@
-"""Custom Metal kernels: sources, dispatch (metal | mlx | emulate) and the self-check.
+"""Custom Metal kernels: the decode MoE projections, decode attention, banded prefill attention.
 
-Each op the kernels cover (the decode MoE up and down projections, decode attention, banded
-prefill attention) picks a backend:
+Each op the kernels cover runs on a backend, metal | mlx | emulate, chosen per model
+(`dispatch`); shapes a kernel does not support run the pure-MLX ops of `gptoss_mlx.ops` silently,
+and with `metal` each kernel first checks itself against those ops. The model calls the two entry
+points, `attend` (attention) and `experts` (the experts of one layer), which return None where the
+mlx ops should run.
 
-- `metal`: the kernel from `metal/*.metal` through `mx.fast.metal_kernel` (needs a Metal GPU);
-- `mlx`: the model's own pure-MLX ops (the specification);
-- `emulate`: the same kernel source run by the CPU emulator (`gptoss_mlx.kernels.emulator`), for tests.
-
-The choice comes from `load_model(..., kernels=...)`, else the environment variable
-`GPTOSS_MLX_KERNELS=auto|metal|mlx|emulate`, else `auto` (metal where `mx.metal.is_available()`,
-mlx elsewhere). Shapes a kernel does not support use the mlx ops silently. On first use with the
-`metal` backend each kernel runs a small input and compares itself with the mlx ops; on a mismatch
-(or an error) it warns once, naming the kernel, and that kernel is replaced by the mlx ops.
+    dispatch.py   backend choice, `Kernel` objects, self-check registry
+    sources.py    the kernel sources in `metal/*.metal`
+    attention.py  decode and banded attention;  moe.py  fused MXFP4 up+SwiGLU and down+combine
+    emulator/     runs the Metal sources on a CPU, for tests
 """
 
 from __future__ import annotations
 
-import os
-import warnings
-from collections.abc import Callable
-
-import mlx.core as mx
-
-from ..errors import GptOssError
-from . import sources
-
-BACKENDS = ("auto", "metal", "mlx", "emulate")
-ENV_VAR = "GPTOSS_MLX_KERNELS"
-# Backends whose kernels check themselves on first use. Tests add "emulate" to exercise the check.
-SELF_CHECK_BACKENDS = {"metal"}
-
-
-def resolve(choice: str | None = None) -> str:
-    """`choice` (or $GPTOSS_MLX_KERNELS, or auto) as one of metal | mlx | emulate."""
-    source = "kernels=" if choice is not None else f"${ENV_VAR}="
-    raw = choice if choice is not None else (os.environ.get(ENV_VAR) or "auto")
-    value = str(raw).strip().lower()
-    if value not in BACKENDS:
-        raise GptOssError(
-            f"unknown kernel backend {source}{raw!r}; choose one of {', '.join(BACKENDS)}"
-        )
-    if value == "auto":
-        return "metal" if mx.metal.is_available() else "mlx"
-    if value == "metal" and not mx.metal.is_available():
-        raise GptOssError(
-            f"{source}metal needs a Metal GPU (Apple Silicon) and none is available; "
-            "use auto, mlx, or emulate (the CPU emulator, slow, for tests)"
-        )
-    return value
-
-
-def _kernel_modules(model):
-    from ..attention import Attention
-    from ..moe import Experts
-
-    return [m for _, m in model.named_modules() if isinstance(m, (Attention, Experts))]
-
-
-def use(model, choice: str | None) -> str:
-    """Pin `model`'s attention and expert modules to a backend (None: $GPTOSS_MLX_KERNELS or auto).
-
-    Returns the backend. With `metal`, runs every kernel's self-check now, outside any compiled graph.
-    """
-    backend = resolve(choice)
-    for m in _kernel_modules(model):
-        m._kernels = backend  # a plain attribute, not a parameter
-    model._kernels = backend
-    if backend in SELF_CHECK_BACKENDS:
-        for name in list(_CHECKS):
-            enabled(name, backend)
-    return backend
-
-
-def backend_for(module) -> str:
-    """The backend a module was pinned to by `use`, else $GPTOSS_MLX_KERNELS / auto."""
-    return getattr(module, "_kernels", None) or resolve(None)
-
-
-def compilable(model) -> bool:
-    """Whether the decode step may go through `mx.compile`: not with the emulator, which runs the
-    kernels on the host and so needs concrete arrays, not a trace."""
-    return all(backend_for(m) != "emulate" for m in _kernel_modules(model))
-
-
-# --- kernel objects ------------------------------------------------------------------------------
-
-
-class Kernel:
-    """One kernel body of a `metal/<family>.metal` file, built per backend on first use."""
-
-    def __init__(
-        self,
-        family: str,
-        name: str,
-        input_names,
-        output_names,
-        defines: str = "",
-        variant: str = "",
-    ):
-        self.family, self.name = family, name
-        self.input_names, self.output_names = list(input_names), list(output_names)
-        self.defines = defines  # preprocessor lines put before the header (a variant of the body)
-        self.variant = variant
-        self._built: dict[str, object] = {}
-
-    @property
-    def kernel_name(self) -> str:
-        return self.name + (f"_{self.variant}" if self.variant else "")
-
-    def source(self) -> tuple[str, str]:
-        header, bodies = sources.family(self.family)
-        return self.defines + header, bodies[self.name]
-
-    def build(self, backend: str):
-        if backend not in self._built:
-            header, body = self.source()
-            if backend == "metal":
-                factory = mx.fast.metal_kernel
-            elif backend == "emulate":
-                from .emulator import metal_kernel as factory
-            else:
-                raise ValueError(f"no kernel for backend {backend!r}")
-            self._built[backend] = factory(
-                name=self.kernel_name,
-                input_names=self.input_names,
-                output_names=self.output_names,
-                source=body,
-                header=header,
-            )
-        return self._built[backend]
-
-    def __call__(self, backend: str, **kwargs) -> list[mx.array]:
-        return self.build(backend)(**kwargs)
-
-    def reset(self) -> None:
-        self._built.clear()
-
-
-# --- self-check ----------------------------------------------------------------------------------
-
-_CHECKS: dict[str, Callable[[str], tuple[bool, str]]] = {}
-_STATUS: dict[tuple[str, str], bool] = {}
-
-
-def self_check(name: str):
-    """Register `fn(backend) -> (ok, detail)` as the self-check of kernel `name`."""
-
-    def register(fn):
-        _CHECKS[name] = fn
-        return fn
-
-    return register
-
-
-def enabled(name: str, backend: str) -> bool:
-    """Whether kernel `name` may run on `backend`: checked once per backend where self-checks apply."""
-    if backend not in SELF_CHECK_BACKENDS:
-        return True
-    key = (name, backend)
-    if key not in _STATUS:
-        try:
-            ok, detail = _CHECKS[name](backend)
-        except Exception as e:  # a kernel that fails to build or run is as wrong as a bad result
-            ok, detail = False, f"{type(e).__name__}: {e}"
-        if not ok:
-            warnings.warn(
-                f"gptoss-mlx: kernel '{name}' ({backend}) failed its self-check against the "
-                f"MLX ops ({detail}); using the MLX ops for it instead",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        _STATUS[key] = ok
-    return _STATUS[key]
-
-
-def reset_self_checks() -> None:
-    """Forget self-check results and built kernels (tests)."""
-    _STATUS.clear()
-    from . import attention, moe
-
-    for k in (*moe.KERNELS, *attention.KERNELS):
-        k.reset()
-
-
-def relative_error(ours: mx.array, ref: mx.array) -> float:
-    """max |ours - ref| / max |ref| in float32."""
-    ours, ref = ours.astype(mx.float32), ref.astype(mx.float32)
-    return (mx.abs(ours - ref).max() / mx.maximum(mx.abs(ref).max(), 1e-30)).item()
-
-
-# Op entry points, used by moe.py and attention.py.
-from .attention import attend  # noqa: E402
-from .moe import experts  # noqa: E402
+from .attention import attend
+from .dispatch import (
+    BACKENDS,
+    ENV_VAR,
+    Kernel,
+    UsesKernels,
+    compilable,
+    enabled,
+    kernel_modules,
+    reset_self_checks,
+    resolve,
+    use,
+)
+from .moe import experts
 
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
-    "resolve",
-    "use",
-    "backend_for",
+    "Kernel",
+    "UsesKernels",
+    "attend",
     "compilable",
     "enabled",
     "experts",
-    "attend",
-    "Kernel",
+    "kernel_modules",
     "reset_self_checks",
+    "resolve",
+    "use",
 ]

@@ -1,13 +1,16 @@
-"""Attention through the kernels of `metal/attention.metal`, with the mlx ops as reference and fallback.
+"""Attention through the kernels of `metal/attention.metal`; the mlx ops are reference and fallback.
 
-`attend(module, q, k, v, sinks, cache)` is what `attention.Attention` calls first; it returns
-`[B, Hq, T, D]`, or None when the mlx path should run:
+`attend(backend, q, k, v, sinks, scale, window, decode_offset)` is what `attention.Attention` calls
+first; it returns `[B, Hq, T, D]`, or None when the mlx path should run:
 
-- one decoded token through a `DecodeSlot` (the whole ring / full-cache buffer and the array-valued
-  position): `sdpa_decode` reads the buffer in place, no mask; long buffers are split and merged;
+- one decoded token at array-valued position `decode_offset` over the whole ring / full-cache
+  buffer: `sdpa_decode` reads the buffer in place, no mask; long buffers are split and merged;
 - a chunk of T > 1 queries on a sliding layer: `sdpa_banded` visits only the keys of each query
   block's band (at most window + 31 per query), so the work grows as T x window;
 - anything else (full layers' prefill, unsupported shapes): the mlx ops.
+
+The reference each kernel is checked against is `ops.decode_attention` /
+`ops.sliding_window_attention`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from . import Kernel, backend_for, enabled, relative_error, self_check
+from .. import ops
+from .dispatch import Kernel, enabled, relative_error, self_check
 
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 FINAL_MAX_KEYS = 256  # buffers up to this many slots (the 128-slot rings) take one pass, no merge
@@ -39,7 +43,8 @@ KERNELS = (DECODE, MERGE, BANDED, BANDED_COUNTING)
 
 
 def keys_per_tile(D: int) -> int:
-    """Keys staged per tile: K and V tiles of TK x D floats stay within 16 KB of threadgroup memory."""
+    """Keys staged per tile: K and V tiles of TK x D floats stay within 16 KB of threadgroup
+    memory."""
     return min(32, 2048 // D)
 
 
@@ -53,7 +58,15 @@ def decode_splits(S: int, D: int) -> tuple[int, int]:
     return split, -(-S // split)
 
 
-def decode_attention(backend: str, q, k, v, sinks, scale: float, offset) -> mx.array:
+def decode_attention(
+    backend: str,
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    sinks: mx.array,
+    scale: float,
+    offset: mx.array | int,
+) -> mx.array:
     """q `[B, Hq, 1, D]` over the buffers k, v `[B, Hkv, S, D]` whose slots 0 .. min(offset, S-1)
     are filled; -> `[B, Hq, 1, D]`."""
     B, Hq, _, D = q.shape
@@ -95,9 +108,19 @@ def decode_attention(backend: str, q, k, v, sinks, scale: float, offset) -> mx.a
     )[0]
 
 
-def banded_attention(backend: str, q, k, v, sinks, scale: float, window: int, count: bool = False):
+def banded_attention(
+    backend: str,
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    sinks: mx.array,
+    scale: float,
+    window: int,
+    count: bool = False,
+) -> mx.array | tuple[mx.array, mx.array]:
     """Sliding-window attention with sinks: q `[B, Hq, T, D]` are the last T of the S positions in
-    k, v `[B, Hkv, S, D]`; -> `[B, Hq, T, D]` (and, with `count`, keys visited per query `[B, Hq, T]`)."""
+    k, v `[B, Hkv, S, D]`; -> `[B, Hq, T, D]` (and, with `count`, keys visited per query
+    `[B, Hq, T]`)."""
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
@@ -114,30 +137,10 @@ def banded_attention(backend: str, q, k, v, sinks, scale: float, window: int, co
     return (outs[0], outs[1]) if count else outs[0]
 
 
-# --- the mlx ops these kernels replace ----------------------------------------------------------
-
-
-def mlx_decode_attention(q, k, v, sinks, scale, offset):
-    filled = mx.arange(k.shape[2]) <= offset
-    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=filled, sinks=sinks)
-
-
-def mlx_banded_attention(q, k, v, sinks, scale, window):
-    from ..attention import banded_attention as banded
-    from ..cache import attention_mask
-
-    T, S = q.shape[2], k.shape[2]
-    if T > 2 * window:
-        return banded(q, k, v, sinks, scale, window)
-    return mx.fast.scaled_dot_product_attention(
-        q, k, v, scale=scale, mask=attention_mask(T, S, window), sinks=sinks
-    )
-
-
 # --- dispatch -----------------------------------------------------------------------------------
 
 
-def _supported(q, k, v, max_dim: int) -> bool:
+def _supported(q: mx.array, k: mx.array, v: mx.array, max_dim: int) -> bool:
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     return (
@@ -153,21 +156,32 @@ def _supported(q, k, v, max_dim: int) -> bool:
     )
 
 
-def attend(module, q, k, v, sinks, cache) -> mx.array | None:
-    """`attention.Attention`'s softmax(q k^T) v through the kernels, or None for the mlx path."""
-    from ..cache import DecodeSlot
+def attend(
+    backend: str,
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    sinks: mx.array,
+    scale: float,
+    window: int | None,
+    decode_offset: mx.array | None = None,
+) -> mx.array | None:
+    """Attention with sinks through the kernels, or None for the mlx path.
 
-    backend = backend_for(module)
+    q `[B, Hq, T, D]`, k and v `[B, Hkv, S, D]`; `window` None on full layers. `decode_offset`: for
+    one decoded token over a whole cache buffer, its position (slots up to it are filled);
+    otherwise the queries are the last T of the S positions in k, v.
+    """
     if backend == "mlx":
         return None
     T = q.shape[2]
-    if T == 1 and isinstance(cache, DecodeSlot):
+    if T == 1 and decode_offset is not None:
         if _supported(q, k, v, 128) and enabled(DECODE.name, backend):
-            return decode_attention(backend, q, k, v, sinks, module.scale, cache.offset)
+            return decode_attention(backend, q, k, v, sinks, scale, decode_offset)
         return None
-    if T > 1 and module.window is not None and k.shape[2] - T < module.window:
+    if T > 1 and window is not None and k.shape[2] - T < window:
         if _supported(q, k, v, 64) and enabled(BANDED.name, backend):
-            return banded_attention(backend, q, k, v, sinks, module.scale, module.window)
+            return banded_attention(backend, q, k, v, sinks, scale, window)
     return None
 
 
@@ -176,17 +190,33 @@ def attend(module, q, k, v, sinks, cache) -> mx.array | None:
 # The reference is the mlx ops in float32 on the same (bfloat16-valued) inputs: the kernels
 # accumulate in float32, so the bfloat16 tolerance covers the output rounding only.
 _TOL = {mx.float32: 1e-4, mx.bfloat16: 1e-2}
-_f32 = lambda *a: [x.astype(mx.float32) for x in a]  # noqa: E731
 
 
-def random_qkv(B, Hq, Hkv, T, S, D, seed=0, dtype=mx.float32):
+def _f32(*arrays: mx.array) -> list[mx.array]:
+    return [a.astype(mx.float32) for a in arrays]
+
+
+def random_qkv(
+    B: int,
+    Hq: int,
+    Hkv: int,
+    T: int,
+    S: int,
+    D: int,
+    seed: int = 0,
+    dtype: mx.Dtype = mx.float32,
+) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    """Standard-normal q `[B, Hq, T, D]`, k and v `[B, Hkv, S, D]` and sinks `[Hq]`."""
     rng = np.random.default_rng(seed)
-    f = lambda *s: mx.array(rng.normal(size=s).astype(np.float32)).astype(dtype)  # noqa: E731
-    return f(B, Hq, T, D), f(B, Hkv, S, D), f(B, Hkv, S, D), f(Hq)
+
+    def normal(*shape: int) -> mx.array:
+        return mx.array(rng.normal(size=shape).astype(np.float32)).astype(dtype)
+
+    return normal(B, Hq, T, D), normal(B, Hkv, S, D), normal(B, Hkv, S, D), normal(Hq)
 
 
 @self_check(DECODE.name)
-def _check_decode(backend: str):
+def _check_decode(backend: str) -> tuple[bool, str]:
     for dtype, tol in _TOL.items():
         for S, offset in (
             (16, 9),
@@ -194,7 +224,7 @@ def _check_decode(backend: str):
         ):  # one pass; split + merge
             q, k, v, sinks = random_qkv(1, 4, 2, 1, S, 64, seed=S, dtype=dtype)
             got = decode_attention(backend, q, k, v, sinks, 0.125, offset)
-            err = relative_error(got, mlx_decode_attention(*_f32(q, k, v, sinks), 0.125, offset))
+            err = relative_error(got, ops.decode_attention(*_f32(q, k, v, sinks), 0.125, offset))
             if not (got.dtype == dtype and err < tol):
                 return (
                     False,
@@ -204,11 +234,11 @@ def _check_decode(backend: str):
 
 
 @self_check(BANDED.name)
-def _check_banded(backend: str):
+def _check_banded(backend: str) -> tuple[bool, str]:
     for dtype, tol in _TOL.items():
         q, k, v, sinks = random_qkv(1, 4, 2, 40, 43, 64, seed=5, dtype=dtype)
         got = banded_attention(backend, q, k, v, sinks, 0.125, 8)
-        err = relative_error(got, mlx_banded_attention(*_f32(q, k, v, sinks), 0.125, 8))
+        err = relative_error(got, ops.sliding_window_attention(*_f32(q, k, v, sinks), 0.125, 8))
         if not (got.dtype == dtype and err < tol):
             return False, f"relative error {err:.3g} in {dtype}, tolerance {tol:g}"
     return True, ""
