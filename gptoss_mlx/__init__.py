@@ -4,8 +4,8 @@ The public API: `load_model` (and, with the tokenizer, `load`), `stream_generate
 `ChatSession` (multi-turn chat keeping the KV cache, running tools), `ToolLoop` (the tool loop on
 its own, for other sessions), `tools` (function tools, `Browser`, `Python`), `PromptCache` (KV
 caches of recent conversations, reused across requests), `convert`, `Benchmark`, `harmony`, and
-the one error type `GptOssError`; the HTTP server is `gptoss_mlx.server.create_app`. The command line
-(`gptoss_mlx.cli`) uses nothing else.
+the one error type `GptOssError`; the HTTP server is `gptoss_mlx.server.create_app`. The command
+line (`gptoss_mlx.cli`) uses nothing else.
 """
 
 from . import harmony, tools

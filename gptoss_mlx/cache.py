@@ -47,7 +47,7 @@ class KVCache:
         self.offset -= n
         return True
 
-    def copy(self):
+    def copy(self) -> KVCache:
         """A cache holding the same positions that later writes to either leave the other alone.
 
         MLX arrays are values; only the buffers' Python objects (which writes rebind) are new, so

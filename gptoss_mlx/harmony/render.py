@@ -198,8 +198,9 @@ def _conversation_messages(
 
     ``call_names`` maps tool-call ids to function names; it is filled from assistant tool calls
     as they are seen, so a ``tool`` message can name its function by ``tool_call_id``. ``tok``
-    splits a generated turn (``completion_token_ids``) into its messages. ``builtin``: the names of the built-in tool namespaces, whose calls go on ``analysis`` as
-    ``code`` and whose results come from the tool itself (``python``, not ``functions.python``).
+    splits a generated turn (``completion_token_ids``) into its messages. ``builtin``: the names
+    of the built-in tool namespaces, whose calls go on ``analysis`` as ``code`` and whose results
+    come from the tool itself (``python``, not ``functions.python``).
     A tool message may give its ``channel`` (the call's); by default ``commentary`` for
     functions, ``analysis`` for built-in tools.
     """
