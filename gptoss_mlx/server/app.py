@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 import secrets
-import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import fields
 from typing import Any
@@ -28,7 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
@@ -126,6 +125,116 @@ def _error_response(e: BaseException) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+# Routes are module functions that find the server in `request.app.state`: FastAPI keeps
+# endpoints and dependencies in module-level caches, and a closure over the server there would
+# keep its model alive after the app is gone.
+
+
+async def _authorize(request: Request) -> None:
+    key = _state(request).options.api_key
+    if key is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(
+        given.strip().encode(), key.encode()
+    ):
+        raise RequestError(
+            "missing or wrong API key: send 'Authorization: Bearer KEY' with the key the server "
+            "was started with",
+            status=401,
+            code="invalid_api_key",
+        )
+
+
+open_routes = APIRouter()
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(_authorize)])
+
+
+@open_routes.get("/health")
+async def health(request: Request) -> dict:
+    state = _state(request)
+    return {"status": "ok", "model": state.options.model_name, "waiting": state.worker.waiting}
+
+
+def _model_card(state: ServerState) -> dict:
+    name = state.options.model_name
+    return {"id": name, "object": "model", "created": state.started, "owned_by": "gptoss-mlx"}
+
+
+@v1.get("/models")
+async def list_models(request: Request) -> dict:
+    return {"object": "list", "data": [_model_card(_state(request))]}
+
+
+@v1.get("/models/{model_id:path}")
+async def get_model(request: Request, model_id: str) -> dict:
+    state = _state(request)
+    if model_id != state.options.model_name:
+        raise RequestError(
+            f"this server serves {state.options.model_name!r}, not {model_id!r}",
+            param="model",
+            status=404,
+            code="model_not_found",
+        )
+    return _model_card(state)
+
+
+async def _handle(request: Request, api: Any) -> Response:
+    """Parse and render (off the event loop), queue, then stream or collect the events."""
+    state = _state(request)
+    body = await _json_body(request)
+    req = await run_in_threadpool(api.parse, body, state)
+    job = state.submit(req.prompt, req.options)
+    turn = Turn(len(req.prompt), state.tokenizer, req.options.get("logprobs"))
+    if req.stream:
+        return _EventStream(api.stream(job, turn, req, state), on_close=job.cancel)
+    await _collect(job, turn, request)
+    return JSONResponse(api.response(turn, req, state))
+
+
+@v1.post("/chat/completions")
+async def create_chat_completion(request: Request) -> Response:
+    return await _handle(request, chat_completions)
+
+
+@v1.post("/responses")
+async def create_response(request: Request) -> Response:
+    return await _handle(request, responses)
+
+
+async def _refused(request: Request, e: Exception) -> JSONResponse:
+    return _error_response(e)
+
+
+async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+    message = f"{request.method} {request.url.path}: {e.detail}"
+    return JSONResponse(
+        error_body(message, code=code), status_code=e.status_code, headers=e.headers
+    )
+
+
+async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+    return JSONResponse(error_body(f"invalid request: {e.errors()}"), status_code=400)
+
+
+async def _failed(request: Request, e: Exception) -> JSONResponse:
+    log.exception("request failed: %s %s", request.method, request.url.path)
+    return _error_response(e)
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    state: ServerState = app.state.server
+    await run_in_threadpool(state.worker.stop)
+    state.prompt_cache.clear()  # the memory goes back now, not when the app is collected
+
+
 def create_app(model: LanguageModel, tokenizer: Tokenizer | None = None, **options: Any) -> FastAPI:
     """The OpenAI-compatible app serving ``model``.
 
@@ -141,99 +250,12 @@ def create_app(model: LanguageModel, tokenizer: Tokenizer | None = None, **optio
         # MLX streams belong to threads: an array the model holds unevaluated (a private buffer
         # such as RoPE's periods) could not be evaluated on the worker thread. Evaluate it here.
         mx.eval(model)
-    state = ServerState(model, tokenizer or default_tokenizer(), settings)
-    started = int(time.time())
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        await run_in_threadpool(state.worker.stop)
-        state.prompt_cache.clear()  # the memory goes back now, not when the app is collected
-
-    app = FastAPI(title="gptoss-mlx", lifespan=lifespan)
-    app.state.server = state
-
-    async def authorize(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, key = given.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(
-            key.strip().encode(), settings.api_key.encode()
-        ):
-            raise RequestError(
-                "missing or wrong API key: send 'Authorization: Bearer KEY' with the key the "
-                "server was started with",
-                status=401,
-                code="invalid_api_key",
-            )
-
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "model": settings.model_name, "waiting": state.worker.waiting}
-
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
-    model_card = {
-        "id": settings.model_name,
-        "object": "model",
-        "created": started,
-        "owned_by": "gptoss-mlx",
-    }
-
-    @v1.get("/models")
-    async def list_models() -> dict:
-        return {"object": "list", "data": [model_card]}
-
-    @v1.get("/models/{model_id:path}")
-    async def get_model(model_id: str) -> dict:
-        if model_id != settings.model_name:
-            raise RequestError(
-                f"this server serves {settings.model_name!r}, not {model_id!r}",
-                param="model",
-                status=404,
-                code="model_not_found",
-            )
-        return model_card
-
-    async def handle(request: Request, api: Any):
-        body = await _json_body(request)
-        req = await run_in_threadpool(api.parse, body, state)
-        job = state.submit(req.prompt, req.options)
-        turn = Turn(len(req.prompt), state.tokenizer, req.options.get("logprobs"))
-        if req.stream:
-            return _EventStream(api.stream(job, turn, req, state), on_close=job.cancel)
-        await _collect(job, turn, request)
-        return JSONResponse(api.response(turn, req, state))
-
-    @v1.post("/chat/completions")
-    async def create_chat_completion(request: Request):
-        return await handle(request, chat_completions)
-
-    @v1.post("/responses")
-    async def create_response(request: Request):
-        return await handle(request, responses)
-
+    app = FastAPI(title="gptoss-mlx", lifespan=_lifespan)
+    app.state.server = ServerState(model, tokenizer or default_tokenizer(), settings)
+    app.include_router(open_routes)
     app.include_router(v1)
-
-    @app.exception_handler(GptOssError)
-    async def refused(request: Request, e: GptOssError) -> JSONResponse:
-        return _error_response(e)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        message = f"{request.method} {request.url.path}: {e.detail}"
-        return JSONResponse(
-            error_body(message, code=code), status_code=e.status_code, headers=e.headers
-        )
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        return JSONResponse(error_body(f"invalid request: {e.errors()}"), status_code=400)
-
-    @app.exception_handler(Exception)
-    async def failed(request: Request, e: Exception) -> JSONResponse:
-        log.exception("request failed: %s %s", request.method, request.url.path)
-        return _error_response(e)
-
+    app.add_exception_handler(GptOssError, _refused)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(Exception, _failed)
     return app

@@ -4,6 +4,7 @@ that owns them, the turns it generated and the responses it stored."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -45,6 +46,7 @@ class ServerState:
 
     def __init__(self, model: LanguageModel, tokenizer: Tokenizer, options: ServerOptions):
         self.model, self.tokenizer, self.options = model, tokenizer, options
+        self.started = int(time.time())
         self.turns = TurnMemory()
         self.responses = ResponseStore(options.max_stored_responses)
         self.prompt_cache = PromptCache(
