@@ -133,8 +133,11 @@ class ForcedModel:
     """A real model (its cache, its logits) whose generations follow scripts.
 
     Generation ``g`` (a prefill, then decode steps) emits ``scripts[g]``, where a :data:`FREE`
-    position is the model's own choice among ordinary tokens (special tokens masked out, so it
-    cannot end or restructure the harmony text); after the last script every position is free.
+    position is the model's own choice among ordinary tokens (special tokens 100 below, so it
+    does not end or restructure the harmony text); after the last script every position is free.
+    Unlike :class:`SteeredModel` (steered by call count) it finds each generation's start from
+    its calls (a prefill through ``last_logits`` after decode steps), however a prompt cache
+    splits the prefill.
     A real cache means real prompt-cache reuse, and free positions make the output depend on
     what the cache holds. ``prompts`` records, per generation, the ids its prefill fed.
     """
@@ -166,8 +169,8 @@ class ForcedModel:
     def _logits(self, logits: mx.array) -> mx.array:
         script = self.scripts[self.generation] if self.generation < len(self.scripts) else []
         forced = script[self.position] if self.position < len(script) else FREE
-        if forced is FREE:
-            return mx.where(self.ordinary, logits, -mx.inf)
+        if forced is FREE:  # special tokens pushed far down, not out: a constraint may want one
+            return mx.where(self.ordinary, logits, logits - 100.0)
         row = mx.where(mx.arange(logits.shape[-1]) == forced, 100.0, 0.0).astype(logits.dtype)
         return mx.broadcast_to(row, logits.shape)
 

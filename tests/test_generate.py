@@ -235,6 +235,35 @@ def test_logprobs_are_the_models_log_softmax(model32):
     assert zero[0].logprob is not None and zero[0].top_logprobs is None
 
 
+def test_logprobs_and_stop_strings_under_a_response_format(tok):
+    """The constrained loop (masked draws) carries logprobs and stop strings too."""
+    text = '<|channel|>final<|message|>{"a": "xyz"}<|return|>'
+    events = list(
+        stream_generate(
+            ScriptedModel.from_harmony(text, tok),
+            [1],
+            tokenizer=tok,
+            max_tokens=50,
+            response_format={"type": "json_object"},
+            logprobs=2,
+        )
+    )
+    assert streamed(events, "content") == '{"a": "xyz"}'
+    assert all(e.logprob is not None and len(e.top_logprobs) == 2 for e in events)
+    assert events[-1].stats.masked_tokens > 0
+    cut = list(
+        stream_generate(
+            ScriptedModel.from_harmony(text, tok),
+            [1],
+            tokenizer=tok,
+            max_tokens=50,
+            response_format={"type": "json_object"},
+            stop=["xyz"],
+        )
+    )
+    assert streamed(cut, "content") == '{"a": "' and cut[-1].finish_reason == "stop"
+
+
 def test_events_say_which_part_each_token_belongs_to(tok):
     text = (
         "<|channel|>analysis<|message|>Hm.<|end|><|start|>assistant<|channel|>commentary "

@@ -291,17 +291,74 @@ def test_top_k_and_min_p_extensions(tiny):
     assert sample(temperature=1.5) != greedy  # sampling does sample
 
 
-def test_tool_choice_none_leaves_the_tools_out(tiny, harmony_enc):
+UNIT = {
+    "name": "set_unit",
+    "description": "Pick the temperature unit.",
+    "parameters": {
+        "type": "object",
+        "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["unit"],
+        "additionalProperties": False,
+    },
+}
+YES_NO = {
+    "type": "object",
+    "properties": {"answer": {"enum": ["yes", "no"]}},
+    "required": ["answer"],
+    "additionalProperties": False,
+}
+MAYBE = "<|channel|>analysis<|message|>{free:4}<|end|><|start|>assistant<|channel|>final"
+MAYBE += "<|message|>Maybe later.<|return|>"
+
+
+def test_tool_choice_and_response_formats_are_enforced(tiny, harmony_enc):
+    """The scripted model wants to answer "Maybe later." (or to call a tool): the constraint
+    decides, as `stream_generate` enforces it (gptoss_mlx.constrain); tools stay declared."""
+    import jsonschema
+
+    units = [{"type": "function", "function": UNIT}]
+    with serve(
+        tiny, [MAYBE] * 4 + [tool_call(name="set_unit", arguments='{"unit": "kelvin"}')]
+    ) as (
+        client,
+        _,
+        _,
+    ):
+
+        def ask(**kw):
+            kw = {"model": "m", "messages": USER, "temperature": 0, "max_tokens": 200} | kw
+            return client.chat.completions.create(**kw).choices[0]
+
+        assert ask().message.content == "Maybe later."
+        required = ask(tools=units, tool_choice="required")
+        (call,) = required.message.tool_calls
+        assert call.function.name == "set_unit" and required.finish_reason == "tool_calls"
+        jsonschema.validate(json.loads(call.function.arguments), UNIT["parameters"])
+        fmt = {"type": "json_schema", "json_schema": {"name": "yes_no", "schema": YES_NO}}
+        answer = ask(response_format=fmt)
+        jsonschema.validate(json.loads(answer.message.content), YES_NO)
+        response = client.responses.create(
+            model="m",
+            input="Hi",
+            temperature=0,
+            max_output_tokens=200,
+            text={"format": {"type": "json_schema", "name": "yes_no", "schema": YES_NO}},
+        )
+        jsonschema.validate(json.loads(response.output_text), YES_NO)
+        assert response.text.format.type == "json_schema"
+        refused = ask(tools=units, tool_choice="none")  # the script calls set_unit
+        assert not refused.message.tool_calls
+
+
+def test_tool_choice_none_keeps_the_tools_declared(tiny, harmony_enc):
     with serve(tiny, [answer()] * 2) as (client, _, _):
         none = client.chat.completions.create(
             model="m", messages=USER, tools=TOOLS, tool_choice="none", max_tokens=100
         )
-        auto = client.chat.completions.create(
-            model="m", messages=USER, tools=TOOLS, tool_choice="auto", max_tokens=100
-        )
-    assert none.usage.prompt_tokens == len(oracle(harmony_enc, o_system(), o_user("Hi")))
+        plain = client.chat.completions.create(model="m", messages=USER, max_tokens=100)
     tooled = oracle(harmony_enc, o_system(), o_developer(None, [WEATHER]), o_user("Hi"))
-    assert auto.usage.prompt_tokens == len(tooled)
+    assert none.usage.prompt_tokens == len(tooled)
+    assert plain.usage.prompt_tokens == len(oracle(harmony_enc, o_system(), o_user("Hi")))
 
 
 # -- tool calls, exact, in both APIs and in streams -----------------------------------------------
@@ -664,13 +721,13 @@ MALFORMED = [
     ("POST", CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 50}, "top_logprobs"),
     ("POST", CHAT, {"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("POST", CHAT, {"messages": USER, "reasoning_effort": "extreme"}, "reasoning_effort"),
-    ("POST", CHAT, {"messages": USER, "tools": TOOLS, "tool_choice": "required"}, "tool_choice"),
     (
         "POST",
         CHAT,
-        {"messages": USER, "response_format": {"type": "json_object"}},
-        "response_format",
+        {"messages": USER, "tools": TOOLS, "tool_choice": {"type": "function", "name": "nope"}},
+        "tool_choice",
     ),
+    ("POST", CHAT, {"messages": USER, "response_format": {"type": "xml"}}, "response_format"),
     ("POST", CHAT, {"messages": [{"role": "user", "content": "hi " * 140_000}]}, "messages"),
     ("POST", RESPONSES, {"model": "m"}, "input"),
     ("POST", RESPONSES, {"input": [{"type": "message", "role": "robot"}]}, "input[0].role"),

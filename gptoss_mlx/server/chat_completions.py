@@ -57,14 +57,15 @@ def parse(body: Mapping, state: ServerState) -> ChatRequest:
     """Check the request and render its prompt (runs off the event loop: it tokenizes)."""
     p.refuse_unsupported(body)
     messages = _messages(body)
-    response_format = p.mapping(body, "response_format")
-    if response_format.get("type", "text") != "text":
-        raise RequestError(
-            "response_format other than text is not supported yet", param="response_format"
-        )
-    tools = p.tools_for_choice(p.function_tools(body.get("tools")), body.get("tool_choice"))
     effort = p.reasoning_effort(body, state.options.reasoning_effort)
     options = p.sampling(body, state.options, ("max_tokens", "max_completion_tokens"))
+    options |= p.structured(
+        state.tokenizer,
+        p.function_tools(body.get("tools")),
+        body.get("tool_choice"),
+        body.get("response_format"),
+        "response_format",
+    )
     options["stop"] = p.stop_strings(body)
     logprobs = None
     if p.boolean(body, "logprobs"):
@@ -76,7 +77,7 @@ def parse(body: Mapping, state: ServerState) -> ChatRequest:
     exclude = exclude or body.get("include_reasoning") is False
     stream = p.boolean(body, "stream")
     include_usage = stream and p.mapping(body, "stream_options").get("include_usage") is True
-    prompt = state.render(messages, tools, effort)
+    prompt = state.render(messages, effort, options["tools"], options["response_format"])
     return ChatRequest(prompt, options, stream, include_usage, exclude, logprobs)
 
 

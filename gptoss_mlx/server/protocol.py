@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..constrain import check_response_format, compile_constraint
 from ..errors import GptOssError
 from ..generate import GenerationEvent
 from ..harmony import REASONING_EFFORTS, Delta
@@ -218,26 +219,36 @@ def function_tools(tools: Any, param: str = "tools") -> list[dict] | None:
         if not isinstance(name, str) or not name:
             raise RequestError(f"'{param}[{i}]' is a function with no name", param=f"{param}[{i}]")
         fn = {"name": name, "description": spec.get("description") or ""}
-        if spec.get("parameters") is not None:
-            fn["parameters"] = spec["parameters"]
+        for key in ("parameters", "strict"):
+            if spec.get(key) is not None:
+                fn[key] = spec[key]
         out.append({"type": "function", "function": fn})
     return out or None
 
 
-def tools_for_choice(tools: list[dict] | None, choice: Any) -> list[dict] | None:
-    """The tools to declare in the prompt under ``tool_choice``: all of them for ``auto``, none
-    for ``none``. ``required`` and a named function need constrained decoding: refused for now."""
-    if choice is None or choice == "auto":
-        return tools
-    if choice == "none":
-        return None
-    if choice == "required" or isinstance(choice, Mapping):
-        raise RequestError(
-            "tool_choice 'required' and a named function are not supported yet: use 'auto' or "
-            "'none'",
-            param="tool_choice",
+def structured(
+    tokenizer: Tokenizer,
+    tools: list[dict] | None,
+    tool_choice: Any,
+    response_format: Any,
+    format_param: str,
+) -> dict:
+    """``stream_generate`` keywords for a request's tools, tool choice and response format,
+    checked now (a 400 before anything is queued): the server renders the prompt itself, so
+    ``tools`` there only serve the constraint (see ``gptoss_mlx.constrain``)."""
+    if isinstance(response_format, Mapping) and response_format.get("type", "text") == "text":
+        response_format = None
+    try:
+        check_response_format(response_format)
+    except GptOssError as e:
+        raise RequestError(str(e), param=format_param) from None
+    try:
+        compile_constraint(
+            tokenizer, response_format=response_format, tools=tools, tool_choice=tool_choice
         )
-    raise RequestError(f"unknown tool_choice {choice!r}", param="tool_choice")
+    except GptOssError as e:
+        raise RequestError(str(e), param="tool_choice") from None
+    return {"tools": tools, "tool_choice": tool_choice, "response_format": response_format}
 
 
 def stop_strings(body: Mapping, name: str = "stop") -> list[str]:

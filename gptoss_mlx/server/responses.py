@@ -117,9 +117,6 @@ def parse(body: Mapping, state: ServerState) -> ResponsesRequest:
     p.refuse_unsupported(body)
     if body.get("background"):
         raise RequestError("background responses are not supported", param="background")
-    text_format = p.mapping(p.mapping(body, "text"), "format")
-    if text_format.get("type", "text") != "text":
-        raise RequestError("text.format other than text is not supported yet", param="text")
     conversation: list[dict] = []
     previous = body.get("previous_response_id")
     if previous is not None:
@@ -139,9 +136,16 @@ def parse(body: Mapping, state: ServerState) -> ResponsesRequest:
     messages = ([{"role": "system", "content": instructions}] if instructions else []) + [
         *conversation
     ]
-    tools = p.tools_for_choice(p.function_tools(body.get("tools")), body.get("tool_choice"))
     effort = p.reasoning_effort(body, state.options.reasoning_effort)
     options = p.sampling(body, state.options, ("max_output_tokens",))
+    text_format = p.mapping(p.mapping(body, "text"), "format") or None
+    options |= p.structured(
+        state.tokenizer,
+        p.function_tools(body.get("tools")),
+        body.get("tool_choice"),
+        text_format,
+        "text.format",
+    )
     echo = {
         "instructions": instructions,
         "tools": body.get("tools") or [],
@@ -153,12 +157,12 @@ def parse(body: Mapping, state: ServerState) -> ResponsesRequest:
         "previous_response_id": previous,
         "reasoning": {"effort": effort, "summary": None},
         "store": p.boolean(body, "store", True),
-        "text": {"format": {"type": "text"}},
+        "text": {"format": text_format or {"type": "text"}},
         "truncation": "disabled",
         "metadata": body.get("metadata") or {},
         "user": body.get("user"),
     }
-    prompt = state.render(messages, tools, effort)
+    prompt = state.render(messages, effort, options["tools"], options["response_format"])
     return ResponsesRequest(
         prompt, options, p.boolean(body, "stream"), echo["store"], conversation, echo
     )

@@ -59,7 +59,11 @@ class ServerState:
         return self.prompt_cache.stream_generate(prompt, tokenizer=self.tokenizer, **options)
 
     def render(
-        self, messages: Sequence[Mapping], tools: list[dict] | None, reasoning_effort: str
+        self,
+        messages: Sequence[Mapping],
+        reasoning_effort: str,
+        tools: list[dict] | None = None,
+        response_format: Mapping | None = None,
     ) -> list[int]:
         """The harmony prompt for a request's messages, the turns this server generated
         rendered as the model wrote them (see ``TurnMemory``)."""
@@ -68,6 +72,7 @@ class ServerState:
                 self.turns.restore(messages),
                 tools=tools,
                 reasoning_effort=reasoning_effort,
+                response_format=response_format,
                 tokenizer=self.tokenizer,
             )
         except RequestError:
