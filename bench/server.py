@@ -6,7 +6,7 @@ saves.
 The model: random weights with the CPU-proxy head geometry of `gptoss_mlx.benchmark.TINY` (64-dim
 heads, 16 query / 2 KV heads, window 128, 8 experts, 4 layers) at hidden size 64, and
 gpt-oss's real 201088-token vocabulary, so harmony prompts apply. On the 2-core CPU it decodes
-about 50 tokens/s (20 ms a token): the per-token time of gpt-oss on a Mac is of that order, so
+40 to 70 tokens/s (14 to 26 ms a token): the per-token time of gpt-oss on a Mac is of that order, so
 the HTTP layer's per-token cost weighs here about as it would there. The server runs in a child
 process (uvicorn, as `gptoss-mlx serve` runs it) on the same weights; this process is its client
 (httpx), so client and server do not share an interpreter.

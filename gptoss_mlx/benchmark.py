@@ -7,6 +7,9 @@ which is `bandwidth / weight bytes read per decoded token` and is labelled as su
 With `compare="mlx-lm"` the same weights (the same arrays in memory, in the published layout) run
 through mlx-lm's gpt-oss model and `generate_step` in this process, alternating runs, and the
 table shows ours / theirs.
+
+`bench_kernels` (`gptoss-mlx bench --kernels`) measures each custom kernel against the mlx ops it
+replaces at the model's shapes and prints the times and the decision (`kernels.measured`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import kernels
 from .config import ModelConfig, preset
 from .errors import GptOssError
 from .generate import stream_generate
@@ -34,7 +38,7 @@ from .loading import build_model, load_model, parse_dtype
 from .model import GptOssModel
 from .progress import progress_bar
 from .synthetic import hf_config_json, random_checkpoint
-from .weights import checkpoint_from_tensors, find_weights_folder
+from .weights import checkpoint_from_tensors, find_weights_folder, read_checkpoint
 
 # A CPU-sized proxy of gpt-oss: real head geometry (64-dim heads, 8 query heads per KV
 # head, window 128) at reduced width, depth and vocabulary.
@@ -410,6 +414,50 @@ class Benchmark:
     def primitives(self) -> dict:
         """Per engine, the primitives one decode step evaluates (see `launch_summary`)."""
         return {engine.name: launch_summary(engine.primitives()) for engine in self.engines}
+
+
+def kernel_shapes(config: ModelConfig) -> kernels.Shapes:
+    """The shapes the kernels run at for a model of `config`."""
+    return kernels.Shapes(
+        hidden=config.hidden_size,
+        intermediate=config.intermediate_size,
+        experts_per_token=config.experts_per_token,
+        heads=config.num_attention_heads,
+        kv_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        window=config.sliding_window,
+    )
+
+
+def bench_kernels(
+    model_path: str | None = None, synthetic: str | None = None, progress: bool = False
+) -> str:
+    """Measure every kernel against its mlx path at the shapes of `model_path`'s config (only the
+    config is read) or of a synthetic preset, afresh, and report times and decisions (the
+    decisions are saved for later runs). Without a Metal GPU (and no $GPTOSS_MLX_KERNELS=emulate)
+    there is nothing to measure: say so."""
+    if (model_path is None) == (synthetic is None):
+        raise GptOssError("give exactly one of --model PATH|REPO or --synthetic 20b|120b|tiny")
+    if synthetic is not None:
+        if synthetic not in SYNTHETIC:
+            raise GptOssError(
+                f"--synthetic must be one of {', '.join(SYNTHETIC)}, not {synthetic!r}"
+            )
+        config = SYNTHETIC[synthetic]
+    else:
+        folder = find_weights_folder(resolve_model_path(model_path, progress=progress))
+        config = read_checkpoint(folder).config
+    backend = kernels.resolve(None)
+    if backend == "mlx":
+        return (
+            "No Metal GPU here (or $GPTOSS_MLX_KERNELS=mlx): every op runs the mlx path, no kernel "
+            "to measure. On a Mac this prints each kernel's time against its mlx path and the "
+            "decision; $GPTOSS_MLX_KERNELS=emulate runs the kernels through the CPU emulator "
+            "(correctness, not speed)."
+        )
+    measure = kernels.policy(None) == "measure" or backend == "emulate"
+    decisions = kernels.decide(backend, kernel_shapes(config), measure=measure, fresh=True)
+    return kernels.format_decisions(decisions, backend, measured=measure)
 
 
 def _prompt(key: mx.array, vocab: int, length: int) -> list[int]:

@@ -31,7 +31,7 @@ from . import (
     load,
     tools,
 )
-from .benchmark import format_report
+from .benchmark import bench_kernels, format_report
 from .harmony import REASONING_EFFORTS, Delta
 from .kernels import BACKENDS
 from .server import create_app
@@ -681,6 +681,12 @@ class IntList(click.ParamType):
 @click.option(
     "--ops", is_flag=True, help="Also count the MLX primitives one decode step evaluates."
 )
+@click.option(
+    "--kernels",
+    "kernel_table",
+    is_flag=True,
+    help="Instead: time each custom Metal kernel against its mlx path and print the decision.",
+)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
@@ -696,10 +702,14 @@ def bench_command(
     chip: str | None,
     compare: str | None,
     ops: bool,
+    kernel_table: bool,
     seed: int,
     as_json: bool,
 ) -> None:
     """Measure prompt and decode speed, memory and bytes per token."""
+    if kernel_table:
+        click.echo(bench_kernels(model_path, synthetic, progress=not as_json))
+        return
     bench = Benchmark(
         model_path=model_path,
         synthetic=synthetic,
