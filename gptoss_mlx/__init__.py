@@ -2,10 +2,12 @@
 
 The public API: `load_model` (and, with the tokenizer, `load`), `stream_generate`, `generate`,
 `ChatSession` (multi-turn chat keeping the KV cache, running tools), `ToolLoop` (the tool loop on
-its own, for other sessions), `tools` (function tools, `Browser`, `Python`), `convert`,
-`Benchmark`, `harmony`, `check_response_format` (structured output, see `gptoss_mlx.constrain`),
-`distributed` (one model across several processes: connecting, the leader's commands), and the
-one error type `GptOssError`. The command line (`gptoss_mlx.cli`) uses nothing else.
+its own, for other sessions), `tools` (function tools, `Browser`, `Python`), `PromptCache` (KV
+caches of recent conversations, reused across requests), `convert`, `Benchmark`, `harmony`,
+`check_response_format` (structured output, see `gptoss_mlx.constrain`), `distributed` (one model
+across several processes: connecting, the leader's commands), and the one error type
+`GptOssError`; the HTTP server is `gptoss_mlx.server.create_app`. The command line
+(`gptoss_mlx.cli`) uses nothing else.
 """
 
 from . import distributed, harmony, tools
@@ -18,6 +20,7 @@ from .errors import GptOssError
 from .generate import GenerationEvent, GenerationStats, generate, stream_generate
 from .loading import load, load_model
 from .model import GptOssModel
+from .prompt_cache import PromptCache
 from .sample import check_sampling, make_sampler
 from .tokenizer import StreamingDetokenizer, Tokenizer
 from .tool_loop import ToolEvent, ToolLoop
@@ -30,6 +33,7 @@ __all__ = [
     "GptOssError",
     "GptOssModel",
     "ModelConfig",
+    "PromptCache",
     "StreamingDetokenizer",
     "Tokenizer",
     "ToolEvent",

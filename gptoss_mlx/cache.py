@@ -13,6 +13,9 @@ compiled once (see `GptOssModel.__call__`).
 
 from __future__ import annotations
 
+from copy import copy as shallow_copy
+from dataclasses import dataclass
+
 import mlx.core as mx
 
 from .ops import attention_mask, filled_slots
@@ -44,6 +47,17 @@ class KVCache:
         self.offset -= n
         return True
 
+    def copy(self) -> KVCache:
+        """A cache holding the same positions that later writes to either leave the other alone.
+
+        MLX arrays are values; only the buffers' Python objects (which writes rebind) are new, so
+        nothing is copied until one of the two is written.
+        """
+        other = shallow_copy(self)
+        if self.keys is not None:
+            other.keys, other.values = self.keys[...], self.values[...]
+        return other
+
 
 class FullCache(KVCache):
     """Every position's keys and values, in a buffer grown `step` positions at a time."""
@@ -64,8 +78,9 @@ class FullCache(KVCache):
         if self.keys is None:
             self.keys, self.values = new_k, new_v
         else:
-            self.keys = mx.concatenate([self.keys[..., : self.offset, :], new_k], axis=2)
-            self.values = mx.concatenate([self.values[..., : self.offset, :], new_v], axis=2)
+            # The whole buffer: after a trim it holds more slots than `offset`.
+            self.keys = mx.concatenate([self.keys, new_k], axis=2)
+            self.values = mx.concatenate([self.values, new_v], axis=2)
 
     def update(
         self, keys: mx.array, values: mx.array
@@ -128,10 +143,42 @@ class SlidingCache(KVCache):
         return all_k, all_v, attention_mask(T, previous + T, W)
 
     def can_trim(self, n: int) -> bool:
-        """Only n <= 1: the slot of a forgotten position held, before it, the position `window`
-        earlier, which the next query (at the forgotten position) no longer sees; forgetting two
-        would lose one it does see."""
-        return n <= min(1, self.offset)
+        """n <= 1, or any n while no slot has been overwritten yet (offset <= window).
+
+        Once the ring has wrapped, the slot of a forgotten position held, before it, the position
+        `window` earlier, which the next query (at the forgotten position) no longer sees;
+        forgetting two would lose one it does see. Going back further takes a `snapshot`.
+        """
+        return n <= self.offset and (n <= 1 or self.offset <= self.window)
+
+    def snapshot(self) -> RingSnapshot:
+        """The ring as it is now (a few MB at gpt-oss shapes), to `restore` after it moved on."""
+        if self.keys is None:
+            return RingSnapshot(None, None, 0)
+        return RingSnapshot(self.keys[...], self.values[...], self.offset)
+
+    def restore(self, snapshot: RingSnapshot) -> None:
+        """Put the ring back to `snapshot`: it holds the positions it held then (the snapshot
+        itself stays valid for later restores)."""
+        if snapshot.keys is None:
+            self.keys = self.values = None
+        else:
+            self.keys, self.values = snapshot.keys[...], snapshot.values[...]
+        self.offset = snapshot.offset
+
+
+@dataclass(frozen=True)
+class RingSnapshot:
+    """A sliding layer's ring buffers `[B, H_kv, window, D]` at position counter `offset` (None
+    before the ring's first use)."""
+
+    keys: mx.array | None
+    values: mx.array | None
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
 
 class DecodeSlot:

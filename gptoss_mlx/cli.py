@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 
 import click
+import uvicorn
 
 from . import (
     Benchmark,
@@ -37,6 +38,9 @@ from . import (
 )
 from .benchmark import bench_kernels, format_report
 from .harmony import REASONING_EFFORTS, Delta
+from .kernels import BACKENDS
+from .server import create_app
+from .server.app import REASONING_FORMATS
 
 
 def user_errors(command: Callable) -> Callable:
@@ -146,68 +150,80 @@ def model_options(command: Callable) -> Callable:
     )(command)
 
 
+def _options(options: list[Callable]) -> Callable:
+    """A decorator adding click options in the order given."""
+
+    def decorate(command: Callable) -> Callable:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
 def sampling_options(command: Callable) -> Callable:
     """The generation options shared by generate and chat; they reach the command as keywords
     named as `stream_generate` names them (plus `reasoning_effort` and `system`)."""
-    for option in reversed(
-        [
-            click.option(
-                "--max-tokens",
-                type=click.IntRange(min=1),
-                default=4096,
-                show_default=True,
-                help="Most tokens to generate per reply (reasoning included).",
-            ),
-            click.option(
-                "--temperature",
-                type=click.FloatRange(min=0),
-                default=1.0,
-                show_default=True,
-                help="0 is greedy.",
-            ),
-            click.option(
-                "--top-p",
-                type=click.FloatRange(0, 1, min_open=True),
-                default=1.0,
-                show_default=True,
-                help="Nucleus sampling; 1 disables it.",
-            ),
-            click.option(
-                "--top-k",
-                type=click.IntRange(min=0),
-                default=0,
-                show_default=True,
-                help="Sample among the K most likely tokens; 0 disables it.",
-            ),
-            click.option(
-                "--min-p",
-                type=click.FloatRange(0, 1, max_open=True),
-                default=0.0,
-                show_default=True,
-                help="Drop tokens less likely than MIN_P x the best one.",
-            ),
-            click.option(
-                "--seed",
-                type=click.IntRange(0, 2**64 - 1),
-                default=None,
-                help="Random seed (reproducible output).",
-            ),
-            click.option(
-                "--reasoning-effort",
-                type=click.Choice(REASONING_EFFORTS),
-                default="medium",
-                show_default=True,
-                help="How much the model thinks before answering.",
-            ),
-            click.option(
-                "--system",
-                default=None,
-                help="Instructions for the model (harmony's developer message).",
-            ),
-        ]
-    ):
-        command = option(command)
-    return command
+    max_tokens = click.option(
+        "--max-tokens",
+        type=click.IntRange(min=1),
+        default=4096,
+        show_default=True,
+        help="Most tokens to generate per reply (reasoning included).",
+    )
+    system = click.option(
+        "--system",
+        default=None,
+        help="Instructions for the model (harmony's developer message).",
+    )
+    return _options([max_tokens, *_sampling_option_list(), system])(command)
+
+
+def _sampling_option_list() -> list[Callable]:
+    """--temperature, --top-p, --top-k, --min-p, --seed and --reasoning-effort."""
+    return [
+        click.option(
+            "--temperature",
+            type=click.FloatRange(min=0),
+            default=1.0,
+            show_default=True,
+            help="0 is greedy.",
+        ),
+        click.option(
+            "--top-p",
+            type=click.FloatRange(0, 1, min_open=True),
+            default=1.0,
+            show_default=True,
+            help="Nucleus sampling; 1 disables it.",
+        ),
+        click.option(
+            "--top-k",
+            type=click.IntRange(min=0),
+            default=0,
+            show_default=True,
+            help="Sample among the K most likely tokens; 0 disables it.",
+        ),
+        click.option(
+            "--min-p",
+            type=click.FloatRange(0, 1, max_open=True),
+            default=0.0,
+            show_default=True,
+            help="Drop tokens less likely than MIN_P x the best one.",
+        ),
+        click.option(
+            "--seed",
+            type=click.IntRange(0, 2**64 - 1),
+            default=None,
+            help="Random seed (reproducible output).",
+        ),
+        click.option(
+            "--reasoning-effort",
+            type=click.Choice(REASONING_EFFORTS),
+            default="medium",
+            show_default=True,
+            help="How much the model thinks before answering.",
+        ),
+    ]
 
 
 def _sampling(options: dict) -> dict:
@@ -797,6 +813,73 @@ def bench_command(
     result = bench.run(prompt_tokens, gen_tokens, repeats, warmup, ops=ops)
     if leader:
         click.echo(json.dumps(result, indent=1) if as_json else format_report(result))
+
+
+@main.command("serve")
+@model_options
+@click.option(
+    "--kernels",
+    type=click.Choice(BACKENDS),
+    default=None,
+    help="Kernel backend [auto: Metal where available, else the mlx ops].",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on /v1.")
+@click.option(
+    "--model-name", default=None, help="The model's name in /v1/models [the model's folder name]."
+)
+@click.option(
+    "--prompt-cache-gb",
+    type=click.FloatRange(min=0),
+    default=2.0,
+    show_default=True,
+    help="Memory for the KV caches of recent conversations (0: none).",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(min=0),
+    default=32,
+    show_default=True,
+    help="Requests that may wait for the model; beyond, 503 with Retry-After.",
+)
+@click.option(
+    "--reasoning-format",
+    type=click.Choice(REASONING_FORMATS),
+    default="reasoning",
+    show_default=True,
+    help="The Chat Completions field reasoning goes out in.",
+)
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Most tokens per reply when a request does not say [the rest of the context].",
+)
+@_options(_sampling_option_list())
+@user_errors
+def serve_command(
+    model: str,
+    dtype: str | None,
+    kernels: str | None,
+    host: str,
+    port: int,
+    model_name: str | None,
+    **options,
+) -> None:
+    """Serve gpt-oss over an OpenAI-compatible HTTP API (Chat Completions and Responses).
+
+    Point any OpenAI client at http://HOST:PORT/v1. Requests are queued and run one at a time;
+    the KV caches of recent conversations are kept, so each turn prefills only its new tokens.
+    """
+    check_sampling(options["temperature"], options["top_p"], options["top_k"], options["min_p"])
+    if host not in ("127.0.0.1", "localhost", "::1") and not options["api_key"]:
+        click.secho(f"warning: listening on {host} with no --api-key", fg="yellow", err=True)
+    mdl, tok = load(model, dtype, progress=sys.stderr.isatty(), kernels=kernels)
+    name = model_name or model.rstrip("/").rsplit("/", 1)[-1]
+    app = create_app(mdl, tok, model_name=name, **options)
+    click.echo(f"Serving {model} as {name!r} on http://{host}:{port}/v1", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="info")
 
 
 if __name__ == "__main__":
