@@ -117,24 +117,49 @@ def expert_shard(num_experts: int, group: Group | None) -> ExpertShard | None:
 
 # --- sampling -------------------------------------------------------------------------------------
 
+STOPPED = -1  # the token id every rank draws once rank 0's generation is cancelled
 
-def leader_token(token: mx.array, group: Group | None) -> mx.array:
-    """Rank 0's `token` on every rank (lazily: one all_sum of the ids)."""
+
+def _drawn(token: mx.array, cancelled: Callable[[], bool] | None) -> mx.array:
+    """`token` as int32, or STOPPED if `cancelled()` says so now (as the draw is queued)."""
+    return mx.where(cancelled is not None and cancelled(), STOPPED, token.astype(mx.int32))
+
+
+def leader_token(
+    token: mx.array, group: Group | None, cancelled: Callable[[], bool] | None = None
+) -> mx.array:
+    """Rank 0's `token` (int32) on every rank, lazily: one all_sum of the ids. STOPPED instead
+    when rank 0's `cancelled()` is true as the draw is queued (the other ranks' is not asked).
+
+    Every rank's share depends on its own `token`, even where it is replaced: collectives run in
+    the order their inputs allow, and this one must follow the model's on every rank alike.
+    """
     if group is None or group.size() == 1:
         return token
     beat()
-    mine = mx.where(group.rank() == 0, token, mx.zeros_like(token))
+    leads = group.rank() == 0
+    mine = mx.where(leads, _drawn(token, cancelled if leads else None), 0)
     return mx.distributed.all_sum(mine, group=group)
 
 
 def shared_sampler(
-    sampler: Callable[[mx.array], mx.array], group: Group | None
+    sampler: Callable[[mx.array], mx.array],
+    group: Group | None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> Callable[[mx.array], mx.array]:
     """`sampler`, with every rank taking rank 0's token: the ranks' logits can differ in the last
-    bits (Macs of different chips round differently), their tokens never do."""
-    if group is None or group.size() == 1:
+    bits (Macs of different chips round differently), their tokens never do.
+
+    With `cancelled`, a draw queued once it returns true is STOPPED, on every rank alike: rank 0's
+    cancellation travels with its token, so every rank ends the generation at the same token
+    without a collective of its own. STOPPED is a valid index where it is fed to the model (-1
+    reads the embedding's last row); the generation drops that step.
+    """
+    if group is not None and group.size() > 1:
+        return lambda logits: leader_token(sampler(logits), group, cancelled)
+    if cancelled is None:
         return sampler
-    return lambda logits: leader_token(sampler(logits), group)
+    return lambda logits: _drawn(sampler(logits), cancelled)
 
 
 # --- connecting -----------------------------------------------------------------------------------
@@ -297,8 +322,16 @@ def beat() -> None:
 def fail(message: str) -> None:
     """Print `error: message` and end the process now, from any thread (the main one may be
     blocked in a collective that will never finish)."""
-    os.write(_stderr_fd, f"error: {message}\n".encode())
-    os._exit(1)
+    _exit(f"error: {message}\n", 1)
+
+
+def _exit(line: str, status: int) -> None:
+    """Write `line` to stderr and end the process, even if stderr is gone (a launcher that died
+    closes the pipe it read the ranks' output from)."""
+    try:
+        os.write(_stderr_fd, line.encode())
+    finally:
+        os._exit(status)
 
 
 def end_on_signals() -> None:
@@ -320,8 +353,7 @@ def end_on_signals() -> None:
     def watch() -> None:
         number = os.read(read, 1)[0]
         if number == signal.SIGINT:
-            os.write(_stderr_fd, b"interrupted\n")
-            os._exit(130)
+            _exit("interrupted\n", 130)
         fail(
             f"rank {rank}: stopped by {signal.Signals(number).name} (mlx.launch stops every "
             "rank when one fails)"

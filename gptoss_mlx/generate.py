@@ -17,6 +17,9 @@
     ranks:         a model sharded over several processes (`model.group`) checks that every
                    rank runs the same prompt, and every draw (constrained or not) feeds every
                    rank rank 0's token (`distributed.shared_sampler`).
+    cancelled:     polled as each draw is queued; once true the draw is STOPPED (across ranks,
+                   rank 0's answer on every rank) and generation ends when it is read: the
+                   events already drawn still come, then no more.
 
 A consequence of pipelining: when generation stops on a stop token, that token has already been fed
 through the model, so the cache holds ``prompt + completion``; when it stops at ``max_tokens`` the
@@ -37,7 +40,7 @@ from typing import Protocol
 import mlx.core as mx
 
 from .constrain import Guide, compile_constraint
-from .distributed import check_same_tokens, shared_sampler
+from .distributed import STOPPED, check_same_tokens, shared_sampler
 from .errors import GptOssError
 from .harmony import Delta, StreamParser, parse_completion, parse_response_format, render_prompt
 from .progress import progress_bar
@@ -80,6 +83,7 @@ class GenerationStats:
     generation_tps: float = 0.0  # tokens after the first / time after the first
     peak_memory: int = 0  # mx.get_peak_memory() since the call started (weights included)
     finish_reason: str | None = None  # "stop" (<|return|>), "tool_calls" (<|call|>), "length"
+    # (and "cancelled" from `generate` when `cancelled` ended it)
     masked_tokens: int = 0  # tokens drawn under a constraint's mask
     mask_seconds: float = 0.0  # host time computing those masks
 
@@ -307,6 +311,7 @@ def stream_generate(
     logprobs: int | None = None,
     prefill_pauses: Sequence[int] = (),
     on_pause: Callable[[int], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> Iterator[GenerationEvent]:
     """Generate from ``prompt``, yielding a :class:`GenerationEvent` per token.
 
@@ -328,9 +333,12 @@ def stream_generate(
     need a tokenizer. ``logprobs``: each event carries its token's log probability and the
     ``logprobs`` (0..20) most likely tokens'. ``prefill_pauses`` / ``on_pause``: positions of
     ``prompt`` at which the prefill pauses and calls ``on_pause(p)`` with the cache holding its
-    first ``p`` tokens (to snapshot it). The prompt (with what ``cache`` holds) must leave room in
-    the model's context for one token; generation ends ("length") where the context does
-    (``max_tokens=None``: only there).
+    first ``p`` tokens (to snapshot it). ``cancelled``: asked as each token's draw is queued;
+    once it says True the events stop within two tokens, the last with no ``finish_reason``,
+    and ``cache`` holds the prompt and the tokens yielded; a model sharded over ranks asks rank
+    0's only, and every rank stops at the same token. The prompt (with what ``cache`` holds)
+    must leave room in the model's context for one token; generation ends ("length") where the
+    context does (``max_tokens=None``: only there).
     The last event carries ``finish_reason`` and :class:`GenerationStats`.
     """
     ids, tokenizer = prompt_tokens(
@@ -366,7 +374,7 @@ def stream_generate(
     sampler = sampler or make_sampler(temperature, top_p, top_k, min_p, seed=seed)
     group = getattr(model, "group", None)
     check_same_tokens(ids, group)
-    sampler = shared_sampler(sampler, group)
+    sampler = shared_sampler(sampler, group, cancelled)
     constraint = None
     if response_format is not None or tool_choice is not None or tools:
         constraint = compile_constraint(
@@ -442,6 +450,11 @@ def _generate_events(
             next_logprobs = with_logprobs(next_y, logits) if next_y is not None else ()
             mx.async_eval(logits if next_y is None else next_y, *next_logprobs)
         token = int(y.item())
+        if token == STOPPED:  # cancelled: the step queued above fed it, so forget that position
+            if n + 1 < max_tokens:
+                for c in cache:
+                    c.trim(1)
+            return
         n += 1
         t_last = time.perf_counter()
         if n == 1:
@@ -524,6 +537,8 @@ def generate(
         content += [d.text for d in event.deltas if d.kind == "content"]
         if on_event is not None:
             on_event(event)
+    if stats is None:  # `cancelled` ended it: no event carried statistics
+        stats = GenerationStats(generation_tokens=len(tokens), finish_reason="cancelled")
     if tokenizer is not None:
         result = parse_completion(tokens, tokenizer)
         result["content"] = "".join(content)  # the parse's content, less what a stop string cut
