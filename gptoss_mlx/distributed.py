@@ -325,9 +325,14 @@ def fail(message: str) -> None:
     _exit(f"error: {message}\n", 1)
 
 
+_ending = threading.Lock()  # held by the one thread that ends the process
+
+
 def _exit(line: str, status: int) -> None:
     """Write `line` to stderr and end the process, even if stderr is gone (a launcher that died
-    closes the pipe it read the ranks' output from)."""
+    closes the pipe it read the ranks' output from). Only the first thread to call it writes: a
+    lost rank can be noticed by several at once, and the user reads one line."""
+    _ending.acquire()
     try:
         os.write(_stderr_fd, line.encode())
     finally:
@@ -367,14 +372,21 @@ def end_on_signals() -> None:
 
 _stderr_fd = 2  # where this process's stderr really goes (see quiet_backend_logs)
 _BACKEND_LOG = b"[ring]"
+_CONNECTION_LOST = b"Too many send/recv errors"  # what the ring logs as it gives a connection up
+_LOST = "[ring] connection to a peer was lost"  # and the error it then raises, if it can
 
 
 def quiet_backend_logs() -> None:
-    """Drop the ring backend's log lines from this process's stderr; everything else passes.
+    """Drop the ring backend's log lines from this process's stderr; everything else passes; and
+    end this process at once, with one line, when the ring says it lost a connection.
 
     When a peer goes away MLX's ring backend logs "[ring] Socket 3 was closed by the peer" ten
     times and "Too many send/recv errors" before the collective fails; the one-line error that
-    follows says what happened. $MLX_RING_VERBOSE (MLX's own switch for its logs) keeps them.
+    follows says what happened. That last line is also the only sure sign: MLX raises the
+    failure only in the main thread and only as it queues more work, while every collective
+    queued after it waits on the lost connection for ever (the ring's socket thread has
+    returned), so this process cannot go on. $MLX_RING_VERBOSE (MLX's own switch for its logs)
+    keeps them, and leaves the ending to the error or the watchdog.
     """
     global _stderr_fd
     if os.environ.get("MLX_RING_VERBOSE") or _stderr_fd != 2:
@@ -396,9 +408,11 @@ def quiet_backend_logs() -> None:
 
 
 def _filter_lines(source: int, target: int) -> None:
-    """Copy `source` to `target` as it comes, except lines starting with _BACKEND_LOG. C++
-    writes a line in pieces, so the start of each line is held until it tells which it is."""
+    """Copy `source` to `target` as it comes, except lines starting with _BACKEND_LOG; end the
+    process on _CONNECTION_LOST. C++ writes a line in pieces, so the start of each line is held
+    until it tells which it is."""
     start, state = b"", "start"  # state: "start" (deciding), "pass" or "drop" (to the newline)
+    dropped = b""  # the line being dropped, up to the length of _CONNECTION_LOST
     while data := os.read(source, 65536):
         while data:
             if state == "start":
@@ -421,8 +435,12 @@ def _filter_lines(source: int, target: int) -> None:
             data = data[len(piece) :]
             if state == "pass":
                 os.write(target, piece)
+            else:
+                dropped = (dropped + piece)[: len(_CONNECTION_LOST) + 1]
+                if dropped.lstrip().startswith(_CONNECTION_LOST):
+                    fail(str(peer_failure(RuntimeError(_LOST))))
             if end >= 0:
-                state = "start"
+                state, dropped = "start", b""
     if start:
         os.write(target, start)
 
