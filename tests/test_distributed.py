@@ -1,11 +1,13 @@
 """One model across several processes on localhost (MLX's ring backend, CPU), against the same
 model in one process: the split of the experts, float32 logits and greedy tokens with 2 and 3
-ranks (8 experts: 3 + 3 + 2 over 3 ranks) in the published and converted layouts, the `generate`
-and `chat` commands under `mlx.launch`, what each rank holds in memory at the real 120b layer
-shapes, and how a run ends when a rank dies, hangs or never comes."""
+ranks (8 experts: 3 + 3 + 2 over 3 ranks) in the published and converted layouts, the `generate`,
+`chat` and `serve` commands under `mlx.launch` (`serve` through the real `openai` client, against
+a server in one process), what each rank holds in memory at the real 120b layer shapes, and how a
+run ends when a rank dies, hangs or never comes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,15 +18,18 @@ import sys
 import time
 
 import checkpoints as ck
+import httpx
 import mlx.core as mx
 import numpy as np
 import pytest
 from distributed_rank import GREEDY_TOKENS, PROMPT
+from serving import running
 
 from gptoss_mlx import convert, distributed, generate, load, load_model
 from gptoss_mlx.loading import build_model
 from gptoss_mlx.moe import MoE
 from gptoss_mlx.safetensors_check import read_header
+from gptoss_mlx.server import create_app
 from gptoss_mlx.synthetic import hf_config_json
 from gptoss_mlx.weights import checkpoint_from_tensors, read_checkpoint
 
@@ -519,3 +524,148 @@ def test_the_idle_chat_leader_notices_a_dead_rank(o200k_dir, tmp_path):
         os.close(write)
     assert procs[0].returncode == 1 and took < 10
     assert len(errors(procs[0].err.read_text())) == 1
+
+
+# --- serve across ranks ---------------------------------------------------------------------------
+
+
+SERVED_MODEL = "gpt-oss-tiny"
+
+
+def serve_args(o200k_dir: str, port: int) -> list[str]:
+    return cli("serve", "-m", o200k_dir, "--dtype", "float32", "--port", str(port))
+
+
+def wait_until_serving(url: str, procs: list, err, timeout: float = 120) -> None:
+    """Wait until the server at `url` answers /health (its processes alive meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert all(p.poll() is None for p in procs), err.read_text()
+        assert time.monotonic() < deadline, "the server did not start\n" + err.read_text()
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def served_across_ranks(o200k_dir, tmp_path_factory):
+    """`gptoss-mlx serve` of the tiny model (float32) under `mlx.launch`, 2 ranks on localhost:
+    an `openai` client for it."""
+    openai = pytest.importorskip("openai")
+    tmp = tmp_path_factory.mktemp("served")
+    base = free_ports(3)  # the ring's two ports, then the server's
+    command = [LAUNCHER, "--backend", "ring", "-n", "2", "--starting-port", str(base), "--"]
+    command += [sys.executable, *serve_args(o200k_dir, base + 2)]
+    err = tmp / "err"
+    with open(tmp / "out", "w") as o, open(err, "w") as e:
+        launcher = subprocess.Popen(  # its own process group: the ranks are ended with it
+            command,
+            cwd=ROOT,
+            env=environment(),
+            stdin=subprocess.PIPE,
+            stdout=o,
+            stderr=e,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{base + 2}"
+    try:
+        wait_until_serving(url, [launcher], err)
+        yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    finally:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        launcher.stdin.close()
+    assert not errors(err.read_text()) and "Traceback" not in err.read_text(), err.read_text()
+
+
+@pytest.fixture(scope="module")
+def served_alone(o200k_dir):
+    """The same server in one process: what the ranks must answer."""
+    openai = pytest.importorskip("openai")
+    model, tok = load(o200k_dir, "float32")
+    with running(create_app(model, tok)) as url:
+        yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+FIRST = [{"role": "user", "content": "Why is the sky blue?"}]
+GREEDY = {"model": SERVED_MODEL, "temperature": 0, "max_tokens": 24}
+
+
+def ask(client, messages):
+    return client.chat.completions.create(messages=messages, **GREEDY)
+
+
+def same_reply(across, alone) -> None:
+    """Two chat completions with the same message (24 tokens of the random model's text, in the
+    answer: it writes no channel headers), finish and usage."""
+    assert across.choices[0].message == alone.choices[0].message
+    assert across.choices[0].message.content != ""
+    assert across.choices[0].finish_reason == alone.choices[0].finish_reason
+    assert across.usage == alone.usage
+
+
+def test_serve_across_ranks_answers_as_one_process(served_across_ranks, served_alone):
+    """A request, the same streamed, and the conversation's next turn (from the prompt cache)."""
+    first = ask(served_across_ranks, FIRST)
+    same_reply(first, ask(served_alone, FIRST))
+    chunks = list(
+        served_across_ranks.chat.completions.create(messages=FIRST, stream=True, **GREEDY)
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == first.choices[0].message.content != ""
+    assert chunks[-1].choices[0].finish_reason == first.choices[0].finish_reason
+    turns = [*FIRST, first.choices[0].message.model_dump(exclude_none=True)]
+    turns.append({"role": "user", "content": "And at sunset?"})
+    second = ask(served_across_ranks, turns)
+    assert second.usage.prompt_tokens_details.cached_tokens > first.usage.prompt_tokens
+    same_reply(second, ask(served_alone, turns))
+
+
+def test_serve_across_ranks_a_client_that_leaves_mid_stream_frees_every_rank(
+    served_across_ranks, served_alone
+):
+    """Were the cancellation not shared, the other rank would go on generating (100000 tokens)
+    and the next request would wait for it, or find it out of step."""
+    body = {"messages": [{"role": "user", "content": "Talk forever."}], "stream": True}
+    body |= {"model": SERVED_MODEL, "max_tokens": 100000}
+    url = str(served_across_ranks.base_url).removesuffix("/v1/").removesuffix("/v1")
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(8):
+            next(lines)
+    tic = time.monotonic()
+    question = [{"role": "user", "content": "Hi"}]
+    reply = ask(served_across_ranks, question)
+    assert time.monotonic() - tic < 10
+    same_reply(reply, ask(served_alone, question))
+
+
+@pytest.mark.parametrize("when, killed", [("idle", 1), ("generating", 1), ("generating", 0)])
+def test_serve_across_ranks_ends_when_a_rank_is_killed(when, killed, o200k_dir, tmp_path):
+    """Rank 1 killed: rank 0 (the server, idle or streaming) ends; rank 0 killed: rank 1 (the
+    follower, generating) ends. Either within a bounded time, with one line."""
+    base = free_ports(3)
+    procs = spawn(2, serve_args(o200k_dir, base + 2), tmp_path)
+    url = f"http://127.0.0.1:{base + 2}"
+    wait_until_serving(url, procs, procs[0].err)
+    body = {"messages": [{"role": "user", "content": "Talk forever."}], "stream": True}
+    with contextlib.ExitStack() as stack:
+        if when == "generating":
+            body |= {"model": SERVED_MODEL, "max_tokens": 100000}
+            r = stack.enter_context(httpx.stream("POST", url + "/v1/chat/completions", json=body))
+            lines = r.iter_lines()
+            for _ in range(8):
+                next(lines)
+        procs[killed].send_signal(signal.SIGKILL)
+        survivor = 1 - killed
+        took = wait_all(procs[survivor : survivor + 1], 30)
+    assert took < 15
+    err = procs[survivor].err.read_text()
+    assert procs[survivor].returncode == 1
+    assert [re.sub(r"\(\[ring\] .*\)$", "([ring] ...)", line) for line in errors(err)] == [
+        f"error: rank {survivor}: another rank stopped, crashed or dropped off the network "
+        "([ring] ...)"
+    ], err
+    assert "Traceback" not in err

@@ -1,15 +1,16 @@
 """What one server holds: the model and tokenizer, its options, the prompt cache and the worker
-that owns them, the turns it generated and the responses it stored."""
+that owns them, the turns it generated and the responses it stored. Across ranks every rank
+holds one (rank 0's serves, the others' follow it: see :mod:`.worker`)."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from .. import harmony
+from .. import distributed, harmony
 from ..errors import GptOssError
 from ..generate import GenerationEvent, LanguageModel, check_context
 from ..prompt_cache import PromptCache
@@ -42,21 +43,37 @@ class ResponseStore:
 
 
 class ServerState:
-    """The server's model, options and memory; the adapters' one handle on them."""
+    """The server's model, options and memory; the adapters' one handle on them.
 
-    def __init__(self, model: LanguageModel, tokenizer: Tokenizer, options: ServerOptions):
+    For a model sharded over ranks every rank builds one, together (``ranks``: this process's
+    part): each takes rank 0's prompt-cache size, so that their caches make the same decisions.
+    """
+
+    def __init__(
+        self,
+        model: LanguageModel,
+        tokenizer: Tokenizer,
+        options: ServerOptions,
+        ranks: distributed.Ranks | None = None,
+    ):
         self.model, self.tokenizer, self.options = model, tokenizer, options
         self.started = int(time.time())
         self.turns = TurnMemory()
         self.responses = ResponseStore(options.max_stored_responses)
+        ranks = ranks if ranks is not None else distributed.Ranks(None)
+        options.prompt_cache_bytes = ranks.share(options.prompt_cache_bytes)
         self.prompt_cache = PromptCache(
             model, options.prompt_cache_bytes, boundary_token=tokenizer.start_id
         )
-        self.worker = Worker(self._generate, options.max_queue)
+        self.worker = Worker(self._generate, options.max_queue, ranks)
 
-    def _generate(self, prompt: list[int], options: dict[str, Any]) -> Iterator[GenerationEvent]:
+    def _generate(
+        self, prompt: list[int], options: dict[str, Any], cancelled: Callable[[], bool] | None
+    ) -> Iterator[GenerationEvent]:
         """Runs on the worker thread: the only place the model is used."""
-        return self.prompt_cache.stream_generate(prompt, tokenizer=self.tokenizer, **options)
+        return self.prompt_cache.stream_generate(
+            prompt, tokenizer=self.tokenizer, cancelled=cancelled, **options
+        )
 
     def render(
         self,

@@ -2,9 +2,21 @@
 
 HTTP handlers only parse, :meth:`Worker.submit` a :class:`Job` (prompt ids and generation
 keywords) and read its events from the event loop (:meth:`Job.events`). The worker runs each job
-through ``generate(prompt, options)`` (the prompt cache's ``stream_generate``) and hands over
-every event as it comes; between two tokens it checks the job's cancel flag, so a client that
-goes away stops its generation within a token and frees the model for the next request.
+through ``generate(prompt, options, cancelled)`` (the prompt cache's ``stream_generate``) and
+hands over every event as it comes; generation asks ``cancelled`` (the job's cancel flag) as it
+draws each token, so a client that goes away stops its generation within two tokens and frees
+the model for the next request.
+
+Across ranks (a model sharded over several processes, :mod:`gptoss_mlx.distributed`) rank 0's
+worker is the leader: it waits for jobs inside ``Ranks.idle`` (the other ranks get its ticks),
+shares each job's prompt and options before running it, and shares the end when it stops. The
+other ranks run no server: their worker :meth:`~Worker.follow` s, running every shared job the
+same way through the same kind of prompt cache, so every rank makes the same steps. The cancel
+flag needs no message of its own: rank 0's travels with each token (``cancelled`` above), so
+every rank stops at the same token. Across ranks the worker has no thread of its own: it
+:meth:`~Worker.run` s on the main thread, the one MLX tells that a collective failed (elsewhere
+the next collective waits on the lost connection for ever), and a rank that goes away ends
+this one with a one-line error.
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+from .. import distributed
 from ..errors import GptOssError
 from ..generate import GenerationEvent
 from .protocol import RequestError
@@ -87,25 +100,32 @@ class Job:
                 yield item
 
 
+Generate = Callable[
+    [list[int], dict[str, Any], Callable[[], bool] | None], Iterator[GenerationEvent]
+]
+
+
 class Worker:
-    """The thread that runs :class:`Job` s one after another through ``generate``.
+    """Runs :class:`Job` s one after another through ``generate``, on a thread of its own.
 
     At most ``max_queue`` jobs wait while one runs; :meth:`submit` raises :class:`QueueFull`
-    beyond. The thread starts with the first job.
+    beyond. The thread starts with the first job. ``ranks``: this process's part when the model
+    is sharded over several (see the module's docstring): then there is no thread, the caller
+    :meth:`run` s the worker (rank 0) or has it :meth:`follow` (the others) on its main thread.
     """
 
     def __init__(
-        self,
-        generate: Callable[[list[int], dict[str, Any]], Iterator[GenerationEvent]],
-        max_queue: int,
+        self, generate: Generate, max_queue: int, ranks: distributed.Ranks | None = None
     ) -> None:
         self.generate = generate
         self.max_queue = max_queue
+        self.ranks = ranks if ranks is not None else distributed.Ranks(None)
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._running: Job | None = None
         self._stopping = False
+        self._started, self._ended = threading.Event(), threading.Event()  # run() began, returned
 
     @property
     def waiting(self) -> int:
@@ -123,47 +143,82 @@ class Worker:
                     "queues, --max-queue); retry shortly"
                 )
             self._queue.append(job)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="gptoss-mlx", daemon=True)
+            if self._thread is None and self.ranks.size == 1:
+                self._thread = threading.Thread(target=self.run, name="gptoss-mlx", daemon=True)
                 self._thread.start()
             self._cond.notify()
 
     def stop(self) -> None:
-        """Cancel what waits and runs, and end the thread once the running job has stopped."""
+        """Cancel what waits and runs; once :meth:`run` was called, wait (30 s at most) for it to
+        return, the running job stopped."""
         with self._cond:
             self._stopping = True
             for job in self._queue:
                 job.cancel()
             self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        if self._started.is_set():
+            self._ended.wait(timeout=30)
 
     def _next(self) -> Job | None:
         with self._cond:
             self._running = None
+        with self.ranks.idle(), self._cond:  # across ranks, the others get ticks meanwhile
             while not self._queue and not self._stopping:
                 self._cond.wait()
-            self._running = self._queue.popleft() if self._queue else None
-            return self._running
+            self._running = job = self._queue.popleft() if self._queue else None
+        return job
 
-    def _run(self) -> None:
-        while (job := self._next()) is not None:
-            if not job.cancelled:
-                self._run_job(job)
-            job.put(_DONE)
+    def run(self) -> None:
+        """Run the queued jobs as they come until :meth:`stop`. Across ranks, rank 0's part, on
+        its main thread; the other ranks learn of the end when it returns."""
+        self._started.set()
+        try:
+            while (job := self._next()) is not None:
+                if not job.cancelled:
+                    self._run_job(job)
+                job.put(_DONE)
+            self.ranks.share(None)  # across ranks: the others' end
+        except RuntimeError as e:
+            _end_if_a_rank_failed(e)
+            raise
+        finally:
+            self._ended.set()
 
     def _run_job(self, job: Job) -> None:
         try:
-            events = self.generate(job.prompt, job.options)
-            try:
-                for event in events:
-                    job.put(event)
-                    if job.cancelled or self._stopping:
-                        break
-            finally:
-                events.close()
+            self.ranks.share({"prompt": job.prompt, "options": job.options})
+            for event in self.generate(job.prompt, job.options, self._cancelled(job)):
+                job.put(event)
         except GptOssError as e:
             job.put(e)
         except Exception as e:  # a bug: the client gets a 500, the log the traceback
+            _end_if_a_rank_failed(e)
             log.exception("generation failed")
             job.put(e)
+
+    def _cancelled(self, job: Job) -> Callable[[], bool]:
+        return lambda: job.cancelled or self._stopping
+
+    def follow(self) -> None:
+        """The part of a rank other than 0 (which runs the server): run every job rank 0 shares,
+        as it does, until it shares the end. GptOssError when another rank went away."""
+        try:
+            while (job := self.ranks.receive()) is not None:
+                try:
+                    for _ in self.generate(job["prompt"], job["options"], None):
+                        pass
+                except GptOssError:  # rank 0 met it too, and tells its client
+                    pass
+        except RuntimeError as e:
+            failure = distributed.peer_failure(e)
+            if failure is None:
+                raise
+            raise failure from None
+
+
+def _end_if_a_rank_failed(error: BaseException) -> None:
+    """End this process with one line when `error` is a collective that failed because another
+    rank went away: the server cannot go on without it."""
+    failure = distributed.peer_failure(error)
+    if failure is not None:
+        distributed.fail(str(failure))
