@@ -8,6 +8,7 @@ run ends when a rank dies, hangs or never comes."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -549,11 +550,18 @@ def wait_until_serving(url: str, procs: list, err, timeout: float = 120) -> None
             time.sleep(0.3)
 
 
+@dataclasses.dataclass
+class Launched:
+    """`gptoss-mlx serve` under `mlx.launch`: its pid, the ring's first port, the HTTP port."""
+
+    launcher: int
+    ring: int
+    port: int
+
+
 @pytest.fixture(scope="module")
-def served_across_ranks(o200k_dir, tmp_path_factory):
-    """`gptoss-mlx serve` of the tiny model (float32) under `mlx.launch`, 2 ranks on localhost:
-    an `openai` client for it."""
-    openai = pytest.importorskip("openai")
+def served_launch(o200k_dir, tmp_path_factory):
+    """`gptoss-mlx serve` of the tiny model (float32) under `mlx.launch`, 2 ranks on localhost."""
     tmp = tmp_path_factory.mktemp("served")
     base = free_ports(3)  # the ring's two ports, then the server's
     command = [LAUNCHER, "--backend", "ring", "-n", "2", "--starting-port", str(base), "--"]
@@ -569,15 +577,22 @@ def served_across_ranks(o200k_dir, tmp_path_factory):
             stderr=e,
             start_new_session=True,
         )
-    url = f"http://127.0.0.1:{base + 2}"
     try:
-        wait_until_serving(url, [launcher], err)
-        yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        wait_until_serving(f"http://127.0.0.1:{base + 2}", [launcher], err)
+        yield Launched(launcher.pid, base, base + 2)
     finally:
         os.killpg(launcher.pid, signal.SIGKILL)
         launcher.wait()
         launcher.stdin.close()
     assert not errors(err.read_text()) and "Traceback" not in err.read_text(), err.read_text()
+
+
+@pytest.fixture(scope="module")
+def served_across_ranks(served_launch):
+    """An `openai` client for the server across ranks."""
+    openai = pytest.importorskip("openai")
+    url = f"http://127.0.0.1:{served_launch.port}/v1"
+    return openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -654,7 +669,9 @@ def test_serve_across_ranks_ends_when_a_rank_is_killed(when, killed, o200k_dir, 
     with contextlib.ExitStack() as stack:
         if when == "generating":
             body |= {"model": SERVED_MODEL, "max_tokens": 100000}
-            r = stack.enter_context(httpx.stream("POST", url + "/v1/chat/completions", json=body))
+            r = stack.enter_context(
+                httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60)
+            )
             lines = r.iter_lines()
             for _ in range(8):
                 next(lines)
@@ -669,3 +686,46 @@ def test_serve_across_ranks_ends_when_a_rank_is_killed(when, killed, o200k_dir, 
         "([ring] ...)"
     ], err
     assert "Traceback" not in err
+
+
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports process `pid` listens on (Linux: its sockets' inodes in /proc/net/tcp*)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for row in f.read().splitlines()[1:]:
+                cols = row.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                    ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_serve_across_ranks_only_rank_0_opens_the_http_port(served_launch):
+    ranks = rank_pids(served_launch.launcher)
+    assert sorted(ranks) == [0, 1]
+    assert served_launch.port in listening_ports(ranks[0])
+    assert listening_ports(ranks[1]) <= {served_launch.ring + 1}  # the ring's, if it still listens
+
+
+def test_serve_across_ranks_a_server_that_cannot_start_ends_every_rank(o200k_dir, tmp_path):
+    """Rank 0 cannot listen (the port is taken): it says so in one line, and the other rank,
+    told that the server stopped, ends cleanly rather than waiting for it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        procs = spawn(2, serve_args(o200k_dir, port), tmp_path)
+        took = wait_all(procs, 120)
+    assert took < 90
+    assert [p.returncode for p in procs] == [1, 0], procs[1].err.read_text()
+    assert errors(procs[0].err.read_text()) == [
+        f"error: rank 0: cannot serve on http://127.0.0.1:{port}; the other ranks were stopped"
+    ]
+    assert errors(procs[1].err.read_text()) == [] and "Traceback" not in procs[1].err.read_text()
