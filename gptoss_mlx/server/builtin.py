@@ -27,6 +27,7 @@ bound that).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -50,12 +51,13 @@ RESPONSES_TYPES = {
 }
 
 
+DATED = re.compile(r"(web_search(?:_preview)?)_\d{4}_\d{2}_\d{2}")  # web_search_2025_08_26
+
+
 def _builtin_for(tool_type: str) -> str | None:
     """The built-in tool a Responses tool type asks for (dated variants included), or None."""
-    if tool_type in RESPONSES_TYPES:
-        return RESPONSES_TYPES[tool_type]
-    base, _, date = tool_type.rpartition("_20")  # web_search_preview_2025_03_11
-    return RESPONSES_TYPES.get(base) if base.startswith("web_search") and date else None
+    dated = DATED.fullmatch(tool_type)
+    return RESPONSES_TYPES.get(dated.group(1) if dated else tool_type)
 
 
 def responses_builtins(tools: Any, enabled: Sequence[str]) -> list[str]:
@@ -168,30 +170,30 @@ def run_turn(
     header = [tok.start_id, *tok.encode("assistant")]
     browser = loop.builtin.get("browser")
     turn = loop.run(prompt, one_round)
-    views = 0
+    views = 0  # the browser's views before the call ran: a new one is what it showed
     try:
         for event in turn:
             if not isinstance(event, ToolEvent):
                 yield event
-            elif event.kind == "tool_limit":
+                continue
+            browsing = isinstance(browser, Browser) and event.call.namespace == "browser"
+            if event.kind == "tool_limit":
                 yield ToolStep("limit", event.call, reason="max_tool_calls")
                 return
-            elif event.kind == "tool_run":
+            if event.kind == "tool_run":
                 if budget is not None and written >= budget:
                     yield ToolStep("limit", event.call, reason="max_tokens")
                     return  # the call is not run: the turn ends on it
-                views = len(browser.stack) if isinstance(browser, Browser) else 0
-                action = (
-                    web_search_action(event.call) if event.call.namespace == "browser" else None
-                )
+                views = len(browser.stack) if browsing else 0
+                action = web_search_action(event.call) if browsing else None
                 yield ToolStep("run", event.call, action=action)
-            else:
-                action = None
-                if event.call.namespace == "browser" and isinstance(browser, Browser):
-                    shown = browser.stack[-1][0] if len(browser.stack) > views else None
-                    action = web_search_action(event.call, shown)
-                tokens = turn.rounds[-1].result + header
-                yield ToolStep("result", event.call, event.output, event.error, tokens, action)
+                continue
+            action = None
+            if browsing:
+                shown = browser.stack[-1][0] if len(browser.stack) > views else None
+                action = web_search_action(event.call, shown)
+            tokens = turn.rounds[-1].result + header
+            yield ToolStep("result", event.call, event.output, event.error, tokens, action)
     finally:
         turn.close()
         loop.close()

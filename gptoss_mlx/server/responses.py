@@ -324,8 +324,9 @@ class OutputItems:
         return {"type": f"response.{name}", **self._where(self._call), **fields}
 
     def _step(self, step: ToolStep) -> list[dict]:
+        """A server-side call runs, has its result, or is not run (a limit)."""
         call, events = step.server_call, []
-        if call.tool == "browser" and self._call is None:  # its item starts once it runs
+        if call.tool == "browser" and step.kind != "result":  # its item starts now
             self._call = {
                 "id": call.id,
                 "type": "web_search_call",
@@ -333,20 +334,16 @@ class OutputItems:
                 "action": call.action,
             }
             events.append(self._added(self._call))
-            if step.kind == "run":
-                events.append(self._event("web_search_call.in_progress"))
         item = self._call
-        if item is None or item["id"] != call.id:  # no such tool: no item
+        if item is None or item["id"] != call.id:  # a tool that does not exist: no item
             return events
-        python = item["type"] == "code_interpreter_call"
-        if python and step.kind in ("run", "limit"):
+        kind = item["type"]
+        python = kind == "code_interpreter_call"
+        if python and step.kind != "result":
             events.append(self._event("code_interpreter_call_code.done", code=item["code"]))
         if step.kind == "run":
-            events.append(
-                self._event(
-                    "code_interpreter_call.interpreting" if python else "web_search_call.searching"
-                )
-            )
+            running = ("interpreting",) if python else ("in_progress", "searching")
+            events += [self._event(f"{kind}.{stage}") for stage in running]
             item["status"] = call.status
             return events
         if step.kind == "result":
@@ -355,7 +352,6 @@ class OutputItems:
             else:
                 item["action"] = call.action
             if call.status == "completed":
-                kind = "code_interpreter_call" if python else "web_search_call"
                 events.append(self._event(f"{kind}.completed"))
         item["status"] = call.status
         events.append(self._done(item))
