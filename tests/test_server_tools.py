@@ -153,6 +153,7 @@ def test_code_interpreter_runs_python_server_side(tiny, tok, harmony_enc):
     assert out.usage.input_tokens == len(whole) - len(round1)  # what the model read
     assert out.usage.output_tokens == len(round1) + len(round2)  # what it wrote
     assert out.usage.total_tokens == len(whole) + len(round2)
+    assert out.usage.input_tokens_details.cached_tokens == 0  # the cache was empty
 
     # Streamed: the call's events in OpenAI's order, its code as the model wrote it.
     (streamed,) = [e.item for e in events if e.type == "response.output_item.done"][1:2]
@@ -177,6 +178,9 @@ def test_code_interpreter_runs_python_server_side(tiny, tok, harmony_enc):
     assert streamed.outputs[0].logs == "42\n" and streamed.status == "completed"
     final = events[-1].response
     assert final.status == "completed" and final.output_text == "It is 42."
+    # The same prompt again: what its first round did not prefill came from the cache.
+    assert final.usage.input_tokens_details.cached_tokens == len(first) - len(forced.prompts[2])
+    assert 0 < len(forced.prompts[2]) < 3
     assert [i.type for i in final.output] == [i.type for i in out.output]
     assert [e.sequence_number for e in events] == list(range(len(events)))
 

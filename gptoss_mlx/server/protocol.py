@@ -364,7 +364,7 @@ class Turn:
         self.tokens: list[int] = []  # the turn after the prompt: the model's and the tools'
         self.read_tokens = 0  # tool results and headers fed between rounds
         self.reasoning_tokens = 0
-        self.prefilled: int | None = None
+        self.prefilled: int | None = None  # of the prompt (the first round)
         self.finish: str | None = None
         self.limit: str | None = None  # why a call was not run (ToolStep.reason)
         self.token_logprobs: list[dict] = []  # of the answer's tokens (OpenAI's logprobs.content)
@@ -399,7 +399,8 @@ class Turn:
                 self.content.append(d.text)
             out.append(d)
         if event.stats is not None:
-            self.prefilled = (self.prefilled or 0) + event.stats.prompt_tokens
+            if self.prefilled is None:  # the first round's: the prompt's tokens not cached
+                self.prefilled = event.stats.prompt_tokens
             self.finish = event.finish_reason
         return out
 
@@ -477,5 +478,5 @@ class Turn:
 
     @property
     def cached_tokens(self) -> int:
-        """Tokens the model read from the prompt cache rather than prefilling them."""
-        return self.input_tokens - (self.prefilled or 0)
+        """The prompt's tokens that came from the prompt cache (tool results never do)."""
+        return self.prompt_tokens - (self.prefilled or 0)
