@@ -100,10 +100,18 @@ class TurnMemory:
     def restore(self, messages: Sequence[Mapping]) -> list[Mapping]:
         """``messages`` with each assistant turn this server generated given back its
         ``completion_token_ids`` (sent back unchanged) or its ``reasoning`` (changed, reasoning
-        left out); other messages as they are."""
+        left out); other messages as they are, but an assistant message that only names calls
+        the server ran, in a turn it no longer remembers, is left out (nothing to render)."""
         out = []
         for message in messages:
             turn = self._find(message) if message.get("role") == "assistant" else None
+            if turn is None and message.get("builtin_call_ids"):
+                if not (
+                    content_text(message.get("content"))
+                    or reasoning_text(message)
+                    or message.get("tool_calls")
+                ):
+                    continue
             if turn is not None:
                 reasoning = reasoning_text(message)
                 if (

@@ -427,9 +427,15 @@ def test_tool_types_the_server_does_not_run_are_left_out(tiny, harmony_enc):
             [{"type": "web_search_2025_08_26"}],
         ):
             client.responses.create(model="m", input="Hi", tools=tools, max_output_tokens=20)
-    python_only, neither = forced.prompts
+        # A call this server did not make, sent back alone: nothing to render.
+        theirs = {"type": "web_search_call", "id": "ws_theirs", "status": "completed"}
+        theirs["action"] = {"type": "search", "query": "x"}
+        items = [{"role": "user", "content": "Hi"}, theirs, {"role": "user", "content": "Bye"}]
+        client.responses.create(model="m", input=items, max_output_tokens=20)
+    python_only, neither, foreign = forced.prompts
     assert python_only == oracle(harmony_enc, o_system(python_namespace()), o_user("Hi"))
     assert neither == oracle(harmony_enc, o_system(), o_user("Hi"))
+    assert foreign == oracle(harmony_enc, o_system(), o_user("Hi"), o_user("Bye"))
     with serve(tiny, [SHORT] * 8, builtin_tools=[browser, "python"], prompt_cache_gb=0) as (
         client,
         forced,
