@@ -1,22 +1,24 @@
 """One worker thread owns the model: requests queue FIFO and run one at a time.
 
-HTTP handlers only parse, :meth:`Worker.submit` a :class:`Job` (prompt ids and generation
-keywords) and read its events from the event loop (:meth:`Job.events`). The worker runs each job
-through ``generate(prompt, options, cancelled)`` (the prompt cache's ``stream_generate``) and
-hands over every event as it comes; generation asks ``cancelled`` (the job's cancel flag) as it
-draws each token, so a client that goes away stops its generation within two tokens and frees
-the model for the next request.
+HTTP handlers only parse, :meth:`Worker.submit` a :class:`Job` (prompt ids, generation keywords
+and, for a request whose built-in tools the server runs, its tool loop) and read its events from
+the event loop (:meth:`Job.events`). The worker runs each job through ``turn(job, generate)``,
+whose rounds (one, or one per tool call in a tool loop) are ``generate(prompt, options)``: the
+prompt cache's ``stream_generate`` through ``round(prompt, options, cancelled)``. It hands over
+every event as it comes. Generation asks ``cancelled`` (the job's cancel flag) as it draws each
+token, so a client that goes away stops its generation within two tokens, or before the next
+tool call runs, and frees the model for the next request.
 
 Across ranks (a model sharded over several processes, :mod:`gptoss_mlx.distributed`) rank 0's
 worker is the leader: it waits for jobs inside ``Ranks.idle`` (the other ranks get its ticks),
-shares each job's prompt and options before running it, and shares the end when it stops. The
-other ranks run no server: their worker :meth:`~Worker.follow` s, running every shared job the
-same way through the same kind of prompt cache, so every rank makes the same steps. The cancel
-flag needs no message of its own: rank 0's travels with each token (``cancelled`` above), so
-every rank stops at the same token. Across ranks the worker has no thread of its own: it
-:meth:`~Worker.run` s on the main thread, the one MLX tells that a collective failed (elsewhere
-the next collective waits on the lost connection for ever), and a rank that goes away ends
-this one with a one-line error.
+shares each round's prompt and options before running it, and shares the end when it stops.
+The other ranks run no server and no tools: their worker :meth:`~Worker.follow` s, running
+every shared round through the same kind of prompt cache, so every rank makes the same steps.
+The cancel flag needs no message of its own: rank 0's travels with each token (``cancelled``
+above), so every rank stops at the same token. Across ranks the worker has no thread of its
+own: it :meth:`~Worker.run` s on the main thread, the one MLX tells that a collective failed
+(elsewhere the next collective waits on the lost connection for ever), and a rank that goes
+away ends this one with a one-line error.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from typing import Any
 from .. import distributed
 from ..errors import GptOssError
 from ..generate import GenerationEvent
-from .protocol import RequestError
+from ..tool_loop import ToolLoop
+from .protocol import RequestError, ToolStep
 
 __all__ = ["Job", "QueueFull", "Worker"]
 
@@ -49,11 +52,13 @@ class QueueFull(RequestError):
 
 class Job:
     """A generation to run: ``prompt`` (token ids) with ``options`` (``stream_generate``
-    keywords). Its events reach the event loop that created it, in order; the worker's exception,
-    if any, is raised there after them."""
+    keywords), through ``tool_loop`` when the server runs tools for it. Its events reach the event
+    loop that created it, in order; the worker's exception, if any, is raised there after them."""
 
-    def __init__(self, prompt: list[int], options: dict[str, Any]) -> None:
-        self.prompt, self.options = prompt, options
+    def __init__(
+        self, prompt: list[int], options: dict[str, Any], tool_loop: ToolLoop | None = None
+    ) -> None:
+        self.prompt, self.options, self.tool_loop = prompt, options, tool_loop
         self._loop = asyncio.get_running_loop()
         self._items: collections.deque = collections.deque()
         self._lock = threading.Lock()
@@ -80,7 +85,7 @@ class Job:
             except RuntimeError:  # the event loop is gone: nobody is listening any more
                 self.cancel()
 
-    async def events(self) -> AsyncIterator[GenerationEvent]:
+    async def events(self) -> AsyncIterator[GenerationEvent | ToolStep]:
         """The job's events as they are generated (the loop wakes only when it has to wait)."""
         while True:
             with self._lock:
@@ -100,13 +105,16 @@ class Job:
                 yield item
 
 
-Generate = Callable[
-    [list[int], dict[str, Any], Callable[[], bool] | None], Iterator[GenerationEvent]
-]
+# round(prompt, options, cancelled): one generation; generate(prompt, options): one round of a
+# job; turn(job, generate): the job's events, its rounds run by generate.
+Round = Callable[[list[int], dict[str, Any], Callable[[], bool] | None], Iterator[GenerationEvent]]
+Generate = Callable[[list[int], dict[str, Any]], Iterator[GenerationEvent]]
+RunTurn = Callable[[Job, Generate], Iterator[GenerationEvent | ToolStep]]
 
 
 class Worker:
-    """Runs :class:`Job` s one after another through ``generate``, on a thread of its own.
+    """Runs :class:`Job` s one after another through ``turn(job, generate)``, on a thread of its
+    own.
 
     At most ``max_queue`` jobs wait while one runs; :meth:`submit` raises :class:`QueueFull`
     beyond. The thread starts with the first job. ``ranks``: this process's part when the model
@@ -115,9 +123,13 @@ class Worker:
     """
 
     def __init__(
-        self, generate: Generate, max_queue: int, ranks: distributed.Ranks | None = None
+        self,
+        turn: RunTurn,
+        round: Round,
+        max_queue: int,
+        ranks: distributed.Ranks | None = None,
     ) -> None:
-        self.generate = generate
+        self.turn, self.round = turn, round
         self.max_queue = max_queue
         self.ranks = ranks if ranks is not None else distributed.Ranks(None)
         self._queue: collections.deque[Job] = collections.deque()
@@ -186,9 +198,14 @@ class Worker:
 
     def _run_job(self, job: Job) -> None:
         try:
-            self.ranks.share({"prompt": job.prompt, "options": job.options})
-            for event in self.generate(job.prompt, job.options, self._cancelled(job)):
-                job.put(event)
+            events = self.turn(job, self._leading(job))
+            try:
+                for event in events:
+                    job.put(event)
+                    if (job.cancelled or self._stopping) and isinstance(event, ToolStep):
+                        break  # between rounds (a break inside one would leave the ranks apart)
+            finally:
+                events.close()
         except GptOssError as e:
             job.put(e)
         except Exception as e:  # a bug: the client gets a 500, the log the traceback
@@ -196,16 +213,23 @@ class Worker:
             log.exception("generation failed")
             job.put(e)
 
-    def _cancelled(self, job: Job) -> Callable[[], bool]:
-        return lambda: job.cancelled or self._stopping
+    def _leading(self, job: Job) -> Generate:
+        """The job's rounds: each handed to the other ranks, then run, until the job is
+        cancelled."""
+
+        def generate(prompt: list[int], options: dict[str, Any]) -> Iterator[GenerationEvent]:
+            self.ranks.share({"prompt": prompt, "options": options})
+            return self.round(prompt, options, lambda: job.cancelled or self._stopping)
+
+        return generate
 
     def follow(self) -> None:
-        """The part of a rank other than 0 (which runs the server): run every job rank 0 shares,
-        as it does, until it shares the end. GptOssError when another rank went away."""
+        """The part of a rank other than 0 (which runs the server): run every round rank 0
+        shares, as it does, until it shares the end. GptOssError when another rank went away."""
         try:
-            while (job := self.ranks.receive()) is not None:
+            while (shared := self.ranks.receive()) is not None:
                 try:
-                    for _ in self.generate(job["prompt"], job["options"], None):
+                    for _ in self.round(shared["prompt"], shared["options"], None):
                         pass
                 except GptOssError:  # rank 0 met it too, and tells its client
                     pass
