@@ -19,7 +19,7 @@ from ..tool_loop import ToolLoop
 from ..turn_memory import TurnMemory
 from .builtin import ServerTools, run_turn
 from .protocol import RequestError, ServerOptions, ToolStep, Turn
-from .worker import Job, Round, Worker
+from .worker import Generate, Job, Worker
 
 __all__ = ["ServerState"]
 
@@ -70,7 +70,7 @@ class ServerState:
         self.tools = ServerTools(options.builtin_tools, options.max_tool_rounds)
         self.worker = Worker(self._turn, self._round, options.max_queue, ranks)
 
-    def _turn(self, job: Job, generate: Round) -> Iterator[GenerationEvent | ToolStep]:
+    def _turn(self, job: Job, generate: Generate) -> Iterator[GenerationEvent | ToolStep]:
         """A job's events, its rounds run by ``generate(prompt, options)`` (the worker's: it
         hands each round to the other ranks). Runs on the worker: the only place the model is
         used."""
