@@ -31,7 +31,7 @@ def ref_logits(reference, ids):
 
 
 def logits(path, ids):
-    return ck.np32(load_model(path, dtype="float32")(mx.array(ids)))
+    return ck.np32(load_model(path, dtype="float32", dense_bits=16)(mx.array(ids)))
 
 
 @pytest.mark.parametrize("writer", [ck.write_hf_mxfp4, ck.write_hf_bf16, ck.write_original])

@@ -375,7 +375,7 @@ def _count_kernel_calls(monkeypatch):
 def test_model_with_emulated_kernels_matches_transformers(real_heads, monkeypatch):
     folder, ids, ref = real_heads
     monkeypatch.setenv(K.ENV_VAR, "emulate")
-    model = load_model(folder, dtype="float32")
+    model = load_model(folder, dtype="float32", dense_bits=16)
     monkeypatch.setattr(ka, "FINAL_MAX_KEYS", 64)  # the full layer's buffer (>= 256 slots) splits
     calls = _count_kernel_calls(monkeypatch)
     # prefill: banded kernel on the sliding layer (the 21-token prompt is longer than its window, 8)
