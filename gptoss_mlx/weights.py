@@ -12,7 +12,10 @@ Layouts:
   weights possibly affine-quantized. Gate and up rows are re-interleaved (bit-exact).
 - ``gptoss-mlx``: this project's converted folders: the model's own parameter names.
 
-Every tensor is returned lazily (`mx.load` maps the file; nothing is read until evaluated).
+Every tensor is returned lazily (`mx.load` maps the file; nothing is read until evaluated). Where
+a tensor of ours is a checkpoint tensor's bytes as stored (moved, or viewed as another dtype), the
+checkpoint also records where those bytes lie (`Checkpoint.disk`), so the embedding's rows and the
+experts can be read from the file one at a time (`gptoss_mlx.disk`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from .config import ModelConfig
+from .disk import DiskTensor, InterleavedRows, StoredRows
 from .errors import GptOssError
 from .safetensors_check import TensorInfo, read_header
 
@@ -50,6 +54,8 @@ class Checkpoint:
     tensors: dict[str, mx.array]
     # our name -> "FILE: source name", for error messages
     origin: dict[str, str] = field(default_factory=dict)
+    # our name -> where its bytes lie in a file, for tensors stored as we hold them
+    disk: dict[str, StoredRows] = field(default_factory=dict)
 
 
 def find_weights_folder(path: str) -> str:
@@ -119,6 +125,29 @@ def read_checkpoint(path: str) -> Checkpoint:
     return checkpoint_from_tensors(arrays, raw_config, folder, infos)
 
 
+# safetensors dtype -> MLX dtype, for checkpoints known by their headers alone
+MLX_DTYPES = {
+    "BF16": mx.bfloat16,
+    "F16": mx.float16,
+    "F32": mx.float32,
+    "U8": mx.uint8,
+    "U32": mx.uint32,
+    "I32": mx.int32,
+}
+
+
+def checkpoint_from_headers(
+    infos: dict[str, TensorInfo], raw_config: dict, folder: str
+) -> Checkpoint:
+    """A checkpoint known only by its safetensors headers (name -> dtype and shape): every tensor
+    a lazy, never evaluated placeholder of the right shape and dtype, for planning memory."""
+    unknown = sorted({i.dtype for i in infos.values()} - MLX_DTYPES.keys())
+    if unknown:
+        raise GptOssError(f"{folder}: unsupported tensor dtype {unknown[0]}")
+    arrays = {name: mx.zeros(i.shape, MLX_DTYPES[i.dtype]) for name, i in infos.items()}
+    return checkpoint_from_tensors(arrays, raw_config, folder, infos)
+
+
 def checkpoint_from_tensors(
     arrays: dict[str, mx.array],
     raw_config: dict,
@@ -133,7 +162,7 @@ def checkpoint_from_tensors(
     source = _Source(dict(arrays), infos or {})
     tensors = _MAPPERS[layout](source, config)
     source.reject_leftovers()
-    return Checkpoint(folder, layout, config, tensors, source.origin)
+    return Checkpoint(folder, layout, config, tensors, source.origin, source.disk)
 
 
 class _Source:
@@ -143,10 +172,16 @@ class _Source:
         self.arrays = arrays
         self.infos = infos
         self.origin: dict[str, str] = {}
+        self.disk: dict[str, StoredRows] = {}
 
     def where(self, name: str) -> str:
         info = self.infos.get(name)
         return f"{os.path.basename(info.file)}: {name}" if info else name
+
+    def on_disk(self, name: str) -> DiskTensor | None:
+        """Where tensor `name`'s bytes lie, when it was read from a file."""
+        info = self.infos.get(name)
+        return DiskTensor(info.file, info.offset, info.dtype, info.shape) if info else None
 
     def has(self, name: str) -> bool:
         return name in self.arrays
@@ -167,6 +202,8 @@ class _Source:
 
     def move(self, out: dict, ours: str, name: str, dtype: mx.Dtype | None = None) -> None:
         self.put(out, ours, self.take(name, dtype), name)
+        if (stored := self.on_disk(name)) is not None:
+            self.disk[ours] = stored
 
     def reject_leftovers(self) -> None:
         if self.arrays:
@@ -198,7 +235,10 @@ def _interleave_rows(gate: mx.array, up: mx.array, axis: int) -> mx.array:
 
 def _move_mxfp4(src: _Source, out: dict, ours: str, blocks: str, scales: str, bias: str) -> None:
     """One MXFP4 expert projection: uint8 blocks viewed as MLX's weight, E8M0 scales, bias."""
-    src.put(out, ours + ".weight", mxfp4_blocks_to_weight(src.take(blocks, mx.uint8)), blocks)
+    weight = mxfp4_blocks_to_weight(src.take(blocks, mx.uint8))
+    src.put(out, ours + ".weight", weight, blocks)
+    if (stored := src.on_disk(blocks)) is not None:
+        src.disk[ours + ".weight"] = stored.view("U32", tuple(weight.shape))
     src.move(out, ours + ".scales", scales, mx.uint8)
     src.move(out, ours + ".bias", bias)
 
@@ -311,6 +351,9 @@ def _map_mlx_community(src: _Source, config: ModelConfig) -> dict:
                 f"{p}gate_proj.{part}",
                 f"{p}up_proj.{part}",
             )
+            stored = src.on_disk(f"{p}gate_proj.{part}"), src.on_disk(f"{p}up_proj.{part}")
+            if None not in stored:
+                src.disk[f"{q}gate_up_proj.{part}"] = InterleavedRows(*stored)
             src.move(out, f"{q}down_proj.{part}", f"{p}down_proj.{part}", dtype)
     return out
 
