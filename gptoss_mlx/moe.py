@@ -47,6 +47,10 @@ class Experts(nn.Module, kernels.UsesKernels):
     """The E experts of one layer: `gate_up_proj` (hidden -> 2I interleaved), `down_proj`
     (I -> hidden)."""
 
+    # Whether a call reads device values on the host (an expert cache reads the router's choice):
+    # then the decode step cannot be traced into one compiled graph.
+    host_reads = False
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         E, H, I = config.num_experts, config.hidden_size, config.intermediate_size

@@ -45,6 +45,9 @@ REAL_HEADS = ModelConfig(
     head_dim=64,
     sliding_window=8,
 )
+# 32 experts (as gpt-oss-20b) with the real head geometry, for the expert cache and the quantized
+# KV cache (64-dim heads: one quantization group per head and position).
+EXPERTS32 = REAL_HEADS.replace(num_experts=32, num_hidden_layers=4, layer_types=())
 
 
 def np32(a: mx.array) -> np.ndarray:
