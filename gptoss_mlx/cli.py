@@ -20,6 +20,7 @@ from . import (
     GenerationEvent,
     GenerationStats,
     GptOssError,
+    MemoryPlan,
     StreamingDetokenizer,
     Tokenizer,
     ToolEvent,
@@ -27,6 +28,7 @@ from . import (
     convert,
     generate,
     load,
+    plan_memory,
     tools,
 )
 from .benchmark import format_report
@@ -99,7 +101,91 @@ def convert_command(src: str, dst: str, dense_bits: str | None, force: bool) -> 
     click.echo(f"wrote {out}", err=True)
 
 
+class ExpertCacheSize(click.ParamType):
+    """`--expert-cache`: a number of experts per layer, or `auto`."""
+
+    name = "K|auto"
+
+    def convert(self, value, param, ctx) -> int | str:
+        if isinstance(value, int) or value == "auto":
+            return value
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = 0
+        if number < 1:
+            self.fail(f"{value!r} is not a positive number of experts or auto", param, ctx)
+        return number
+
+
+MEMORY_OPTIONS = ("dense_bits", "kv_bits", "expert_cache", "max_context", "memory_budget")
+
+
+def memory_options(command: Callable) -> Callable:
+    """How the model is fitted to memory (`load`'s keywords of the same names); see
+    `gptoss-mlx memory`."""
+    for option in reversed(
+        [
+            click.option(
+                "--dense-bits",
+                type=click.Choice(["16", "8", "4"]),
+                default=None,
+                help="Attention, embedding and unembedding weights at 8 or 4 bits, quantized at "
+                "load, or 16 as published [8; quantized checkpoints: as stored].",
+            ),
+            click.option(
+                "--kv-bits",
+                type=click.Choice(["16", "8", "4"]),
+                default=None,
+                help="Keys and values cached at 8 or 4 bits [16: unquantized].",
+            ),
+            click.option(
+                "--expert-cache",
+                type=ExpertCacheSize(),
+                default=None,
+                help="Keep at most K experts per layer resident, reading the others from disk "
+                "when picked; auto: as many as fit [all resident].",
+            ),
+            click.option(
+                "--max-context",
+                type=click.IntRange(min=2),
+                default=None,
+                help="Most tokens (prompt and reply) a generation may use; memory is planned for "
+                "it [the model's context].",
+            ),
+            click.option(
+                "--memory-budget",
+                type=click.FloatRange(min=0, min_open=True),
+                default=None,
+                help="GB the model may use: settings not given are chosen to fit it.",
+            ),
+            click.option(
+                "--resident-embedding",
+                is_flag=True,
+                help="Keep the input embedding in memory instead of reading its rows from disk.",
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def _memory(options: dict) -> dict:
+    """`load`'s memory keywords from the options of `memory_options` (removed from `options`)."""
+    out = {name: options.pop(name) for name in MEMORY_OPTIONS}
+    for bits in ("dense_bits", "kv_bits"):
+        out[bits] = int(out[bits]) if out[bits] else None
+    out["embedding_from_disk"] = not options.pop("resident_embedding")
+    return out
+
+
+def _warn_if_it_does_not_fit(plan: MemoryPlan | None) -> None:
+    if plan is not None and not plan.fits:
+        click.secho(plan.warning(), fg="yellow", err=True)
+
+
 def model_options(command: Callable) -> Callable:
+    command = memory_options(command)
     command = click.option(
         "--dtype",
         type=click.Choice(["bfloat16", "float16", "float32"]),
@@ -315,9 +401,11 @@ def generate_command(
     if raw and as_json:
         raise click.UsageError("choose one of --raw and --json")
     prompt = _read_prompt(prompt)
+    memory = _memory(options)
     sampling = _sampling(options)
     interactive = sys.stderr.isatty()
-    mdl, tok = load(model, dtype, progress=interactive)
+    mdl, tok = load(model, dtype, progress=interactive, **memory)
+    _warn_if_it_does_not_fit(mdl.memory_plan)
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": prompt})
     printer = None if as_json else _RawPrinter(tok) if raw else _Printer(hide_reasoning)
@@ -496,10 +584,12 @@ def chat_command(
 ) -> None:
     """Chat with gpt-oss. The KV cache is kept between turns: each turn prefills only its new
     tokens. With --tools the model can browse the web and run Python (asking you first)."""
+    memory = _memory(options)
     sampling = _sampling(options)
     builtin = _builtin_tools(tool_names, search_url)
     interactive = sys.stderr.isatty()
-    mdl, tok = load(model, dtype, progress=interactive)
+    mdl, tok = load(model, dtype, progress=interactive, **memory)
+    _warn_if_it_does_not_fit(mdl.memory_plan)
     session = ChatSession(
         mdl,
         tok,
@@ -613,6 +703,7 @@ class IntList(click.ParamType):
 )
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@memory_options
 @user_errors
 def bench_command(
     model_path: str | None,
@@ -628,6 +719,7 @@ def bench_command(
     ops: bool,
     seed: int,
     as_json: bool,
+    **options,
 ) -> None:
     """Measure prompt and decode speed, memory and bytes per token."""
     bench = Benchmark(
@@ -639,9 +731,58 @@ def bench_command(
         progress=not as_json,
         bandwidth=bandwidth,
         chip=chip,
+        **_memory(options),
     )
+    if not as_json:
+        _warn_if_it_does_not_fit(bench.model.memory_plan)
     result = bench.run(prompt_tokens, gen_tokens, repeats, warmup, ops=ops)
     click.echo(json.dumps(result, indent=1) if as_json else format_report(result))
+
+
+@main.command("memory")
+@click.option(
+    "-m",
+    "--model",
+    default=DEFAULT_MODEL,
+    show_default=True,
+    help="Checkpoint folder or Hugging Face repo id (only its config and headers are read).",
+)
+@click.option(
+    "--context",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Plan the KV cache for this many tokens [--max-context, else the model's context].",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["bfloat16", "float16", "float32"]),
+    default=None,
+    help="Compute dtype [bfloat16].",
+)
+@click.option(
+    "--prefill-chunk",
+    type=click.IntRange(min=1),
+    default=512,
+    show_default=True,
+    help="Tokens per prefill chunk.",
+)
+@memory_options
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
+@user_errors
+def memory_command(
+    model: str,
+    context: int | None,
+    dtype: str | None,
+    prefill_chunk: int,
+    as_json: bool,
+    **options,
+) -> None:
+    """Plan the memory MODEL needs, before loading anything: the weights by part, the KV cache,
+    one prefill chunk's working set, against this machine; and what makes it fit."""
+    plan = plan_memory(
+        model, dtype, context=context, prefill_chunk=prefill_chunk, **_memory(options)
+    )
+    click.echo(json.dumps(plan.to_dict(), indent=1) if as_json else plan.report())
 
 
 if __name__ == "__main__":

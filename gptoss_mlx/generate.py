@@ -61,18 +61,34 @@ class GenerationStats:
     generation_tps: float = 0.0  # tokens after the first / time after the first
     peak_memory: int = 0  # mx.get_peak_memory() since the call started (weights included)
     finish_reason: str | None = None  # "stop" (<|return|>), "tool_calls" (<|call|>), "length"
+    precision: str = ""  # the model's weights and cache (`GptOssModel.describe`)
+    # With an expert cache: {"prefill": counts, "decode": counts}, counts being the hits, misses,
+    # bytes_read and syncs of this generation (`GptOssModel.expert_cache_stats`).
+    expert_cache: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
         """One line for humans, e.g. for a CLI's stderr."""
-        return (
+        line = (
             f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s | "
             f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s | "
             f"first token: {self.time_to_first_token:.2f} s | "
             f"peak memory: {self.peak_memory / 1e9:.2f} GB | finish: {self.finish_reason}"
         )
+        if self.precision:
+            line += f" | {self.precision}"
+        if self.expert_cache:
+            decode = self.expert_cache["decode"]
+            used = decode["hits"] + decode["misses"]
+            tokens = max(self.generation_tokens - 1, 1)
+            line += (
+                f" | expert cache: decode {decode['hits'] / max(used, 1):.0%} hits, "
+                f"{decode['bytes_read'] / tokens / 1e6:.1f} MB/token from disk; prefill "
+                f"{self.expert_cache['prefill']['bytes_read'] / 1e9:.2f} GB read"
+            )
+        return line
 
 
 @dataclass
@@ -125,6 +141,39 @@ def prompt_tokens(
             "({'role': ..., 'content': ...}) or a string"
         ) from None
     return ids, tokenizer
+
+
+def context_length(model: LanguageModel) -> int | None:
+    """The most positions a generation may use: the model's `max_context` cap when it has one,
+    else its configured context (None when the model says neither)."""
+    limits = (
+        getattr(model, "max_context", None),
+        getattr(getattr(model, "config", None), "max_position_embeddings", None),
+    )
+    limits = [n for n in limits if n is not None]
+    return min(limits) if limits else None
+
+
+def _room(model: LanguageModel, cache: list, prompt_length: int) -> int:
+    """Tokens that may be generated after a prompt of `prompt_length` new tokens: the context
+    must hold the cache, the prompt and every fed token. GptOssError when the prompt leaves no
+    room."""
+    context = context_length(model)
+    if context is None:
+        return 2**62
+    held = getattr(cache[0], "offset", 0) if cache else 0
+    room = context - held - prompt_length
+    if room < 1:
+        cap = getattr(model, "max_context", None)
+        capped = cap is not None and cap <= context
+        where = f"--max-context {cap}" if capped else "the model's context"
+        before = f" after the {held} already in the cache" if held else ""
+        raise GptOssError(
+            f"the prompt is {prompt_length} tokens{before}, which leaves no room for a reply in "
+            f"{where} ({context} positions): shorten the prompt"
+            + (" or raise --max-context" if capped else "")
+        )
+    return room
 
 
 def _cache_arrays(cache) -> list:
@@ -210,6 +259,7 @@ def stream_generate(
     stops = frozenset(int(t) for t in stop_tokens)
     if cache is None:
         cache = model.make_cache()
+    max_tokens = min(max_tokens, _room(model, cache, len(ids)))
     parser = StreamParser(tokenizer) if tokenizer is not None else None
     return _generate_events(
         model, ids, cache, sampler, max_tokens, prefill_chunk, stops, parser, progress
@@ -221,6 +271,10 @@ def _generate_events(
 ) -> Iterator[GenerationEvent]:
     mx.reset_peak_memory()
     stats = GenerationStats(prompt_tokens=len(ids))
+    describe = getattr(model, "describe", None)
+    stats.precision = describe() if describe is not None else ""
+    counters = getattr(model, "expert_cache_stats", lambda: None)
+    at_start = counters()
     tic = time.perf_counter()
 
     def step(token: mx.array) -> mx.array:
@@ -228,6 +282,7 @@ def _generate_events(
         return sampler(logits)
 
     y = sampler(_prefill(model, ids, cache, prefill_chunk, progress))
+    after_prefill = counters()  # an expert cache counts while the graph is built
     mx.async_eval(y)
     t_first = t_last = tic
     n = 0
@@ -256,6 +311,11 @@ def _generate_events(
             )
             stats.peak_memory = int(mx.get_peak_memory())
             stats.finish_reason = finish
+            if at_start is not None:
+                stats.expert_cache = {
+                    "prefill": _difference(after_prefill, at_start),
+                    "decode": _difference(counters(), after_prefill),
+                }
             event.finish_reason, event.stats = finish, stats
         if event.deltas:
             event.text = "".join(d.text for d in event.deltas)
@@ -264,6 +324,10 @@ def _generate_events(
         if finish is not None:
             return
         y = next_y
+
+
+def _difference(later: dict[str, int], earlier: dict[str, int]) -> dict[str, int]:
+    return {k: later[k] - earlier[k] for k in later}
 
 
 def generate(

@@ -15,6 +15,7 @@ import os
 import mlx.core as mx
 
 from .config import ModelConfig
+from .safetensors_check import TensorInfo
 
 FP4_RMS = 2.93  # root mean square of the 16 E2M1 values
 
@@ -100,4 +101,16 @@ def hf_config_json(config: ModelConfig) -> dict:
         "quantization_config": {"quant_method": "mxfp4"},
         "eos_token_id": 200002,
         "pad_token_id": 199999,
+    }
+
+
+_SAFETENSORS_DTYPES = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint8: "U8"}
+
+
+def published_headers(config: ModelConfig) -> dict[str, TensorInfo]:
+    """The tensor names, dtypes and shapes `openai/gpt-oss-*` publishes, at `config`'s shapes (the
+    headers of a checkpoint no one has to write: for planning memory)."""
+    return {
+        name: TensorInfo("model.safetensors", _SAFETENSORS_DTYPES[a.dtype], tuple(a.shape))
+        for name, a in random_checkpoint(config).items()
     }

@@ -1,0 +1,172 @@
+"""The memory plan: its figures against the memory actually allocated at gpt-oss's real layer
+shapes, for every combination of dense bits, KV bits and expert cache; the advice it gives,
+applied, fits; a memory budget; the `memory` command and the warning of the others."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+import mlx.core as mx
+import pytest
+from click.testing import CliRunner
+
+from gptoss_mlx import GptOssError, cli, load_model, memory, plan_memory
+from gptoss_mlx.memory import MemorySettings
+from gptoss_mlx.safetensors_check import read_header
+from gptoss_mlx.weights import checkpoint_from_headers, read_checkpoint
+
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+)
+
+import memory_plan  # noqa: E402
+
+TOLERANCE = 0.02
+
+
+@pytest.fixture(scope="module", params=["20b", "120b"])
+def real_shapes(request, tmp_path_factory):
+    """(name, folder, expert cache size): gpt-oss-20b's layer shapes in 2 layers (1.0 GB) or
+    gpt-oss-120b's in 1 full-attention layer (1.7 GB), vocabulary 8000."""
+    folder = str(tmp_path_factory.mktemp(f"real-{request.param}"))
+    slots = memory_plan.write_checkpoint(request.param, folder)
+    yield request.param, folder, slots
+
+
+def test_plan_equals_what_is_allocated(real_shapes):
+    """Weights and KV cache within 2% of what MLX allocates (the caches' buffers exactly), and
+    the peak of a generation below the plan, for all 18 combinations."""
+    name, folder, slots = real_shapes
+    for dense, kv, cache in memory_plan.COMBINATIONS:
+        r = memory_plan.measure(folder, memory_plan.options_of(dense, kv, cache, slots))
+        print(memory_plan.format_row({"model": name, **r}))
+        assert abs(r["weights"] - r["plan_weights"]) <= TOLERANCE * r["plan_weights"], r
+        assert r["kv_buffers"] == r["plan_kv"], r
+        # what else stays allocated after a generation (a few small arrays) is within the 2%
+        assert abs(r["kv"] - r["plan_kv"]) <= TOLERANCE * r["plan_kv"] + 16_384, r
+        assert r["peak"] <= r["plan_peak"], r
+
+
+def test_peak_resident_set_is_below_the_plan(real_shapes):
+    """A fresh process, from before loading to after generating: RSS growth below the plan's
+    total (MLX's peak below its arrays' share of it)."""
+    name, folder, slots = real_shapes
+    if name != "20b":
+        pytest.skip("one model is enough for the process-level check")
+    for dense, kv, cache in ((16, 16, None), (8, 8, "slots")):
+        r = memory_plan.measure_rss(folder, memory_plan.options_of(dense, kv, cache, slots))
+        print(memory_plan.format_row({"model": name, **r}))
+        assert r["peak"] <= r["plan_peak"] and r["rss_growth"] <= r["plan_total"], r
+
+
+def flags_to_options(flags: str) -> dict:
+    """`--kv-bits 8 --expert-cache 5` -> load_model's keywords."""
+    words = flags.split()
+    return {words[i][2:].replace("-", "_"): int(words[i + 1]) for i in range(0, len(words), 2)}
+
+
+def test_the_advice_applied_fits(real_shapes):
+    name, folder, slots = real_shapes
+    if name != "20b":
+        pytest.skip("the 20b shapes are enough")
+    settings = MemorySettings(max_context=memory_plan.CONTEXT, prefill_chunk=memory_plan.PROMPT)
+    everything = memory.fit(read_checkpoint(folder), mx.float32, settings)
+    budget = everything.total // 2
+    machine = {"physical": budget, "metal": False}
+    plan = memory.fit(read_checkpoint(folder), mx.float32, settings, machine=machine)
+    assert not plan.fits and plan.advice
+    flags = plan.advice[0].split(" (")[0]
+    assert "--expert-cache" in flags
+    r = memory_plan.measure(folder, flags_to_options(flags))
+    print(flags, memory_plan.format_row({"model": name, **r}))
+    assert r["peak"] <= r["plan_peak"] <= budget
+    # a budget picks the same settings
+    model = load_model(
+        folder,
+        "float32",
+        memory_budget=budget / 1e9,
+        max_context=memory_plan.CONTEXT,
+        prefill_chunk=memory_plan.PROMPT,
+    )
+    assert model.memory_plan.fits and model.memory_plan.settings.flags(model.config) == flags
+
+
+def test_a_budget_nothing_fits_is_refused(experts32_dir):
+    with pytest.raises(GptOssError, match="nothing fits"):
+        load_model(experts32_dir, "float32", memory_budget=0.0001, max_context=64)
+    with pytest.raises(GptOssError, match="--memory-budget"):
+        load_model(experts32_dir, "float32", memory_budget=-1)
+
+
+def test_the_plan_from_headers_alone_is_the_plan_from_the_files(experts32_dir):
+    """What `gptoss-mlx memory` does for a hub repo it has not downloaded: the same figures from
+    the headers (dtypes and shapes) as from the files."""
+    infos = {}
+    for f in os.listdir(experts32_dir):
+        if f.endswith(".safetensors"):
+            infos.update(read_header(os.path.join(experts32_dir, f)))
+    with open(os.path.join(experts32_dir, "config.json")) as f:
+        config = json.load(f)
+    settings = MemorySettings(kv_bits=8, expert_cache=8, max_context=4096)
+    from_headers = memory.fit(
+        checkpoint_from_headers(infos, config, "repo/id"), mx.bfloat16, settings
+    )
+    from_files = memory.fit(read_checkpoint(experts32_dir), mx.bfloat16, settings)
+    for key in ("parts", "on_disk", "kv_cache", "working_set", "total", "disk_bytes_per_token"):
+        assert from_headers.to_dict()[key] == from_files.to_dict()[key], key
+
+
+def test_kv_and_context_figures_follow_the_shapes(experts32_dir):
+    """Per 1k tokens: full layers x 2 (keys, values) x KV heads x head dim x 2 bytes (bf16)."""
+    plan = plan_memory(experts32_dir, context=1000)
+    from checkpoints import EXPERTS32 as c
+
+    full = c.layer_types.count("full_attention")
+    per_token = full * 2 * c.num_key_value_heads * c.head_dim * 2
+    assert plan.kv_per_1k == per_token * 1000
+    assert plan.context == 1000
+    assert plan.kv_cache == per_token * 1024 + (len(c.layer_types) - full) * 8 * per_token // full
+    eight = plan_memory(experts32_dir, context=1000, kv_bits=8)
+    assert eight.kv_per_1k == full * 2 * c.num_key_value_heads * (c.head_dim + 4) * 1000
+
+
+def test_mlx_cache_limit_is_the_working_set(experts32_dir):
+    model = load_model(experts32_dir, "float32", max_context=512)
+    previous = mx.set_cache_limit(0)
+    try:
+        assert previous == model.memory_plan.working_set
+    finally:
+        mx.set_cache_limit(previous)
+
+
+def test_memory_command(experts32_dir):
+    runner = CliRunner()
+    r = runner.invoke(cli.main, ["memory", "-m", experts32_dir, "--context", "2048"])
+    assert r.exit_code == 0, r.output
+    for part in ("experts", "attention", "embedding", "unembedding", "router", "norms"):
+        assert re.search(rf"^\s+{part}\s+\d+\.\d\d GB", r.output, re.M), part
+    assert "KV cache at 2048" in r.output and "fits" in r.output
+    r = runner.invoke(
+        cli.main, ["memory", "-m", experts32_dir, "--kv-bits", "8", "--expert-cache", "8", "--json"]
+    )
+    plan = json.loads(r.output)
+    want = plan_memory(experts32_dir, kv_bits=8, expert_cache=8)
+    assert plan["total"] == want.total and plan["settings"]["expert_cache"] == 8
+
+
+def test_generate_warns_when_the_configuration_does_not_fit(o200k_dir, monkeypatch):
+    """Weights that fit the machine but a plan that does not: one warning line with the advice
+    (not an error)."""
+    plan = plan_memory(o200k_dir, max_context=64)
+    physical = plan.weights + (plan.total - plan.weights) // 4
+    monkeypatch.setattr(memory, "machine_memory", lambda: {"physical": physical, "metal": False})
+    r = CliRunner().invoke(
+        cli.main,
+        ["generate", "Hi", "-m", o200k_dir, "--max-tokens", "2", "--max-context", "64"],
+    )
+    assert r.exit_code == 0, r.output
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "to fit:" in warnings[0] and "GB" in warnings[0]
