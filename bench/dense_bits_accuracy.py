@@ -18,20 +18,13 @@ import mlx.core as mx
 import numpy as np
 
 from gptoss_mlx import load_model
-from gptoss_mlx.config import ModelConfig, preset
+from gptoss_mlx.benchmark import TINY
+from gptoss_mlx.config import preset
 from gptoss_mlx.convert import convert
 from gptoss_mlx.synthetic import hf_config_json, random_checkpoint, save_checkpoint
 
-TEST_MODEL = ModelConfig(
-    num_hidden_layers=4,
-    num_experts=8,
-    vocab_size=8000,
-    hidden_size=512,
-    intermediate_size=512,
-    num_attention_heads=16,
-    num_key_value_heads=2,
-    head_dim=64,
-)
+# The CPU-sized proxy of gpt-oss the benchmarks share (real head geometry, reduced width).
+TEST_MODEL = TINY
 
 
 def dense_bytes_per_token(bits: int, group_size: int = 64) -> float:
@@ -59,7 +52,7 @@ def main() -> None:
         logits = {}
         for bits in (16, 8, 4):
             dst = convert(f"{tmp}/src", f"{tmp}/q{bits}", dense_bits=bits)
-            logits[bits] = np.array(load_model(dst, dtype="float32")(ids))
+            logits[bits] = np.array(load_model(dst, dtype="float32", dense_bits=bits)(ids))
     ref = logits[16]
     print(
         f"test model: {TEST_MODEL.num_hidden_layers} layers, hidden {TEST_MODEL.hidden_size}, "

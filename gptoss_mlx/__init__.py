@@ -4,14 +4,15 @@ The public API: `load_model` (and, with the tokenizer, `load`; `plan_memory` pla
 hold, before loading), `stream_generate`, `generate`,
 `ChatSession` (multi-turn chat keeping the KV cache, running tools), `ToolLoop` (the tool loop on
 its own, for other sessions), `tools` (function tools, `Browser`, `Python`), `convert`,
-`Benchmark`, `harmony`, and the one error type `GptOssError`. The command line
-(`gptoss_mlx.cli`) uses nothing else.
+`Benchmark`, `harmony`, `check_response_format` (structured output, see `gptoss_mlx.constrain`),
+and the one error type `GptOssError`. The command line (`gptoss_mlx.cli`) uses nothing else.
 """
 
 from . import harmony, tools
 from .benchmark import Benchmark
 from .chat import ChatSession
 from .config import ModelConfig, preset
+from .constrain import check_response_format
 from .convert import convert
 from .errors import GptOssError
 from .generate import GenerationEvent, GenerationStats, generate, stream_generate
@@ -36,6 +37,7 @@ __all__ = [
     "Tokenizer",
     "ToolEvent",
     "ToolLoop",
+    "check_response_format",
     "check_sampling",
     "convert",
     "generate",

@@ -25,11 +25,12 @@ and the next ``<|start|>assistant``. The events stream the tokens of every round
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import harmony
+from .constrain import compile_constraint
 from .errors import GptOssError
 from .generate import GenerationEvent, GenerationStats, stream_generate
 from .model import GptOssModel
@@ -98,6 +99,14 @@ class ChatSession:
     or configured ``gptoss_mlx.tools.Browser(...)`` / ``Python(...)`` instances.
     ``max_tool_rounds`` bounds the rounds that run tools in one turn; ``approve(call) -> bool``,
     if given, is asked before each call runs. :meth:`close` stops the tools' processes.
+
+    Structured output: ``response_format`` constrains every generation's final answer, and
+    ``tool_choice`` (``"auto"``, ``"none"``, ``"required"``, or a named function) the first
+    generation of each turn (the rounds after a tool ran are ``"auto"``, else a required call
+    would repeat until ``max_tool_rounds``); ``strict`` functions' arguments always follow their
+    schema (see :func:`stream_generate`). With a format or a forced tool choice, the model is
+    offered function calls, not the built-in tools. One that cannot be enforced is a
+    :class:`GptOssError` here.
     """
 
     def __init__(
@@ -111,6 +120,8 @@ class ChatSession:
         builtin_tools: Sequence[str | BuiltinTool] = (),
         max_tool_rounds: int = DEFAULT_MAX_TOOL_ROUNDS,
         approve: Callable[[ToolCall], bool] | None = None,
+        tool_choice: str | Mapping | None = None,
+        response_format: Mapping | None = None,
         current_date: str | datetime.date | None = None,
         **generation: Any,
     ) -> None:
@@ -124,6 +135,14 @@ class ChatSession:
             max_tool_rounds=max_tool_rounds,
             approve=approve,
             tokenizer=self.tokenizer,
+        )
+        self.tool_choice = tool_choice
+        self.response_format = response_format
+        compile_constraint(
+            self.tokenizer,
+            response_format=response_format,
+            tools=self.tool_loop.function_specs,
+            tool_choice=tool_choice,
         )
         self.current_date = current_date
         check_sampling(
@@ -156,6 +175,7 @@ class ChatSession:
         if self.system:
             self.messages.append({"role": "system", "content": self.system})
         self.history: list[int] | None = None  # None: render the prompt from `messages`
+        self._turn_started = False
         self._drop_cache()
         self.stats = ChatStats()
 
@@ -192,6 +212,7 @@ class ChatSession:
                 builtin_tools=self.tool_loop.namespaces,
                 reasoning_effort=self.reasoning_effort,
                 current_date=self.current_date,
+                response_format=self.response_format,
                 tokenizer=self.tokenizer,
             )
         return self.history + harmony.render_turn([user], tokenizer=self.tokenizer)
@@ -203,6 +224,7 @@ class ChatSession:
             raise GptOssError("a chat message must be text")
         turn = self.tool_loop.run(self.next_prompt(user_text), self._generate)
         self.stats.last_turn_prefills = []
+        self._turn_started = True  # the next generation is the turn's first (tool_choice)
         return self._run(user_text, turn)
 
     def _run(self, user_text: str, turn: ToolTurn) -> Iterator[GenerationEvent | ToolEvent]:
@@ -231,10 +253,18 @@ class ChatSession:
         if options.get("seed") is not None:
             options["seed"] = int(options["seed"]) + self.stats.generations
         self.stats.generations += 1
+        tool_choice, self._turn_started = (self.tool_choice if self._turn_started else None), False
         completion: list[int] = []
         try:
             for event in stream_generate(
-                self.model, new, tokenizer=self.tokenizer, cache=self.cache, **options
+                self.model,
+                new,
+                tokenizer=self.tokenizer,
+                cache=self.cache,
+                tools=self.tool_loop.function_specs,
+                tool_choice=tool_choice,
+                response_format=self.response_format,
+                **options,
             ):
                 completion.append(event.token)
                 if event.stats is not None:

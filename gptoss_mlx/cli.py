@@ -24,6 +24,7 @@ from . import (
     StreamingDetokenizer,
     Tokenizer,
     ToolEvent,
+    check_response_format,
     check_sampling,
     convert,
     generate,
@@ -368,10 +369,55 @@ def _read_prompt(prompt: str | None) -> str:
     return prompt
 
 
+def _response_format(
+    json_schema: str | None, regex: str | None, grammar: str | None
+) -> dict | None:
+    """The response_format of --json-schema (a file or JSON text), --regex or --grammar (a
+    file), checked before the model loads."""
+    given = [v for v in (json_schema, regex, grammar) if v is not None]
+    if len(given) > 1:
+        raise click.UsageError("choose one of --json-schema, --regex and --grammar")
+    if json_schema is not None:
+        is_file = os.path.isfile(json_schema)
+        try:
+            if is_file:
+                with open(json_schema, encoding="utf-8") as f:
+                    schema = json.load(f)
+            else:
+                schema = json.loads(json_schema)
+        except (OSError, ValueError) as e:
+            what = f"file {json_schema}" if is_file else "value (not a file)"
+            raise GptOssError(f"--json-schema {what} is not JSON: {e}") from None
+        name = os.path.splitext(os.path.basename(json_schema))[0] if is_file else "response"
+        fmt = {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
+    elif regex is not None:
+        fmt = {"type": "regex", "pattern": regex}
+    elif grammar is not None:
+        with open(grammar, encoding="utf-8") as f:
+            fmt = {"type": "grammar", "grammar": f.read()}
+    else:
+        return None
+    check_response_format(fmt)
+    return fmt
+
+
 @main.command("generate")
 @click.argument("prompt", required=False)
 @model_options
 @sampling_options
+@click.option(
+    "--json-schema",
+    metavar="FILE_OR_JSON",
+    default=None,
+    help="Make the answer JSON that follows this schema (a file, or the schema itself).",
+)
+@click.option("--regex", default=None, help="Make the whole answer match this regular expression.")
+@click.option(
+    "--grammar",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Make the answer follow this Lark grammar (llguidance's syntax).",
+)
 @click.option("--hide-reasoning", is_flag=True, help="Print only the answer (and tool calls).")
 @click.option(
     "--raw", is_flag=True, help="Print the completion as harmony text, special tokens included."
@@ -380,7 +426,8 @@ def _read_prompt(prompt: str | None) -> str:
     "--json",
     "as_json",
     is_flag=True,
-    help="Print one JSON object: reasoning, content, tool_calls, token ids, statistics.",
+    help="Print one JSON object: reasoning, content, tool_calls, token ids, statistics "
+    "(and, with --json-schema, the answer parsed).",
 )
 @user_errors
 def generate_command(
@@ -389,6 +436,9 @@ def generate_command(
     dtype: str | None,
     reasoning_effort: str,
     system: str | None,
+    json_schema: str | None,
+    regex: str | None,
+    grammar: str | None,
     hide_reasoning: bool,
     raw: bool,
     as_json: bool,
@@ -396,10 +446,13 @@ def generate_command(
 ) -> None:
     """Answer PROMPT (or, without it, the text on stdin) with gpt-oss.
 
-    Reasoning streams first (dimmed), then the answer; statistics go to stderr.
+    Reasoning streams first (dimmed), then the answer; statistics go to stderr. With
+    --json-schema, --regex or --grammar the model reasons freely, then its answer follows the
+    format.
     """
     if raw and as_json:
         raise click.UsageError("choose one of --raw and --json")
+    response_format = _response_format(json_schema, regex, grammar)
     prompt = _read_prompt(prompt)
     memory = _memory(options)
     sampling = _sampling(options)
@@ -414,6 +467,7 @@ def generate_command(
         messages,
         tokenizer=tok,
         reasoning_effort=reasoning_effort,
+        response_format=response_format,
         progress=interactive,
         on_event=printer.event if printer else None,
         **sampling,

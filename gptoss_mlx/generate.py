@@ -9,6 +9,10 @@
                    the only host sync per token is reading the sampled id.
     stop:          on <|return|> (finish "stop") or <|call|> ("tool_calls"), never on <|end|>;
                    else after `max_tokens` ("length").
+    constrained:   with a response format or a tool choice (:mod:`gptoss_mlx.constrain`), step n+1
+                   is queued as the forward pass alone when token n+1 will be masked: the host
+                   reads token n and computes the mask while the device runs it, then the masked
+                   draw is queued. Free stretches (reasoning) are drawn as above.
 
 A consequence of pipelining: when generation stops on a stop token, that token has already been fed
 through the model, so the cache holds ``prompt + completion``; when it stops at ``max_tokens`` the
@@ -18,6 +22,7 @@ read ``cache[0].offset`` rather than assume either (see :mod:`gptoss_mlx.chat`).
 
 from __future__ import annotations
 
+import json
 import operator
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -26,8 +31,9 @@ from typing import Protocol
 
 import mlx.core as mx
 
+from .constrain import Guide, compile_constraint
 from .errors import GptOssError
-from .harmony import Delta, StreamParser, parse_completion, render_prompt
+from .harmony import Delta, StreamParser, parse_completion, parse_response_format, render_prompt
 from .progress import progress_bar
 from .sample import Sampler, make_sampler
 from .tokenizer import STOP_TOKENS, Tokenizer, default_tokenizer
@@ -65,17 +71,25 @@ class GenerationStats:
     # With an expert cache: {"prefill": counts, "decode": counts}, counts being the hits, misses,
     # bytes_read and syncs of this generation (`GptOssModel.expert_cache_stats`).
     expert_cache: dict | None = None
+    masked_tokens: int = 0  # tokens drawn under a constraint's mask
+    mask_seconds: float = 0.0  # host time computing those masks
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
         """One line for humans, e.g. for a CLI's stderr."""
+        masks = (
+            f" | masks: {self.masked_tokens} tokens, "
+            f"{self.mask_seconds / self.masked_tokens * 1e6:.0f} us/token"
+            if self.masked_tokens
+            else ""
+        )
         line = (
             f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s | "
             f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s | "
             f"first token: {self.time_to_first_token:.2f} s | "
-            f"peak memory: {self.peak_memory / 1e9:.2f} GB | finish: {self.finish_reason}"
+            f"peak memory: {self.peak_memory / 1e9:.2f} GB | finish: {self.finish_reason}" + masks
         )
         if self.precision:
             line += f" | {self.precision}"
@@ -116,11 +130,13 @@ def prompt_tokens(
     *,
     tools: Sequence[Mapping] | None = None,
     reasoning_effort: str | None = "medium",
+    response_format: Mapping | None = None,
 ) -> tuple[list[int], Tokenizer | None]:
     """``(ids, tokenizer)`` for a prompt given as token ids, messages or a string.
 
-    Messages (OpenAI Chat Completions shape) are rendered with harmony; a string is one user
-    message. Both need a tokenizer: the default o200k_harmony when none is given.
+    Messages (OpenAI Chat Completions shape) are rendered with harmony (``tools`` and a JSON
+    schema ``response_format`` in the developer message); a string is one user message. Both
+    need a tokenizer: the default o200k_harmony when none is given.
     """
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
@@ -130,7 +146,11 @@ def prompt_tokens(
     if prompt and all(isinstance(m, Mapping) for m in prompt):
         tokenizer = tokenizer or default_tokenizer()
         ids = render_prompt(
-            prompt, tools=tools, reasoning_effort=reasoning_effort, tokenizer=tokenizer
+            prompt,
+            tools=tools,
+            reasoning_effort=reasoning_effort,
+            response_format=response_format,
+            tokenizer=tokenizer,
         )
         return ids, tokenizer
     try:
@@ -229,6 +249,8 @@ def stream_generate(
     stop_tokens: Sequence[int] = STOP_TOKENS,
     progress: bool = False,
     sampler: Sampler | None = None,
+    response_format: Mapping | None = None,
+    tool_choice: str | Mapping | None = None,
 ) -> Iterator[GenerationEvent]:
     """Generate from ``prompt``, yielding a :class:`GenerationEvent` per token.
 
@@ -238,10 +260,22 @@ def stream_generate(
     and no tokenizer, events carry ids only. ``cache``: a cache from ``model.make_cache()`` to
     continue from (``prompt`` is then only the tokens to add); a fresh one when None.
     ``sampler`` overrides ``temperature``/``top_p``/``top_k``/``min_p``/``seed``.
+    ``response_format`` (OpenAI's ``{"type": "json_schema", "json_schema": {"name", "schema"}}``
+    or ``{"type": "json_object"}``; extensions ``{"type": "regex", "pattern"}`` and ``{"type":
+    "grammar", "grammar"}`` in llguidance's Lark syntax) makes the final answer follow it after
+    free reasoning; ``tool_choice`` (``"auto"``, ``"none"``, ``"required"`` or ``{"type":
+    "function", "function": {"name"}}``) and ``strict`` tools make tool calls follow their
+    parameter schemas (see :mod:`gptoss_mlx.constrain`; with a token-id prompt, ``tools`` only
+    serve that). A format or tool choice that cannot be enforced is a :class:`GptOssError` here,
+    before any token is generated.
     The last event carries ``finish_reason`` and :class:`GenerationStats`.
     """
     ids, tokenizer = prompt_tokens(
-        prompt, tokenizer, tools=tools, reasoning_effort=reasoning_effort
+        prompt,
+        tokenizer,
+        tools=tools,
+        reasoning_effort=reasoning_effort,
+        response_format=response_format,
     )
     if not ids:
         raise GptOssError("the prompt is empty: give at least one token")
@@ -256,18 +290,38 @@ def stream_generate(
     if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
         raise GptOssError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
     sampler = sampler or make_sampler(temperature, top_p, top_k, min_p, seed=seed)
+    constraint = None
+    if response_format is not None or tool_choice is not None or tools:
+        constraint = compile_constraint(
+            tokenizer or default_tokenizer(),
+            response_format=response_format,
+            tools=tools,
+            tool_choice=tool_choice,
+        )
+    guide = constraint.guide(sampler) if constraint is not None else None
     stops = frozenset(int(t) for t in stop_tokens)
     if cache is None:
         cache = model.make_cache()
     max_tokens = min(max_tokens, _room(model, cache, len(ids)))
+    if guide is not None:
+        tokenizer = guide.tok
     parser = StreamParser(tokenizer) if tokenizer is not None else None
     return _generate_events(
-        model, ids, cache, sampler, max_tokens, prefill_chunk, stops, parser, progress
+        model, ids, cache, sampler, max_tokens, prefill_chunk, stops, parser, progress, guide
     )
 
 
 def _generate_events(
-    model, ids, cache, sampler, max_tokens, prefill_chunk, stops, parser, progress
+    model,
+    ids,
+    cache,
+    sampler,
+    max_tokens,
+    prefill_chunk,
+    stops,
+    parser,
+    progress,
+    guide: Guide | None,
 ) -> Iterator[GenerationEvent]:
     mx.reset_peak_memory()
     stats = GenerationStats(prompt_tokens=len(ids))
@@ -277,28 +331,37 @@ def _generate_events(
     at_start = counters()
     tic = time.perf_counter()
 
-    def step(token: mx.array) -> mx.array:
-        logits = model(token.reshape(1, 1), cache=cache)[:, -1, :]
-        return sampler(logits)
+    def forward(token: mx.array) -> mx.array:
+        return model(token.reshape(1, 1), cache=cache)[:, -1, :]
 
-    y = sampler(_prefill(model, ids, cache, prefill_chunk, progress))
+    logits = _prefill(model, ids, cache, prefill_chunk, progress)
+    y = sampler(logits) if guide is None else guide.first(logits)
     after_prefill = counters()  # an expert cache counts while the graph is built
     mx.async_eval(y)
     t_first = t_last = tic
     n = 0
     while True:
         if n + 1 < max_tokens:  # queue the next step before waiting for this token
-            next_y = step(y)
-            mx.async_eval(next_y)
+            if guide is None:
+                next_y = sampler(forward(y))
+                mx.async_eval(next_y)
+            else:  # a free draw as above, or only the forward pass if the token will be masked
+                logits = forward(y)
+                next_y = guide.propose(logits)
+                mx.async_eval(logits if next_y is None else next_y)
         token = int(y.item())
         n += 1
         t_last = time.perf_counter()
         if n == 1:
             t_first = t_last
-        finish = FINISH_REASONS.get(token, "stop") if token in stops else None
+        deltas = parser.feed(token) if parser is not None else []
+        ends = guide.feed(token, deltas) if guide is not None else True
+        finish = FINISH_REASONS.get(token, "stop") if token in stops and ends else None
         if finish is None and n >= max_tokens:
             finish = "length"
-        deltas = parser.feed(token) if parser is not None else []
+        if guide is not None and finish is None:  # token n decides what constrains n+1: draw it
+            next_y = guide.choose(logits, next_y)
+            mx.async_eval(next_y)
         event = GenerationEvent(token=token, deltas=deltas)
         if finish is not None:
             if parser is not None:
@@ -316,6 +379,8 @@ def _generate_events(
                     "prefill": _difference(after_prefill, at_start),
                     "decode": _difference(counters(), after_prefill),
                 }
+            if guide is not None:
+                stats.masked_tokens, stats.mask_seconds = guide.masked_tokens, guide.mask_seconds
             event.finish_reason, event.stats = finish, stats
         if event.deltas:
             event.text = "".join(d.text for d in event.deltas)
@@ -342,15 +407,19 @@ def generate(
 
     ``{"reasoning", "content", "tool_calls"}`` as :func:`harmony.parse_completion` gives them
     (empty without a tokenizer), plus ``"prompt_token_ids"``, ``"completion_token_ids"`` (stop
-    token included), ``"finish_reason"`` and ``"stats"`` (a dict). ``on_event`` sees every
-    :class:`GenerationEvent` as it is generated (to print a reply while it streams).
+    token included), ``"finish_reason"`` and ``"stats"`` (a dict). With a JSON
+    ``response_format`` (``json_schema`` or ``json_object``) also ``"parsed"``: the answer as a
+    Python object, None when generation stopped before the answer was complete. ``on_event``
+    sees every :class:`GenerationEvent` as it is generated (to print a reply while it streams).
     """
     ids, tokenizer = prompt_tokens(
         prompt,
         tokenizer,
         tools=kwargs.get("tools"),
         reasoning_effort=kwargs.get("reasoning_effort", "medium"),
+        response_format=kwargs.get("response_format"),
     )
+    fmt = parse_response_format(kwargs.get("response_format"))
     tokens, stats = [], None
     for event in stream_generate(model, ids, tokenizer=tokenizer, **kwargs):
         tokens.append(event.token)
@@ -367,4 +436,7 @@ def generate(
         finish_reason=stats.finish_reason,
         stats=stats.to_dict(),
     )
+    if fmt is not None and fmt.is_json:
+        done = stats.finish_reason == "stop"
+        result["parsed"] = json.loads(result["content"]) if done else None
     return result

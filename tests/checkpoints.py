@@ -12,6 +12,7 @@ import os
 import mlx.core as mx
 import numpy as np
 
+from gptoss_mlx import load_model
 from gptoss_mlx.config import ModelConfig
 from gptoss_mlx.synthetic import hf_config_json, random_checkpoint, save_checkpoint
 
@@ -219,6 +220,21 @@ def reference_logits(model, ids: np.ndarray) -> np.ndarray:
 
     with torch.no_grad():
         return model(torch.from_numpy(ids).long()).logits.float().numpy()
+
+
+# max |ours - ref| / max |ref| below this counts as equal to the reference in float32.
+FLOAT32_TOL = 1e-4
+
+
+def logits(model, ids: np.ndarray, **kwargs) -> np.ndarray:
+    """`model(ids)` as float32 numpy (kwargs such as `cache=` passed on)."""
+    return np32(model(mx.array(ids), **kwargs))
+
+
+def folder_logits(path, ids: np.ndarray, dtype: str = "float32") -> np.ndarray:
+    """Logits of the checkpoint folder `path`, loaded with `load_model` with its dense weights as
+    stored (`dense_bits=16`: the parity tests compare with transformers' unquantized model)."""
+    return logits(load_model(path, dtype=dtype, dense_bits=16), ids)
 
 
 def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:

@@ -4,6 +4,7 @@ the o200k vocabulary (those fixtures skip, with the reason, only where it cannot
 from __future__ import annotations
 
 import checkpoints as ck
+import numpy as np
 import pytest
 
 
@@ -15,6 +16,18 @@ def hf_tensors():
 @pytest.fixture(scope="session")
 def reference(hf_tensors):
     return ck.reference_model(hf_tensors, ck.TINY)
+
+
+@pytest.fixture(scope="session")
+def ids():
+    """Token ids `[2, 21]` for the TINY model: batch 2, longer than its 8-key window."""
+    return np.random.RandomState(1).randint(0, ck.TINY.vocab_size, (2, 21))
+
+
+@pytest.fixture(scope="session")
+def ref_logits(reference, ids):
+    """transformers' float32 logits for `ids`: what every layout and path must reproduce."""
+    return ck.reference_logits(reference, ids)
 
 
 @pytest.fixture(scope="session")

@@ -3,14 +3,18 @@ kept cache is exactly what a fresh prefill of the conversation would give."""
 
 from __future__ import annotations
 
+import json
+
 import checkpoints as ck
 import mlx.core as mx
 import numpy as np
 import pytest
+from scripted import ScriptedModel, SteeredModel
 
 from gptoss_mlx import ChatSession, GptOssError, harmony, load, load_model, stream_generate
 from gptoss_mlx.chat import trim_cache
 from gptoss_mlx.tokenizer import SPECIAL_TOKENS
+from gptoss_mlx.tool_loop import ToolEvent
 
 RETURN, END = SPECIAL_TOKENS["<|return|>"], SPECIAL_TOKENS["<|end|>"]
 
@@ -183,3 +187,72 @@ def test_trimming_more_than_the_ring_allows_is_refused(hf_mxfp4_dir):
     model(mx.array([list(range(10))]), cache=cache)
     assert not trim_cache(cache, 2)
     assert all(c.offset == 10 for c in cache)
+
+
+# -- structured output in a session ----------------------------------------------------------------
+
+ANALYSIS = "<|channel|>analysis<|message|>"
+
+
+def test_every_turn_answers_in_the_response_format(chat_model):
+    jsonschema = pytest.importorskip("jsonschema")
+    model, tok = chat_model
+    schema = {
+        "type": "object",
+        "properties": {"mood": {"enum": ["good", "bad"]}, "n": {"type": "integer", "maximum": 9}},
+        "required": ["mood", "n"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "mood", "schema": schema}}
+    steered = SteeredModel(model, {})
+    session = ChatSession(steered, tok, response_format=fmt, seed=0, max_tokens=600)
+    for text in ("How are you?", "And now?"):
+        steered.write(tok, (0, ANALYSIS), (5, "<|end|>"))  # think a little, then answer
+        events = list(session.send(text))
+        content = "".join(e.text for e in events if e.kind == "content")
+        jsonschema.validate(json.loads(content), schema)
+        assert events[-1].finish_reason == "stop" and session.messages[-1]["content"] == content
+    assert session.stats.full_prefills == 1  # the second turn reused the first one's cache
+    prompt = tok.decode(session.next_prompt("Last?"))
+    assert prompt.count("# Response Formats\n\n## mood\n\n") == 1
+
+
+def test_a_session_refuses_a_format_it_cannot_enforce(chat_model):
+    model, tok = chat_model
+    bad = {"type": "regex", "pattern": "(?<=x)y"}
+    with pytest.raises(GptOssError, match="look-around"):
+        ChatSession(model, tok, response_format=bad)
+    with pytest.raises(GptOssError, match="needs tools"):
+        ChatSession(model, tok, tool_choice="required")
+
+
+def test_a_required_tool_choice_forces_the_first_round_only(tok):
+    """The turn's first generation must call the tool (the model would answer in prose); once the
+    result is in, the model answers freely instead of being forced to call again."""
+    calls = []
+    spec = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 10}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    }
+
+    model = ScriptedModel.from_harmony(
+        [
+            "<|channel|>final<|message|>I think it is sunny.<|return|>",  # forced into a call
+            "<|channel|>final<|message|>It is sunny.<|return|>",
+        ],
+        tok,
+    )
+    tools = [(spec, lambda city: calls.append(city) or "sunny")]
+    session = ChatSession(model, tok, tools=tools, tool_choice="required", temperature=0)
+    events = list(session.send("Weather in Oslo?"))
+    assert [e.kind for e in events if isinstance(e, ToolEvent)] == ["tool_run", "tool_result"]
+    assert len(calls) == 1
+    assert session.messages[-1] == {"role": "assistant", "content": "It is sunny."}

@@ -250,3 +250,58 @@ def test_a_tool_call_is_named_with_its_arguments(monkeypatch, tok):
     r = run_scripted(monkeypatch, tok, call, "--hide-reasoning")
     assert click.unstyle(r.stdout).strip() == '[tool call] get_weather: {"city": "Paris"}'
     assert "finish: tool_calls" in click.unstyle(r.stderr)
+
+
+# -- structured output -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--json-schema", "{not json"], "--json-schema value (not a file) is not JSON"),
+        (["--json-schema", '{"type": "object", "if": {}}'], 'Unimplemented keys: ["if"]'),
+        (["--json-schema", '{"type": "string", "format": "card"}'], "Unknown format: card"),
+        (["--regex", "[a-"], "unclosed character class"),
+        (["--grammar", "GRAMMAR"], 'unknown name: "foo"'),
+        (["--regex", "a", "--json-schema", "{}"], "choose one of --json-schema, --regex"),
+    ],
+)
+def test_bad_formats_are_one_line_errors_before_the_model_loads(tmp_path, args, says):
+    """The model named does not exist: the format is refused before anything loads."""
+    grammar = tmp_path / "bad.lark"
+    grammar.write_text("start: foo\n")
+    args = [str(grammar) if a == "GRAMMAR" else a for a in args]
+    r = cli("generate", "Hi", "-m", "does/not/exist/anywhere", *args)
+    assert r.returncode in (1, 2) and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], r.stderr
+
+
+def test_json_schema_file_reaches_the_model_and_json_carries_parsed(o200k_dir, tmp_path, tok):
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    path = tmp_path / "count.json"
+    path.write_text(json.dumps(schema))
+    r = ok(
+        cli("generate", "Count.", "-m", o200k_dir, "--json-schema", str(path), "--max-tokens", "3")
+    )
+    assert "masks: 3 tokens" in r.stderr  # the header, masked from the first token on
+    r = ok(
+        cli(
+            "generate",
+            "Count.",
+            "-m",
+            o200k_dir,
+            "--json-schema",
+            str(path),
+            "--json",
+            "--max-tokens",
+            "3",
+        )
+    )
+    out = json.loads(r.stdout)
+    assert out["parsed"] is None and out["finish_reason"] == "length"  # cut short: no answer
+    # The schema, named after its file, is in the developer message.
+    prompt = tok.decode(out["prompt_token_ids"])
+    assert (
+        "# Response Formats\n\n## count\n\n" + json.dumps(schema, separators=(",", ":")) in prompt
+    )

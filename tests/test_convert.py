@@ -17,21 +17,6 @@ from gptoss_mlx.convert import convert
 from gptoss_mlx.weights import read_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLOAT32_TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def ids():
-    return np.random.RandomState(7).randint(0, ck.TINY.vocab_size, (2, 15))
-
-
-@pytest.fixture(scope="module")
-def ref_logits(reference, ids):
-    return ck.reference_logits(reference, ids)
-
-
-def logits(path, ids):
-    return ck.np32(load_model(path, dtype="float32", dense_bits=16)(mx.array(ids)))
 
 
 @pytest.mark.parametrize("writer", [ck.write_hf_mxfp4, ck.write_hf_bf16, ck.write_original])
@@ -39,7 +24,7 @@ def test_converted_folder_matches_transformers(tmp_path, hf_tensors, ids, ref_lo
     src = writer(tmp_path / "src", ck.TINY, hf_tensors)
     dst = convert(src, str(tmp_path / "dst"))
     assert read_checkpoint(dst).layout == "gptoss-mlx"
-    assert ck.relative_error(logits(dst, ids), ref_logits) < FLOAT32_TOL
+    assert ck.relative_error(ck.folder_logits(dst, ids), ref_logits) < ck.FLOAT32_TOL
 
 
 def test_experts_stay_bit_exact_and_config_records_layout(tmp_path, hf_mxfp4_dir, hf_tensors):
@@ -70,7 +55,7 @@ def test_dense_bits_quantizes_dense_weights(tmp_path, hf_mxfp4_dir, ids, ref_log
         assert type(model.layers[0].mlp.router).__name__ == "Linear"  # the router stays exact
         errors[bits] = ck.relative_error(ck.np32(model(mx.array(ids))), ref_logits)
     # Lossy, and 4 bits lose more than 8 (this random model amplifies rounding: see README).
-    assert FLOAT32_TOL < errors[8] < errors[4] < 1.0
+    assert ck.FLOAT32_TOL < errors[8] < errors[4] < 1.0
 
 
 def test_shards_respect_the_size_limit(tmp_path, hf_mxfp4_dir, ids, ref_logits):
@@ -83,7 +68,7 @@ def test_shards_respect_the_size_limit(tmp_path, hf_mxfp4_dir, ids, ref_logits):
         tensors = mx.load(os.path.join(dst, name))
         if len(tensors) > 1:  # a single tensor larger than the limit gets a shard of its own
             assert sum(t.nbytes for t in tensors.values()) <= limit
-    assert ck.relative_error(logits(dst, ids), ref_logits) < FLOAT32_TOL
+    assert ck.relative_error(ck.folder_logits(dst, ids), ref_logits) < ck.FLOAT32_TOL
 
 
 def test_tokenizer_files_are_copied(tmp_path, hf_tensors):
@@ -137,7 +122,10 @@ def test_cli_and_script_convert(tmp_path, hf_mxfp4_dir, ids, ref_logits):
     done = run_cli(hf_mxfp4_dir, "-o", str(tmp_path / "b"), script=os.path.join(REPO, "convert.py"))
     assert done.returncode == 0, done.stderr
     for name in ("a", "b"):
-        assert ck.relative_error(logits(str(tmp_path / name), ids), ref_logits) < FLOAT32_TOL
+        assert (
+            ck.relative_error(ck.folder_logits(str(tmp_path / name), ids), ref_logits)
+            < ck.FLOAT32_TOL
+        )
 
 
 @pytest.mark.parametrize("case", ["missing", "exists", "bits"])

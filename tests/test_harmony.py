@@ -1213,3 +1213,95 @@ def test_random_completions_parse_like_openai_harmony(tok, harmony_enc):
         assert parse_completion(ids, tok) == want
         result, events = run_chunks(tok, [[t] for t in ids])
         assert result == want and deltas_to_result(events) == want
+
+
+# ---------------------------------------------------------------------------------------------
+# Response formats: a `# Response Formats` section at the end of the developer message
+# ---------------------------------------------------------------------------------------------
+
+SHOPPING = {
+    "properties": {
+        "items": {
+            "type": "array",
+            "description": "entries on the shopping list",
+            "items": {"type": "string"},
+        }
+    },
+    "type": "object",
+}
+# Harmony's guide: "# Response Formats\n\n## {format name}\n\n// {description or context}\n{schema}"
+# at the end of the developer message, the schema as compact JSON (written out by hand here).
+SHOPPING_SECTION = (
+    "# Response Formats\n\n## shopping_list\n\n// What to buy.\n"
+    '{"properties":{"items":{"type":"array","description":"entries on the shopping list",'
+    '"items":{"type":"string"}}},"type":"object"}'
+)
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        {
+            "type": "json_schema",
+            "json_schema": {
+                "name": "shopping_list",
+                "description": "What to buy.",
+                "schema": SHOPPING,
+                "strict": True,
+            },
+        },
+        # The Responses API's text.format: the same fields, flat.
+        {
+            "type": "json_schema",
+            "name": "shopping_list",
+            "description": "What to buy.",
+            "schema": SHOPPING,
+        },
+    ],
+)
+def test_response_format_ends_the_developer_message(tok, harmony_enc, fmt):
+    instructions = "You are a helpful shopping assistant"
+    messages = [
+        {"role": "system", "content": instructions},
+        {"role": "user", "content": "I need to buy coffee, soda and eggs"},
+    ]
+    ours = render_prompt(messages, response_format=fmt, tokenizer=tok)
+    # openai-harmony has no response formats: its developer instructions carry the section.
+    want = harmony_enc.render_conversation_for_completion(
+        Conversation.from_messages(
+            [
+                o_system(),
+                o_developer(instructions + "\n\n" + SHOPPING_SECTION),
+                o_user("I need to buy coffee, soda and eggs"),
+            ]
+        ),
+        Role.ASSISTANT,
+    )
+    assert ours == want
+
+
+def test_response_format_comes_after_the_tools_and_alone_makes_a_developer_message(tok):
+    fmt = {"type": "json_schema", "json_schema": {"name": "shopping_list", "schema": SHOPPING}}
+    user = [{"role": "user", "content": "Hi"}]
+    text = tok.decode(render_prompt(user, tools=openai_tools(WEATHER), response_format=fmt))
+    developer = text[text.index("<|start|>developer<|message|>") :]
+    developer = developer[: developer.index("<|end|>")]
+    section = SHOPPING_SECTION.replace("// What to buy.\n", "")  # no description: no comment line
+    assert developer.endswith("} // namespace functions\n\n" + section)
+    alone = tok.decode(render_prompt(user, response_format=fmt))
+    assert "<|start|>developer<|message|>" + section + "<|end|>" in alone
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        None,
+        {"type": "text"},
+        {"type": "json_object"},
+        {"type": "regex", "pattern": "[0-9]+"},
+        {"type": "grammar", "grammar": 'start: "a"'},
+    ],
+)
+def test_formats_without_a_schema_add_nothing_to_the_prompt(tok, fmt):
+    user = [{"role": "user", "content": "Hi"}]
+    assert render_prompt(user, response_format=fmt) == render_prompt(user)

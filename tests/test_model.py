@@ -12,28 +12,11 @@ import pytest
 from gptoss_mlx import load_model
 from gptoss_mlx.rope import yarn_inv_freq
 
-FLOAT32_TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def ids():
-    # Batch 2, longer than the tiny model's 8-key window.
-    return np.random.RandomState(1).randint(0, ck.TINY.vocab_size, (2, 21))
-
-
-@pytest.fixture(scope="module")
-def ref_logits(reference, ids):
-    return ck.reference_logits(reference, ids)
-
-
-def logits(model, ids, **kw):
-    return ck.np32(model(mx.array(ids), **kw))
-
 
 def test_float32_matches_transformers(hf_mxfp4_dir, ids, ref_logits):
     # TINY: GQA ratio 4, intermediate 96 != hidden 64, sinks ~ N(0, 2), window 8 < 21 tokens.
     model = load_model(hf_mxfp4_dir, dtype="float32", dense_bits=16)
-    assert ck.relative_error(logits(model, ids), ref_logits) < FLOAT32_TOL
+    assert ck.relative_error(ck.logits(model, ids), ref_logits) < ck.FLOAT32_TOL
 
 
 def test_bfloat16_is_as_close_as_transformers_own_bfloat16(
@@ -57,7 +40,7 @@ def test_bfloat16_is_as_close_as_transformers_own_bfloat16(
 
     model = load_model(hf_mxfp4_dir, dense_bits=16)
     assert model.dtype == mx.bfloat16
-    ours = position_errors(logits(model, ids))
+    ours = position_errors(ck.logits(model, ids))
     with torch.no_grad():
         theirs_bf16 = copy.deepcopy(reference).to(torch.bfloat16)
         theirs = position_errors(theirs_bf16(torch.from_numpy(ids)).logits.float().numpy())
@@ -76,7 +59,7 @@ def test_real_head_geometry_matches_transformers(tmp_path):
     model = load_model(ck.write_hf_mxfp4(tmp_path, cfg, tensors), dtype="float32", dense_bits=16)
     ids = np.random.RandomState(2).randint(0, cfg.vocab_size, (2, 19))
     ref = ck.reference_logits(ck.reference_model(tensors, cfg), ids)
-    assert ck.relative_error(logits(model, ids), ref) < FLOAT32_TOL
+    assert ck.relative_error(ck.logits(model, ids), ref) < ck.FLOAT32_TOL
 
 
 def test_sinks_are_large_enough_to_matter(hf_mxfp4_dir, ids, ref_logits):
@@ -84,28 +67,28 @@ def test_sinks_are_large_enough_to_matter(hf_mxfp4_dir, ids, ref_logits):
     model = load_model(hf_mxfp4_dir, dtype="float32", dense_bits=16)
     for layer in model.layers:
         layer.self_attn.sinks = mx.full(layer.self_attn.sinks.shape, -1e9)
-    assert ck.relative_error(logits(model, ids), ref_logits) > 100 * FLOAT32_TOL
+    assert ck.relative_error(ck.logits(model, ids), ref_logits) > 100 * ck.FLOAT32_TOL
 
 
 @pytest.mark.parametrize("prompt_len", [5, 13])  # shorter and longer than the 8-key window
 def test_decoding_through_the_cache_matches_full_forward(hf_mxfp4_dir, ids, prompt_len):
     model = load_model(hf_mxfp4_dir, dtype="float32", dense_bits=16)
-    full = logits(model, ids)
+    full = ck.logits(model, ids)
     cache = model.make_cache()
-    steps = [logits(model, ids[:, :prompt_len], cache=cache)]
+    steps = [ck.logits(model, ids[:, :prompt_len], cache=cache)]
     for t in range(prompt_len, ids.shape[1]):
-        steps.append(logits(model, ids[:, t : t + 1], cache=cache))
-    assert ck.relative_error(np.concatenate(steps, axis=1), full) < FLOAT32_TOL
+        steps.append(ck.logits(model, ids[:, t : t + 1], cache=cache))
+    assert ck.relative_error(np.concatenate(steps, axis=1), full) < ck.FLOAT32_TOL
 
 
 def test_chunked_prefill_through_the_cache_matches_full_forward(hf_mxfp4_dir, ids):
     model = load_model(hf_mxfp4_dir, dtype="float32", dense_bits=16)
-    full = logits(model, ids)
+    full = ck.logits(model, ids)
     cache = model.make_cache()
     chunks = [
-        logits(model, ids[:, a:b], cache=cache) for a, b in ((0, 3), (3, 12), (12, 14), (14, 21))
+        ck.logits(model, ids[:, a:b], cache=cache) for a, b in ((0, 3), (3, 12), (12, 14), (14, 21))
     ]
-    assert ck.relative_error(np.concatenate(chunks, axis=1), full) < FLOAT32_TOL
+    assert ck.relative_error(np.concatenate(chunks, axis=1), full) < ck.FLOAT32_TOL
 
 
 def test_cache_kinds_and_sizes(hf_mxfp4_dir, ids):
@@ -153,7 +136,7 @@ def test_yarn_ramp_bounds_are_not_rounded():
 @pytest.mark.parametrize("cached", [False, True])
 def test_last_logits_equal_the_full_forward_last_position(hf_mxfp4_dir, ids, cached):
     model = load_model(hf_mxfp4_dir, dtype="float32", dense_bits=16)
-    full = logits(model, ids)
+    full = ck.logits(model, ids)
     if cached:  # the last chunk after a first one, through the caches
         cache = model.make_cache()
         model.last_logits(mx.array(ids[:, :9]), cache)
@@ -161,4 +144,4 @@ def test_last_logits_equal_the_full_forward_last_position(hf_mxfp4_dir, ids, cac
         assert cache[0].offset == ids.shape[1]
     else:
         last = ck.np32(model.last_logits(mx.array(ids)))
-    assert ck.relative_error(last, full[:, -1]) < FLOAT32_TOL
+    assert ck.relative_error(last, full[:, -1]) < ck.FLOAT32_TOL

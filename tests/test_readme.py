@@ -29,6 +29,8 @@ SMALL = {
     "--synthetic": "tiny",
     "--repeats": "1",
 }
+# Flags that name a file the reader writes (`--json-schema person.json`): one written here.
+FILES = {"--json-schema": "schema", "--grammar": "grammar"}
 
 
 def readme_blocks() -> list[tuple[str, str, int, str | None]]:
@@ -118,6 +120,8 @@ def shrink(command: list[str], paths: dict) -> list[str]:
             w, has_model = paths["o200k"], True
         elif prev in SMALL:
             w = SMALL[prev]
+        elif prev in FILES and not w.lstrip().startswith("{"):  # a file the reader would write
+            w = paths[FILES[prev]]
         shrunk.append(w)
         prev = w if w.startswith("-") else None
     if sub in ("generate", "chat") and not has_model:
@@ -135,7 +139,16 @@ def shrink(command: list[str], paths: dict) -> list[str]:
 
 @pytest.fixture(scope="module")
 def paths(o200k_dir, hf_mxfp4_dir, tmp_path_factory):
-    return {"o200k": o200k_dir, "hf": hf_mxfp4_dir, "tmp": str(tmp_path_factory.mktemp("readme"))}
+    tmp = tmp_path_factory.mktemp("readme")
+    (tmp / "schema.json").write_text('{"type": "object"}')
+    (tmp / "answer.lark").write_text('start: "yes" | "no"')
+    return {
+        "o200k": o200k_dir,
+        "hf": hf_mxfp4_dir,
+        "tmp": str(tmp),
+        "schema": str(tmp / "schema.json"),
+        "grammar": str(tmp / "answer.lark"),
+    }
 
 
 EXAMPLES = shell_examples()

@@ -13,22 +13,6 @@ import pytest
 from gptoss_mlx import GptOssError, load_model
 from gptoss_mlx.weights import read_checkpoint
 
-FLOAT32_TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def ids():
-    return np.random.RandomState(5).randint(0, ck.TINY.vocab_size, (2, 17))
-
-
-@pytest.fixture(scope="module")
-def ref_logits(reference, ids):
-    return ck.reference_logits(reference, ids)
-
-
-def model_logits(path, ids, dtype="float32"):
-    return ck.np32(load_model(path, dtype=dtype, dense_bits=16)(mx.array(ids)))
-
 
 @pytest.mark.parametrize(
     "writer,layout",
@@ -45,7 +29,7 @@ def model_logits(path, ids, dtype="float32"):
 def test_each_layout_matches_transformers(tmp_path, hf_tensors, ids, ref_logits, writer, layout):
     folder = writer(tmp_path / layout, ck.TINY, hf_tensors)
     assert read_checkpoint(folder).layout == layout
-    assert ck.relative_error(model_logits(folder, ids), ref_logits) < FLOAT32_TOL
+    assert ck.relative_error(ck.folder_logits(folder, ids), ref_logits) < ck.FLOAT32_TOL
 
 
 def test_published_layout_experts_are_the_checkpoint_bytes(hf_mxfp4_dir, hf_tensors):
@@ -83,7 +67,7 @@ def test_mlx_community_quantized_dense_matches_reference_with_same_weights(
     ref = ck.reference_logits(ck.reference_model(dequantized, ck.TINY), ids)
     model = load_model(folder, dtype="float32")
     assert type(model.layers[0].self_attn.q_proj).__name__ == "QuantizedLinear"
-    assert ck.relative_error(ck.np32(model(mx.array(ids))), ref) < FLOAT32_TOL
+    assert ck.relative_error(ck.np32(model(mx.array(ids))), ref) < ck.FLOAT32_TOL
 
 
 # ---- bad input -------------------------------------------------------------------------------

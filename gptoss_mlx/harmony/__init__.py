@@ -18,9 +18,17 @@ multi-turn chat), :mod:`.parse` (completion ids -> reasoning, content and tool c
 :mod:`.format` (the words both sides share). Built-in tools (browser, python) are
 :class:`ToolNamespace` s declared in the system message's ``# Tools`` section
 (``render_prompt(builtin_tools=...)``); the tools themselves live in :mod:`gptoss_mlx.tools`.
+A JSON schema response format goes at the end of the developer message (``# Response Formats``,
+as harmony's guide shows it); openai-harmony has no API for it, so that section is tested
+against the guide's layout.
 """
 
-from gptoss_mlx.harmony.parse import Delta, StreamParser, parse_completion
+from gptoss_mlx.harmony.parse import (
+    Delta,
+    StreamParser,
+    header_channel_and_recipient,
+    parse_completion,
+)
 from gptoss_mlx.harmony.render import (
     DEFAULT_MODEL_IDENTITY,
     REASONING_EFFORTS,
@@ -32,7 +40,15 @@ from gptoss_mlx.harmony.render import (
     render_prompt,
     render_turn,
 )
-from gptoss_mlx.harmony.schema import ToolNamespace, namespace_section, tools_to_typescript
+from gptoss_mlx.harmony.schema import (
+    FunctionDeclaration,
+    ResponseFormat,
+    ToolNamespace,
+    function_declarations,
+    namespace_section,
+    parse_response_format,
+    tools_to_typescript,
+)
 from gptoss_mlx.tokenizer import STOP_TOKENS
 
 __all__ = [
@@ -46,6 +62,11 @@ __all__ = [
     "chat_history_tokens",
     "common_prefix_length",
     "tools_to_typescript",
+    "function_declarations",
+    "FunctionDeclaration",
+    "parse_response_format",
+    "ResponseFormat",
+    "header_channel_and_recipient",
     "ToolNamespace",
     "namespace_section",
     "is_builtin_call",

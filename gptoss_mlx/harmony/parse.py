@@ -310,3 +310,11 @@ def parse_completion(tokens: Iterable[int], tokenizer: Tokenizer | None = None) 
     parser.feed(tokens)
     parser.finish()
     return parser.result()
+
+
+def header_channel_and_recipient(text: str) -> tuple[str | None, str | None]:
+    """``(channel, recipient)`` of an assistant message header as :class:`StreamParser` reads it,
+    e.g. ``("commentary", "functions.f")`` for ``<|channel|>commentary to=functions.f
+    <|constrain|>json`` (the text between ``<|start|>assistant`` and ``<|message|>``)."""
+    h = _parse_header(text, role_known=True)
+    return h.channel, h.recipient

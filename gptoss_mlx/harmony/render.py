@@ -57,6 +57,8 @@ from gptoss_mlx.harmony.format import CHANNELS, CONSTRAIN
 from gptoss_mlx.harmony.schema import (
     ToolNamespace,
     namespace_section,
+    parse_response_format,
+    response_formats_section,
     tools_section,
     tools_to_typescript,
 )
@@ -312,17 +314,22 @@ def render_prompt(
     model_identity: str | None = DEFAULT_MODEL_IDENTITY,
     drop_analysis: bool = True,
     builtin_tools: Sequence[ToolNamespace] = (),
+    response_format: Mapping | None = None,
 ) -> list[int]:
     """Token ids of the harmony prompt for ``messages`` (OpenAI Chat Completions shape).
 
     Ends with ``<|start|>assistant``: sample from there and stop on :data:`STOP_TOKENS`.
     ``tools`` are OpenAI function tools; ``builtin_tools`` the built-in tool namespaces (browser,
     python) declared in the system message; ``drop_analysis`` mirrors openai-harmony's
-    ``auto_drop_analysis`` (on by default). Bad input is a :class:`GptOssError`.
+    ``auto_drop_analysis`` (on by default); a JSON schema ``response_format`` is shown to the
+    model at the end of the developer message (``# Response Formats``, as harmony's guide writes
+    it; openai-harmony has no API for it). Bad input is a :class:`GptOssError`.
     """
     tok = tokenizer or default_tokenizer()
     effort = check_reasoning_effort(reasoning_effort)
     function_tools = tools_to_typescript(tools) if tools else None  # the `# Tools` section
+    fmt = parse_response_format(response_format)
+    formats = response_formats_section(fmt) if fmt is not None else None
     instructions = [
         _content_text(m.get("content"))
         for m in messages
@@ -341,12 +348,14 @@ def render_prompt(
             ),
         )
     ]
-    if instructions or function_tools is not None:
+    if instructions or function_tools is not None or formats is not None:
         sections = []
         if instructions:
             sections += ["# Instructions", "\n\n".join(instructions)]
         if function_tools is not None:
             sections.append(function_tools)
+        if formats is not None:
+            sections.append(formats)
         msgs.append(_Msg("developer", "\n\n".join(sections)))
     msgs += _conversation_messages(messages, {}, [ns.name for ns in builtin_tools])
     if drop_analysis:

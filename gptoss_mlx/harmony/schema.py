@@ -8,6 +8,11 @@ literals, ``oneOf`` as one ``| variant`` line each, ``nullable`` as ``| null`` a
 ``// default: x`` comments. Built-in tools (browser, python) are declared the same way, in the
 system message, as :class:`ToolNamespace` s with a description of their own:
 :func:`namespace_section` writes any namespace, :func:`tools_section` the heading over them.
+
+Response formats (structured output) go at the end of the developer message as
+``# Response Formats`` / ``## NAME`` / ``// description`` / the JSON schema
+(:func:`response_formats_section`); :func:`parse_response_format` reads the OpenAI shapes of a
+``response_format`` (Chat Completions) or ``text.format`` (Responses).
 """
 
 from __future__ import annotations
@@ -176,15 +181,19 @@ def _text_lines(text: str) -> list[str]:
 
 
 @dataclass(frozen=True)
-class _Function:
+class FunctionDeclaration:
+    """One OpenAI function tool: its name, description, parameter schema and ``strict`` flag."""
+
     name: str
     description: str
     parameters: Any  # JSON schema dict, or None for a tool without parameters
+    strict: bool = False  # the caller asks for arguments that always follow `parameters`
 
 
-def _normalize_tools(tools: Sequence[Mapping]) -> list[_Function]:
-    """OpenAI function tools (``{"type": "function", "function": {...}}`` or the bare function
-    dict) as :class:`_Function` s; anything else is a :class:`GptOssError`."""
+def function_declarations(tools: Sequence[Mapping]) -> list[FunctionDeclaration]:
+    """OpenAI function tools (``{"type": "function", "function": {...}}`` as Chat Completions
+    sends them, or the function dict itself, as the Responses API does) as
+    :class:`FunctionDeclaration` s; anything else is a :class:`GptOssError`."""
     out = []
     for tool in tools:
         if not isinstance(tool, Mapping):
@@ -195,7 +204,14 @@ def _normalize_tools(tools: Sequence[Mapping]) -> list[_Function]:
         name = spec.get("name") if isinstance(spec, Mapping) else None
         if not isinstance(name, str) or not name:
             raise GptOssError(f"A function tool needs a name: {tool!r}")
-        out.append(_Function(name, spec.get("description") or "", spec.get("parameters")))
+        out.append(
+            FunctionDeclaration(
+                name,
+                spec.get("description") or "",
+                spec.get("parameters"),
+                spec.get("strict") is True,
+            )
+        )
     return out
 
 
@@ -219,7 +235,7 @@ def namespace_section(namespace: ToolNamespace) -> str:
     """``## name``, the description, and ``namespace name { ... }`` with one ``type`` per
     function (its description above it as ``//`` lines). With functions, the namespace's
     description is written as ``//`` lines too; without, as plain text and no namespace block."""
-    functions = _normalize_tools(namespace.functions)
+    functions = function_declarations(namespace.functions)
     body = [f"## {namespace.name}\n"]
     if namespace.description is not None:
         lines = _text_lines(namespace.description)
@@ -249,3 +265,93 @@ def tools_to_typescript(tools: Sequence[Mapping]) -> str:
     Raises :class:`GptOssError` for a tool that is not a named function tool.
     """
     return tools_section([namespace_section(ToolNamespace("functions", None, tools))])
+
+
+# The response format types: OpenAI's two, then this project's extensions (a regular expression
+# and a Lark grammar in llguidance's syntax, for answers that are not JSON).
+RESPONSE_FORMAT_TYPES = ("text", "json_schema", "json_object", "regex", "grammar")
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """What the final answer must be, read from a request's ``response_format``.
+
+    ``type`` is ``"json_schema"`` (``schema`` set, ``name`` and ``description`` shown to the model),
+    ``"json_object"`` (any JSON object), ``"regex"`` (``pattern``: the whole answer matches it) or
+    ``"grammar"`` (``grammar``: a Lark grammar in llguidance's syntax).
+    """
+
+    type: str
+    name: str = "response"
+    description: str = ""
+    schema: Mapping | None = None
+    pattern: str | None = None
+    grammar: str | None = None
+
+    @property
+    def is_json(self) -> bool:
+        return self.type in ("json_schema", "json_object")
+
+
+def parse_response_format(fmt: Mapping | None) -> ResponseFormat | None:
+    """The :class:`ResponseFormat` of an OpenAI-shaped ``response_format``; None for no format.
+
+    Accepts Chat Completions' ``{"type": "json_schema", "json_schema": {"name", "schema",
+    "strict", "description"}}``, the Responses API's flat ``{"type": "json_schema", "name",
+    "schema", ...}``, ``{"type": "json_object"}``, ``{"type": "text"}`` (no format), and the
+    extensions ``{"type": "regex", "pattern": "..."}`` and ``{"type": "grammar", "grammar":
+    "..."}``. A malformed one is a :class:`GptOssError`; whether the schema, pattern or grammar
+    compiles is checked where it is compiled (:mod:`gptoss_mlx.constrain`).
+    """
+    if fmt is None:
+        return None
+    if not isinstance(fmt, Mapping):
+        raise GptOssError(f"response_format must be a dict with a 'type', got {fmt!r}")
+    kind = fmt.get("type")
+    if kind not in RESPONSE_FORMAT_TYPES:
+        raise GptOssError(
+            f"response_format type must be one of {', '.join(RESPONSE_FORMAT_TYPES)}, got {kind!r}"
+        )
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ResponseFormat("json_object")
+    if kind == "json_schema":
+        spec = fmt.get("json_schema", fmt)
+        schema = spec.get("schema") if isinstance(spec, Mapping) else None
+        if not isinstance(schema, Mapping):
+            raise GptOssError(
+                "a json_schema response_format needs a JSON schema object: "
+                '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}'
+            )
+        name = spec.get("name") or "response"
+        description = spec.get("description") or ""
+        if not isinstance(name, str) or not isinstance(description, str):
+            raise GptOssError("a json_schema response_format's name and description are text")
+        return ResponseFormat("json_schema", name, description, schema=schema)
+    field_name = "pattern" if kind == "regex" else "grammar"
+    value = fmt.get(field_name)
+    if not isinstance(value, str) or not value:
+        raise GptOssError(
+            f'a {kind} response_format needs its {field_name}: {{"type": "{kind}", '
+            f'"{field_name}": "..."}}'
+        )
+    return ResponseFormat(kind, **{field_name: value})
+
+
+def response_formats_section(fmt: ResponseFormat) -> str | None:
+    """The developer message's ``# Response Formats`` section for a JSON schema format (None for
+    the others: they have no schema to show)::
+
+        # Response Formats
+
+        ## NAME
+
+        // DESCRIPTION        (only when there is one)
+        {"type":"object",...}
+    """
+    if fmt.type != "json_schema":
+        return None
+    lines = [f"// {line}" for line in _text_lines(fmt.description)]
+    body = "\n".join([*lines, _compact_json(fmt.schema)])
+    return f"# Response Formats\n\n## {fmt.name}\n\n{body}"
