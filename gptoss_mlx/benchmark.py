@@ -4,9 +4,9 @@ Every figure is measured on this machine with the engine's real generator (`stre
 greedy, no tokenizer) on random prompt tokens; nothing is estimated except the bandwidth ceiling,
 which is `bandwidth / weight bytes read per decoded token` and is labelled as such.
 
-With `compare="mlx-lm"` the same weights (the same arrays in memory, in the published layout) run
-through mlx-lm's gpt-oss model and `generate_step` in this process, alternating runs, and the
-table shows ours / theirs.
+With `compare="mlx-lm"` the same weights (the same arrays in memory, in the published layout, the
+dense layers quantized as ours are) run through mlx-lm's gpt-oss model and `generate_step` in this
+process, alternating runs, and the table shows ours / theirs.
 
 The memory settings are `load`'s (`dense_bits`, `kv_bits`, `expert_cache`, ...; 8-bit dense
 weights by default) and the report names them. Synthetic weights live in memory, so their
@@ -42,6 +42,7 @@ from .loading import build_model, load_model, parse_dtype
 from .memory import MemorySettings
 from .model import GptOssModel
 from .progress import progress_bar
+from .quantize import quantize_dense, quantized_layers
 from .synthetic import hf_config_json, random_checkpoint, save_checkpoint
 from .weights import checkpoint_from_tensors, find_weights_folder, read_checkpoint
 
@@ -246,8 +247,11 @@ class _MlxLm:
         self._make_prompt_cache = _import_mlx_lm("mlx_lm.models.cache").make_prompt_cache
 
     @classmethod
-    def from_tensors(cls, tensors: dict, config_json: dict, dtype: mx.Dtype) -> _MlxLm:
-        """The same published-layout tensors, loaded as mlx-lm loads a checkpoint."""
+    def from_tensors(
+        cls, tensors: dict, config_json: dict, dtype: mx.Dtype, dense_bits: int
+    ) -> _MlxLm:
+        """The same published-layout tensors, loaded as mlx-lm loads a checkpoint, the dense
+        layers quantized as ours are (`quantize.quantize_dense`: the same MLX quantization)."""
         gpt_oss = _import_mlx_lm("mlx_lm.models.gpt_oss")
         model = gpt_oss.Model(gpt_oss.ModelArgs.from_dict(config_json))
         weights = model.sanitize(dict(tensors))
@@ -263,12 +267,16 @@ class _MlxLm:
             for k, v in weights.items()
         }
         model.load_weights(list(weights.items()))
+        quantize_dense(model, dense_bits)
         mx.eval(model.parameters())
         return cls(model)
 
     @classmethod
-    def from_folder(cls, folder: str) -> _MlxLm:
+    def from_folder(cls, folder: str, dense_bits: int) -> _MlxLm:
         model, _ = _import_mlx_lm("mlx_lm.utils").load_model(Path(folder))
+        if not quantized_layers(model):  # dense weights stored unquantized: quantize as ours
+            quantize_dense(model, dense_bits)
+            mx.eval(model.parameters())
         return cls(model)
 
     def run(self, prompt: list[int], gen_tokens: int) -> RunResult:
@@ -377,7 +385,10 @@ class Benchmark:
             model, tensors, config_json = _synthetic(
                 synthetic, seed, dtype, MemorySettings(**memory_options), budget, scratch
             )
-            theirs = _MlxLm.from_tensors(tensors, config_json, dtype) if compare else None
+            dense_bits = model.memory_plan.settings.dense_bits
+            theirs = (
+                _MlxLm.from_tensors(tensors, config_json, dtype, dense_bits) if compare else None
+            )
         else:
             folder = find_weights_folder(resolve_model_path(model_path, progress=progress))
             model = load_model(
@@ -387,7 +398,8 @@ class Benchmark:
                 memory_budget=memory_budget,
                 **memory_options,
             )
-            theirs = _MlxLm.from_folder(folder) if compare else None
+            dense_bits = model.memory_plan.settings.dense_bits
+            theirs = _MlxLm.from_folder(folder, dense_bits) if compare else None
         self.model = model
         self.engines = [_Ours(model)] + ([theirs] if theirs else [])
 

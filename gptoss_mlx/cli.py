@@ -458,7 +458,7 @@ def generate_command(
     sampling = _sampling(options)
     interactive = sys.stderr.isatty()
     mdl, tok = load(model, dtype, progress=interactive, **memory)
-    _warn_if_it_does_not_fit(mdl.memory_plan)
+    _warn_if_it_does_not_fit(getattr(mdl, "memory_plan", None))
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": prompt})
     printer = None if as_json else _RawPrinter(tok) if raw else _Printer(hide_reasoning)
@@ -643,7 +643,7 @@ def chat_command(
     builtin = _builtin_tools(tool_names, search_url)
     interactive = sys.stderr.isatty()
     mdl, tok = load(model, dtype, progress=interactive, **memory)
-    _warn_if_it_does_not_fit(mdl.memory_plan)
+    _warn_if_it_does_not_fit(getattr(mdl, "memory_plan", None))
     session = ChatSession(
         mdl,
         tok,
@@ -788,7 +788,7 @@ def bench_command(
         **_memory(options),
     )
     if not as_json:
-        _warn_if_it_does_not_fit(bench.model.memory_plan)
+        _warn_if_it_does_not_fit(getattr(bench.model, "memory_plan", None))
     result = bench.run(prompt_tokens, gen_tokens, repeats, warmup, ops=ops)
     click.echo(json.dumps(result, indent=1) if as_json else format_report(result))
 

@@ -141,6 +141,8 @@ class DiskEmbedding(nn.Module):
     out in `dtype`, identical to gathering from the resident table cast to `dtype`.
     """
 
+    host_reads = True  # its input is read on the host: no compiled graph can contain it
+
     def __init__(
         self,
         weight: DiskTensor,

@@ -82,13 +82,13 @@ def build_model(
     """Instantiate the model for `ckpt` and load its tensors; floats cast to `dtype` (None keeps
     them).
 
-    `settings` say what is quantized and what stays on disk (`memory.MemorySettings`; here
-    `dense_bits=None` keeps the dense weights as stored, and the default is none of the savings:
-    everything resident, as stored). Dense weights are quantized from their
-    stored values and only then cast, as `convert --dense-bits` writes them. Parameters stay lazy
-    until evaluated one part at a time (`materialize`), so peak memory stays near the size of the
-    weights themselves; `ckpt.tensors` is handed over to the model (left empty). `kernels` picks
-    the kernel backend (see `gptoss_mlx.kernels`).
+    `settings` say what is quantized and what stays on disk: resolved ones (`MemoryPlan.settings`:
+    an expert cache is a number), where `dense_bits=None` keeps the dense weights as stored; by
+    default none of the savings, everything resident as stored. Dense weights are quantized from
+    their stored values and only then cast, as `convert --dense-bits` writes them. Parameters stay
+    lazy until evaluated one tensor at a time (`materialize`), so peak memory stays near the size
+    of the weights themselves (`memory.WeightFigures`); `ckpt.tensors` is handed over to the
+    model (left empty). `kernels` picks the kernel backend (see `gptoss_mlx.kernels`).
     """
     settings = settings or MemorySettings(embedding_from_disk=False)
     kernel_backends.resolve(kernels)  # an invalid choice fails before any loading
@@ -118,11 +118,9 @@ def build_model(
         model.embed_tokens = _disk_embedding(model, ckpt, compute)
     if settings.expert_cache is not None and settings.expert_cache < ckpt.config.num_experts:
         for i, layer in enumerate(model.layers):
-            cache = ExpertCache(
+            layer.mlp.experts = ExpertCache(
                 ckpt.config, settings.expert_cache, stored_experts(ckpt.disk, i), compute
             )
-            cache.kernel_backend = layer.mlp.experts.kernel_backend
-            layer.mlp.experts = cache
     model.kv_bits = settings.kv_bits
     model.max_context = settings.max_context
     kernel_backends.use(model, kernels)

@@ -107,6 +107,7 @@ class MemoryPlan:
     context: int
     parts: dict[str, int]  # resident weights by part
     on_disk: dict[str, int]  # served from the checkpoint file instead (embedding, experts)
+    load_peak: int  # while loading (`WeightFigures`)
     kv_cache: int  # at `context`
     kv_per_1k: int  # full-attention layers' bytes per 1000 positions
     working_set: int
@@ -122,7 +123,10 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.working_set + RUNTIME_BYTES
+        """The peak: running (weights, KV cache, working set) or loading, whichever is larger,
+        plus the runtime."""
+        running = self.weights + self.kv_cache + self.working_set
+        return max(running, self.load_peak) + RUNTIME_BYTES
 
     @property
     def fits(self) -> bool:
@@ -153,6 +157,7 @@ class MemoryPlan:
             "parts": self.parts,
             "on_disk": self.on_disk,
             "weights": self.weights,
+            "load_peak": self.load_peak,
             "kv_cache": self.kv_cache,
             "kv_per_1k_tokens": self.kv_per_1k,
             "working_set": self.working_set,
@@ -208,6 +213,8 @@ class MemoryPlan:
         )
         lines.append(row("prefill working set", self.working_set, "one chunk, one layer"))
         lines.append(row("runtime", RUNTIME_BYTES, "interpreter and kernels (an allowance)"))
+        if self.load_peak > self.weights + self.kv_cache + self.working_set:
+            lines.append(row("peak while loading", self.load_peak, "above the running total"))
         lines.append(row("total", self.total))
         if self.disk_bytes_per_token:
             lines.append(
@@ -302,40 +309,62 @@ def part_of(name: str) -> str:
     return "norms"
 
 
+@dataclass
+class WeightFigures:
+    """What the weights of a model being loaded occupy (bytes)."""
+
+    resident: dict[str, int]  # by part, once loaded
+    on_disk: dict[str, int]  # by part, served from the checkpoint file instead
+    load_peak: int  # while loading: the weights so far and the stored form being converted
+
+
 def weight_bytes(
     ckpt: Checkpoint, dtype: mx.Dtype, dense_bits: int, settings: MemorySettings
-) -> tuple[dict[str, int], dict[str, int]]:
-    """(resident bytes by part, bytes served from disk by part) of the model loading `ckpt` would
-    build: unquantized floats cast to `dtype`, packed weights as stored, dense layers at
-    `dense_bits`, the embedding and the experts beyond the cache left in the file."""
+) -> WeightFigures:
+    """The weights of the model loading `ckpt` would build: unquantized floats cast to `dtype`,
+    packed weights as stored, dense layers at `dense_bits`, the embedding and the experts beyond
+    the cache left in the file.
+
+    Loading converts (quantizes or casts) one tensor at a time, the unembedding first: its stored
+    form is read beside what it becomes, then freed. So the peak is the unembedding's two forms,
+    or all the weights plus the largest other tensor's stored form (`loading.build_model`).
+    """
     skeleton = GptOssModel(ckpt.config)  # parameters never evaluated: shapes only
-    stored = stored_quantization(skeleton, ckpt.tensors)
+    quantized_as_stored = stored_quantization(skeleton, ckpt.tensors)
     E = ckpt.config.num_experts
     cache = settings.expert_cache
     resident = dict.fromkeys(PARTS, 0)
     on_disk: dict[str, int] = {}
+    first_group, largest_transient = 0, 0
     for name, tensor in ckpt.tensors.items():
         module, leaf = name.rsplit(".", 1)
         part = part_of(name)
         if part == "embedding" and settings.embedding_from_disk and _on_disk(ckpt, name):
             on_disk[part] = on_disk.get(part, 0) + _stored_bytes(ckpt, name, tensor)
             continue
+        transient = tensor.nbytes  # the stored form, held while it is converted
         if (
-            not stored
+            not quantized_as_stored
             and dense_bits != 16
             and leaf == "weight"
             and quantizable(module, tuple(tensor.shape))
         ):
             size = quantized_bytes(tuple(tensor.shape), dense_bits, dtype)
         elif tensor.dtype in (mx.uint32, mx.uint8):
-            size = tensor.nbytes
+            size, transient = tensor.nbytes, 0  # read straight into place
         else:
             size = tensor.size * dtype.size
+            transient = 0 if tensor.dtype == dtype else transient
         if part == "experts" and cache:
             on_disk[part] = on_disk.get(part, 0) + size
-            size = size // E * cache
+            size, transient = size // E * cache, 0  # empty slots
         resident[part] += size
-    return resident, on_disk
+        if part == "unembedding":
+            first_group += size + transient
+        else:
+            largest_transient = max(largest_transient, transient)
+    load_peak = max(first_group, sum(resident.values()) + largest_transient)
+    return WeightFigures(resident, on_disk, load_peak)
 
 
 def _on_disk(ckpt: Checkpoint, name: str) -> bool:
@@ -425,7 +454,7 @@ def plan_checkpoint(
     cache = _resolve_cache(ckpt, settings.expert_cache)
     context = min(settings.max_context or math.inf, config.max_position_embeddings)
     settings = dataclasses.replace(settings, dense_bits=dense_bits, expert_cache=cache)
-    parts, on_disk = weight_bytes(ckpt, dtype, dense_bits, settings)
+    weights = weight_bytes(ckpt, dtype, dense_bits, settings)
     if budget is None:
         budget, source = default_budget(machine)
     else:
@@ -437,8 +466,9 @@ def plan_checkpoint(
         dtype=dtype,
         settings=settings,
         context=context,
-        parts=parts,
-        on_disk=on_disk,
+        parts=weights.resident,
+        on_disk=weights.on_disk,
+        load_peak=weights.load_peak,
         kv_cache=kv_bytes(config, settings.kv_bits, dtype, context),
         kv_per_1k=kv_bytes_per_1k(config, settings.kv_bits, dtype),
         working_set=working_set(
@@ -503,13 +533,14 @@ def fit(
     model: str | None = None,
     machine: dict | None = None,
 ) -> MemoryPlan:
-    """The plan for `settings`; with a `budget`, the settings left open (None) and an
-    `expert_cache` of "auto" are chosen so that it fits (GptOssError if nothing does). A plan that
-    does not fit carries its advice."""
+    """The plan for `settings`. With a `budget`, or an `expert_cache` of "auto", the settings left
+    open (None) are chosen so that it fits (GptOssError if nothing does); "auto" first tries an
+    expert cache alone (every expert resident when they all fit). A plan that does not fit
+    carries its advice."""
     machine = machine or machine_memory()
     plan = plan_checkpoint(ckpt, dtype, settings, budget, model, machine)
     auto_cache = settings.expert_cache == "auto"
-    if plan.fits and not auto_cache:
+    if plan.fits:
         return plan
     options = list(_ladder(ckpt, dtype, settings, plan.budget, model, machine, auto_cache))
     fitting = next((p for p in options if p.fits), None)
@@ -527,7 +558,7 @@ def fit(
 def _ladder(ckpt, dtype, settings, budget, model, machine, auto_cache):
     """Plans for ever more economical settings, changing only what the user left open: KV at 8
     bits, context 32768, an expert cache (the largest that fits), KV at 4 bits, context down to
-    4096, 4-bit dense weights."""
+    4096, 4-bit dense weights (with `auto_cache`, the expert cache alone comes first)."""
     config = ckpt.config
     current = settings
     if auto_cache:
@@ -569,6 +600,8 @@ def _ladder(ckpt, dtype, settings, budget, model, machine, auto_cache):
         steps += [{"max_context": n} for n in CONTEXT_LADDER[1:]]
     if open_dense:
         steps.append({"dense_bits": 4})
+    if auto_cache:  # the expert cache alone, first
+        yield with_cache(current)
     cache = False
     for step in steps:
         cache = step.pop("cache", cache)

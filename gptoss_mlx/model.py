@@ -92,10 +92,11 @@ class GptOssModel(nn.Module):
 
         The caches' buffers and the position go in as arrays (see `DecodeSlot`), so the step has
         the same shapes every token: `mx.compile` traces it once per cache capacity and fuses its
-        element-wise work, which cuts the kernels launched per token. The embedding is looked up
-        first, outside the graph (it may be read from disk: `disk.DiskEmbedding`). A model whose
-        experts are read on the host (`Experts.host_reads`: an expert cache) runs the same graph
-        uncompiled, synchronising once per layer.
+        element-wise work, which cuts the kernels launched per token. An embedding read from disk
+        (`disk.DiskEmbedding`, which needs the ids on the host) is looked up before the graph,
+        which then takes the rows instead of the ids. A model whose experts are read on the host
+        (`Experts.host_reads`: an expert cache) runs the same graph uncompiled, synchronising once
+        per layer.
         """
         c = self.config
         for layer_cache in cache:
@@ -105,17 +106,24 @@ class GptOssModel(nn.Module):
         if self._compiled_decode is None:
             self._compiled_decode = mx.compile(self._decode_graph, inputs=self.state)
         step = self._compiled_decode if self.traceable else self._decode_graph
-        x = self.embed_tokens(input_ids)
-        logits, *buffers = step(x, mx.array(cache[0].offset), *cache_buffers(cache))
+        tokens = self.embed_tokens(input_ids) if self._embedding_on_host else input_ids
+        logits, *buffers = step(tokens, mx.array(cache[0].offset), *cache_buffers(cache))
         restore_buffers(cache, buffers, c)
         return logits
 
     def _decode_graph(
-        self, x: mx.array, offset: mx.array, *buffers: mx.array
+        self, tokens: mx.array, offset: mx.array, *buffers: mx.array
     ) -> tuple[mx.array, ...]:
+        """ids `[B, 1]` (or their embedding rows `[B, 1, hidden]`), the position and the caches'
+        arrays -> (logits, the caches' new arrays)."""
+        x = tokens if self._embedding_on_host else self.embed_tokens(tokens)
         slots = decode_slots(list(buffers), self.config, offset)
         logits = self.lm_head(self._through_blocks(x, slots))
         return (logits, *[a for slot in slots for a in slot.buffers])
+
+    @property
+    def _embedding_on_host(self) -> bool:
+        return getattr(self.embed_tokens, "host_reads", False)
 
     @property
     def traceable(self) -> bool:

@@ -94,6 +94,22 @@ def test_the_advice_applied_fits(real_shapes):
     assert model.memory_plan.fits and model.memory_plan.settings.flags(model.config) == flags
 
 
+def test_bench_warns_with_the_advice(real_shapes, monkeypatch):
+    name, folder, slots = real_shapes
+    if name != "20b":
+        pytest.skip("the 20b shapes are enough")
+    settings = MemorySettings(max_context=memory_plan.CONTEXT)
+    plan = memory.fit(read_checkpoint(folder), mx.bfloat16, settings)
+    physical = (plan.weights + plan.total) // 2  # the weights fit, the rest does not
+    monkeypatch.setattr(memory, "machine_memory", lambda: {"physical": physical, "metal": False})
+    args = ["bench", "-m", folder, "--prompt-tokens", "8", "--gen-tokens", "2", "--repeats", "1"]
+    args += ["--no-warmup", "--max-context", str(memory_plan.CONTEXT)]
+    r = CliRunner().invoke(cli.main, args)
+    assert r.exit_code == 0, r.output
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "to fit: --" in warnings[0] and "--expert-cache" in warnings[0]
+
+
 def test_a_budget_nothing_fits_is_refused(experts32_dir):
     with pytest.raises(GptOssError, match="nothing fits"):
         load_model(experts32_dir, "float32", memory_budget=0.0001, max_context=64)
@@ -158,8 +174,9 @@ def test_memory_command(experts32_dir):
 
 
 def test_generate_warns_when_the_configuration_does_not_fit(o200k_dir, monkeypatch):
-    """Weights that fit the machine but a plan that does not: one warning line with the advice
-    (not an error)."""
+    """Weights that fit the machine but a plan that does not: one warning line (not an error);
+    nothing fits this tiny model's plan but the weights, so it has no advice to give (the bench
+    test below shows the advice)."""
     plan = plan_memory(o200k_dir, max_context=64)
     physical = plan.weights + (plan.total - plan.weights) // 4
     monkeypatch.setattr(memory, "machine_memory", lambda: {"physical": physical, "metal": False})
@@ -169,4 +186,23 @@ def test_generate_warns_when_the_configuration_does_not_fit(o200k_dir, monkeypat
     )
     assert r.exit_code == 0, r.output
     warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and "to fit:" in warnings[0] and "GB" in warnings[0]
+    assert len(warnings) == 1 and "this configuration needs" in warnings[0]
+
+
+def test_an_automatic_expert_cache_is_the_largest_that_fits(experts32_dir):
+    everything = plan_memory(experts32_dir, "float32", max_context=256)
+    assert (
+        load_model(
+            experts32_dir, "float32", expert_cache="auto", max_context=256
+        ).memory_plan.settings.expert_cache
+        is None
+    )  # all fit: no cache
+    budget = everything.total - everything.parts["experts"] // 2  # room for about half of them
+    model = load_model(
+        experts32_dir, "float32", expert_cache="auto", max_context=256, memory_budget=budget / 1e9
+    )
+    slots = model.memory_plan.settings.expert_cache
+    assert 4 <= slots < 32 and model.memory_plan.fits
+    assert model.memory_plan.settings.kv_bits is None  # the cache alone was enough
+    one_more = plan_memory(experts32_dir, "float32", max_context=256, expert_cache=slots + 1)
+    assert one_more.total > budget
