@@ -94,6 +94,11 @@ def test_counts_and_least_recently_used_eviction(experts32_dir):
     route(4, 5, 6, 7)  # all four slots reused
     assert cache.resident == [4, 5, 6, 7] and cache.stats.misses == 9
 
+    cache = load_model(experts32_dir, "float32", expert_cache=8).layers[0].mlp.experts
+    route(0, 1, 2, 3), route(4, 5, 6, 7), route(3, 2, 1, 0)  # 4..7 now used longest ago
+    route(8, 9, 10, 11)
+    assert cache.resident == [0, 1, 2, 3, 8, 9, 10, 11]
+
 
 @pytest.mark.parametrize("tokens", [32, 8])  # 128 token-expert pairs sort by expert; 32 do not
 def test_a_chunk_needing_every_expert_reads_each_once(experts32_dir, resident, tokens):
