@@ -12,6 +12,13 @@ The memory settings are `load`'s (`dense_bits`, `kv_bits`, `expert_cache`, ...; 
 weights by default) and the report names them. Synthetic weights live in memory, so their
 embedding stays resident; with an expert cache they are first written to a temporary checkpoint,
 which the cache reads from.
+
+With a distributed `group` (one rank of several, see `gptoss_mlx.distributed`) every rank runs the
+same measurements on its shard; the result adds what each rank holds and the collectives one
+decoded token costs, counted in the graph it evaluates.
+
+`bench_kernels` (`gptoss-mlx bench --kernels`) measures each custom kernel against the mlx ops it
+replaces at the model's shapes and prints the times and the decision (`kernels.measured`).
 """
 
 from __future__ import annotations
@@ -33,8 +40,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import memory
+from . import kernels, memory
 from .config import ModelConfig, preset
+from .distributed import Group, leader_token
 from .errors import GptOssError
 from .generate import stream_generate
 from .hub import resolve_model_path
@@ -127,12 +135,17 @@ def chip_bandwidth(chip: str | None) -> float | None:
 def weight_bytes_per_token(model: GptOssModel) -> int:
     """Weight bytes one decoded token reads: all dense layers, k experts per layer (of E resident,
     or of an expert cache's slots), the whole unembedding and one embedding row (from memory or
-    from disk). KV-cache reads come on top and grow with the context."""
+    from disk). KV-cache reads come on top and grow with the context.
+
+    On one rank of several, k of its own experts per layer: the pairs routed to other ranks run
+    a local stand-in (see `distributed.ExpertShard.localize`), so each rank reads what one
+    process would, less where a stand-in repeats an expert the token reads anyway.
+    """
     c = model.config
     total = getattr(model.embed_tokens, "row_bytes", 0)  # an embedding read from disk
     for name, array in tree_flatten(model.parameters()):
-        if ".mlp.experts." in name:
-            total += array.nbytes // array.shape[0] * c.experts_per_token
+        if ".mlp.experts." in name:  # [experts held (or slots), ...]
+            total += array.nbytes // array.shape[0] * min(c.experts_per_token, array.shape[0])
         elif name.startswith("embed_tokens."):
             total += array.nbytes // c.vocab_size
         else:
@@ -315,21 +328,34 @@ def _import_mlx_lm(module: str) -> ModuleType:
 
 
 def _synthetic(
-    name: str, seed: int, dtype: mx.Dtype, settings: MemorySettings, budget: int | None, folder: str
-) -> tuple[GptOssModel, dict, dict]:
-    """Random weights at the shapes of `name`, in memory (written to `folder` first when an expert
-    cache must read them from a file)."""
+    name: str,
+    seed: int,
+    dtype: mx.Dtype,
+    settings: MemorySettings,
+    budget: int | None,
+    folder: str,
+    group: Group | None = None,
+) -> tuple[GptOssModel, dict | None, dict]:
+    """The model of random weights `name` fitted by `settings`, its tensors (None across ranks:
+    each rank draws and keeps only its share, layer by layer) and its config.json. The weights are
+    written to `folder` first when an expert cache must read them from a file."""
     if name not in SYNTHETIC:
         raise GptOssError(f"--synthetic must be one of {', '.join(SYNTHETIC)}, not {name!r}")
     config = SYNTHETIC[name]
-    tensors = random_checkpoint(config, seed=seed)
-    mx.eval(tensors)
     config_json = hf_config_json(config)
-    if settings.expert_cache is not None:
-        save_checkpoint(folder, tensors, config_json)
-        ckpt = read_checkpoint(folder)
+    tensors = None
+    if group is not None and group.size() > 1:
+        ckpt = checkpoint_from_tensors(
+            random_checkpoint(config, seed=seed), config_json, group=group
+        )
     else:
-        ckpt = checkpoint_from_tensors(tensors, config_json)
+        tensors = random_checkpoint(config, seed=seed)
+        mx.eval(tensors)
+        if settings.expert_cache is not None:
+            save_checkpoint(folder, tensors, config_json)
+            ckpt = read_checkpoint(folder)
+        else:
+            ckpt = checkpoint_from_tensors(tensors, config_json)
     plan = memory.fit(ckpt, dtype, settings, budget, f"synthetic-{name}")
     model = build_model(ckpt, dtype, settings=plan.settings)
     model.memory_plan = plan
@@ -356,13 +382,17 @@ class Benchmark:
         embedding_from_disk: bool = True,
         max_context: int | None = None,
         memory_budget: float | None = None,
+        group: Group | None = None,
     ):
         """`bandwidth`: GB/s for the decode ceiling, else that of `chip` ("M4 Max"), else that
-        of this Mac's chip when known. The memory keywords are `load_model`'s."""
+        of this Mac's chip when known. The memory keywords are `load_model`'s. `group`: the ranks
+        to shard the model over."""
         if (model_path is None) == (synthetic is None):
             raise GptOssError("give exactly one of --model PATH|REPO or --synthetic 20b|120b|tiny")
         if compare not in (None, "mlx-lm"):
             raise GptOssError(f"--compare supports only mlx-lm, not {compare!r}")
+        if compare and group is not None and group.size() > 1:
+            raise GptOssError("--compare runs in one process: not across ranks")
         if compare:
             _import_mlx_lm("mlx_lm")
         self.bandwidth = bandwidth or chip_bandwidth(chip)  # an unknown chip fails here, first
@@ -383,7 +413,7 @@ class Benchmark:
             scratch = tempfile.mkdtemp(prefix="gptoss-bench-")  # removed with the benchmark
             weakref.finalize(self, shutil.rmtree, scratch, ignore_errors=True)
             model, tensors, config_json = _synthetic(
-                synthetic, seed, dtype, MemorySettings(**memory_options), budget, scratch
+                synthetic, seed, dtype, MemorySettings(**memory_options), budget, scratch, group
             )
             dense_bits = model.memory_plan.settings.dense_bits
             theirs = (
@@ -396,6 +426,7 @@ class Benchmark:
                 dtype=dtype,
                 progress=progress,
                 memory_budget=memory_budget,
+                group=group,
                 **memory_options,
             )
             dense_bits = model.memory_plan.settings.dense_bits
@@ -478,11 +509,78 @@ class Benchmark:
             result["decode_ceiling_tps"] = bandwidth * 1e9 / per_token
         if ops:
             result["primitives_per_decode_step"] = self.primitives()
+        if self.model.group is not None:
+            result["ranks"] = rank_summary(self.model)
         return result
 
     def primitives(self) -> dict:
         """Per engine, the primitives one decode step evaluates (see `launch_summary`)."""
         return {engine.name: launch_summary(engine.primitives()) for engine in self.engines}
+
+
+def rank_summary(model: GptOssModel) -> dict:
+    """For a model sharded over ranks: the experts and weight bytes each rank holds, and the
+    collectives of one decoded token (the model's, counted in a decode step's graph, and the one
+    sharing rank 0's token). Every rank must call it."""
+    group = model.group
+    mine = mx.array(
+        [model.shard.count, sum(a.nbytes for _, a in tree_flatten(model.parameters()))],
+        dtype=mx.int64,
+    )
+    every = mx.distributed.all_gather(mine, group=group, stream=mx.cpu).reshape(-1, 2).tolist()
+    step = decode_step_primitives(model, model.make_cache)
+    token = count_primitives(leader_token(mx.array([0], dtype=mx.uint32), group))
+    collectives = sum(n for c in (step, token) for p, n in c.items() if "AllReduce" in p)
+    return {
+        "size": group.size(),
+        "experts_per_rank": [e for e, _ in every],
+        "weight_bytes_per_rank": [b for _, b in every],
+        "collectives_per_token": collectives,
+    }
+
+
+def kernel_shapes(config: ModelConfig) -> kernels.Shapes:
+    """The shapes the kernels run at for a model of `config`."""
+    return kernels.Shapes(
+        hidden=config.hidden_size,
+        intermediate=config.intermediate_size,
+        experts_per_token=config.experts_per_token,
+        heads=config.num_attention_heads,
+        kv_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        window=config.sliding_window,
+    )
+
+
+def bench_kernels(
+    model_path: str | None = None, synthetic: str | None = None, progress: bool = False
+) -> str:
+    """Measure every kernel against its mlx path at the shapes of `model_path`'s config (only the
+    config is read) or of a synthetic preset, afresh, and report times and decisions (the
+    decisions are saved for later runs). Without a Metal GPU (and no $GPTOSS_MLX_KERNELS=emulate)
+    there is nothing to measure: say so."""
+    if (model_path is None) == (synthetic is None):
+        raise GptOssError("give exactly one of --model PATH|REPO or --synthetic 20b|120b|tiny")
+    if synthetic is not None:
+        if synthetic not in SYNTHETIC:
+            raise GptOssError(
+                f"--synthetic must be one of {', '.join(SYNTHETIC)}, not {synthetic!r}"
+            )
+        config = SYNTHETIC[synthetic]
+    else:
+        folder = find_weights_folder(resolve_model_path(model_path, progress=progress))
+        config = read_checkpoint(folder).config
+    backend = kernels.resolve(None)
+    if backend == "mlx":
+        return (
+            "No Metal GPU here (or $GPTOSS_MLX_KERNELS=mlx): every op runs the mlx path, no kernel "
+            "to measure. On a Mac this prints each kernel's time against its mlx path and the "
+            "decision; $GPTOSS_MLX_KERNELS=emulate runs the kernels through the CPU emulator "
+            "(correctness, not speed)."
+        )
+    measure = kernels.policy(None) == "measure" or backend == "emulate"
+    decisions = kernels.decide(backend, kernel_shapes(config), measure=measure, fresh=True)
+    return kernels.format_decisions(decisions, backend, measured=measure)
 
 
 def _prompt(key: mx.array, vocab: int, length: int) -> list[int]:
@@ -493,6 +591,14 @@ def format_report(result: dict) -> str:
     """`Benchmark.run`'s result for people: the table, the primitive counts when measured, and a
     note when the figures come from MLX's CPU backend."""
     parts = [format_table(result)]
+    if "ranks" in result:
+        r = result["ranks"]
+        parts.append(
+            f"ranks: {r['size']} | experts per rank: {', '.join(map(str, r['experts_per_rank']))}"
+            " | weights per rank: "
+            + ", ".join(f"{b / 1e9:.3f} GB" for b in r["weight_bytes_per_rank"])
+            + f" | collectives per decoded token: {r['collectives_per_token']}"
+        )
     if "primitives_per_decode_step" in result:
         parts.append(format_ops(result))
     if "gpu" not in result["device"]:

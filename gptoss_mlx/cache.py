@@ -17,6 +17,8 @@ and can be compiled once (see `GptOssModel.__call__`).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from copy import copy as shallow_copy
+from dataclasses import dataclass
 
 import mlx.core as mx
 
@@ -47,6 +49,12 @@ def each(fn: Callable[..., mx.array], buffer: Buffer, *others: Buffer) -> Buffer
     if isinstance(buffer, QuantizedKV):
         return buffer.map(fn, *others)
     return fn(buffer, *others)
+
+
+def _new_object(a: mx.array) -> mx.array:
+    """The same values in a new Python object: writes to either (which rebind it) leave the other
+    alone, and nothing is copied until one is written (MLX arrays are values)."""
+    return a[...]
 
 
 def buffer_arrays(buffer: Buffer) -> list[mx.array]:
@@ -104,6 +112,17 @@ class KVCache:
         """What queries attend to: the buffer, dequantized when it is quantized."""
         return buffer.dequantize() if isinstance(buffer, QuantizedKV) else buffer
 
+    def copy(self) -> KVCache:
+        """A cache holding the same positions that later writes to either leave the other alone.
+
+        MLX arrays are values; only the buffers' Python objects (which writes rebind) are new, so
+        nothing is copied until one of the two is written.
+        """
+        other = shallow_copy(self)
+        if self.keys is not None:
+            other.keys, other.values = (each(_new_object, b) for b in (self.keys, self.values))
+        return other
+
 
 class FullCache(KVCache):
     """Every position's keys and values, in a buffer grown `step` positions at a time."""
@@ -124,9 +143,9 @@ class FullCache(KVCache):
         if self.keys is None:
             self.keys, self.values = new_k, new_v
         else:
-
+            # The whole buffer: after a trim it holds more slots than `offset`.
             def grown(old: mx.array, new: mx.array) -> mx.array:
-                return mx.concatenate([old[..., : self.offset, :], new], axis=2)
+                return mx.concatenate([old, new], axis=2)
 
             self.keys = each(grown, self.keys, new_k)
             self.values = each(grown, self.values, new_v)
@@ -217,10 +236,45 @@ class SlidingCache(KVCache):
         return self._visible(all_k), self._visible(all_v), attention_mask(T, previous + T, W)
 
     def can_trim(self, n: int) -> bool:
-        """Only n <= 1: the slot of a forgotten position held, before it, the position `window`
-        earlier, which the next query (at the forgotten position) no longer sees; forgetting two
-        would lose one it does see."""
-        return n <= min(1, self.offset)
+        """n <= 1, or any n while no slot has been overwritten yet (offset <= window).
+
+        Once the ring has wrapped, the slot of a forgotten position held, before it, the position
+        `window` earlier, which the next query (at the forgotten position) no longer sees;
+        forgetting two would lose one it does see. Going back further takes a `snapshot`.
+        """
+        return n <= self.offset and (n <= 1 or self.offset <= self.window)
+
+    def snapshot(self) -> RingSnapshot:
+        """The ring as it is now (a few MB at gpt-oss shapes), to `restore` after it moved on."""
+        if self.keys is None:
+            return RingSnapshot(None, None, 0)
+        keys, values = (each(_new_object, b) for b in (self.keys, self.values))
+        return RingSnapshot(keys, values, self.offset)
+
+    def restore(self, snapshot: RingSnapshot) -> None:
+        """Put the ring back to `snapshot`: it holds the positions it held then (the snapshot
+        itself stays valid for later restores)."""
+        if snapshot.keys is None:
+            self.keys = self.values = None
+        else:
+            self.keys, self.values = (
+                each(_new_object, b) for b in (snapshot.keys, snapshot.values)
+            )
+        self.offset = snapshot.offset
+
+
+@dataclass(frozen=True)
+class RingSnapshot:
+    """A sliding layer's ring buffers `[B, H_kv, window, D]` (quantized, for a quantized cache) at
+    position counter `offset` (None before the ring's first use)."""
+
+    keys: Buffer | None
+    values: Buffer | None
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.keys) + _nbytes(self.values)
 
 
 def make_cache(config: ModelConfig, bits: int | None = None) -> list[KVCache]:

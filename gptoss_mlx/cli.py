@@ -2,6 +2,10 @@
 
 Every command turns a `GptOssError` into a one-line message on stderr and exit status 1; a bad flag
 (out of range, unknown choice) is one line too, with exit status 2.
+
+Under a launcher (`mlx.launch`, mpirun) `generate`, `chat` and `bench` run as one rank of several,
+the model's experts sharded across them (`gptoss_mlx.distributed`): rank 0 reads the input and
+shares it, every rank computes, and only rank 0 writes output. An error names its rank.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import sys
 from collections.abc import Callable
 
 import click
+import uvicorn
 
 from . import (
     Benchmark,
@@ -27,13 +32,17 @@ from . import (
     check_response_format,
     check_sampling,
     convert,
+    distributed,
     generate,
     load,
     plan_memory,
     tools,
 )
-from .benchmark import format_report
+from .benchmark import bench_kernels, format_report
 from .harmony import REASONING_EFFORTS, Delta
+from .kernels import BACKENDS
+from .server import create_app
+from .server.app import REASONING_FORMATS
 
 
 def user_errors(command: Callable) -> Callable:
@@ -44,13 +53,38 @@ def user_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except GptOssError as e:
-            click.secho(f"error: {e}", fg="red", err=True)
+            click.secho(f"error: {_ranked(str(e))}", fg="red", err=True)
+            sys.exit(1)
+        except RuntimeError as e:  # a collective that failed because another rank went away
+            failure = distributed.peer_failure(e)
+            if failure is None:
+                raise
+            click.secho(f"error: {failure}", fg="red", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
 
     return wrapper
+
+
+def _connect() -> distributed.Group | None:
+    """The ranks this command runs across (None: a single process). Across ranks the ring
+    backend's own log lines are kept off stderr (`distributed.quiet_backend_logs`) and Ctrl-C or
+    SIGTERM end the process at once, with one line (`distributed.end_on_signals`)."""
+    group = distributed.connect()
+    if group is not None:
+        distributed.quiet_backend_logs()
+        distributed.end_on_signals()
+    return group
+
+
+def _ranked(message: str) -> str:
+    """`message`, naming this process's rank when it is one of several."""
+    rank = distributed.launch_rank()
+    if rank is None or message.startswith("rank "):
+        return message
+    return f"rank {rank}: {message}"
 
 
 class _Group(click.Group):
@@ -202,68 +236,80 @@ def model_options(command: Callable) -> Callable:
     )(command)
 
 
+def _options(options: list[Callable]) -> Callable:
+    """A decorator adding click options in the order given."""
+
+    def decorate(command: Callable) -> Callable:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
 def sampling_options(command: Callable) -> Callable:
     """The generation options shared by generate and chat; they reach the command as keywords
     named as `stream_generate` names them (plus `reasoning_effort` and `system`)."""
-    for option in reversed(
-        [
-            click.option(
-                "--max-tokens",
-                type=click.IntRange(min=1),
-                default=4096,
-                show_default=True,
-                help="Most tokens to generate per reply (reasoning included).",
-            ),
-            click.option(
-                "--temperature",
-                type=click.FloatRange(min=0),
-                default=1.0,
-                show_default=True,
-                help="0 is greedy.",
-            ),
-            click.option(
-                "--top-p",
-                type=click.FloatRange(0, 1, min_open=True),
-                default=1.0,
-                show_default=True,
-                help="Nucleus sampling; 1 disables it.",
-            ),
-            click.option(
-                "--top-k",
-                type=click.IntRange(min=0),
-                default=0,
-                show_default=True,
-                help="Sample among the K most likely tokens; 0 disables it.",
-            ),
-            click.option(
-                "--min-p",
-                type=click.FloatRange(0, 1, max_open=True),
-                default=0.0,
-                show_default=True,
-                help="Drop tokens less likely than MIN_P x the best one.",
-            ),
-            click.option(
-                "--seed",
-                type=click.IntRange(0, 2**64 - 1),
-                default=None,
-                help="Random seed (reproducible output).",
-            ),
-            click.option(
-                "--reasoning-effort",
-                type=click.Choice(REASONING_EFFORTS),
-                default="medium",
-                show_default=True,
-                help="How much the model thinks before answering.",
-            ),
-            click.option(
-                "--system",
-                default=None,
-                help="Instructions for the model (harmony's developer message).",
-            ),
-        ]
-    ):
-        command = option(command)
-    return command
+    max_tokens = click.option(
+        "--max-tokens",
+        type=click.IntRange(min=1),
+        default=4096,
+        show_default=True,
+        help="Most tokens to generate per reply (reasoning included).",
+    )
+    system = click.option(
+        "--system",
+        default=None,
+        help="Instructions for the model (harmony's developer message).",
+    )
+    return _options([max_tokens, *_sampling_option_list(), system])(command)
+
+
+def _sampling_option_list() -> list[Callable]:
+    """--temperature, --top-p, --top-k, --min-p, --seed and --reasoning-effort."""
+    return [
+        click.option(
+            "--temperature",
+            type=click.FloatRange(min=0),
+            default=1.0,
+            show_default=True,
+            help="0 is greedy.",
+        ),
+        click.option(
+            "--top-p",
+            type=click.FloatRange(0, 1, min_open=True),
+            default=1.0,
+            show_default=True,
+            help="Nucleus sampling; 1 disables it.",
+        ),
+        click.option(
+            "--top-k",
+            type=click.IntRange(min=0),
+            default=0,
+            show_default=True,
+            help="Sample among the K most likely tokens; 0 disables it.",
+        ),
+        click.option(
+            "--min-p",
+            type=click.FloatRange(0, 1, max_open=True),
+            default=0.0,
+            show_default=True,
+            help="Drop tokens less likely than MIN_P x the best one.",
+        ),
+        click.option(
+            "--seed",
+            type=click.IntRange(0, 2**64 - 1),
+            default=None,
+            help="Random seed (reproducible output).",
+        ),
+        click.option(
+            "--reasoning-effort",
+            type=click.Choice(REASONING_EFFORTS),
+            default="medium",
+            show_default=True,
+            help="How much the model thinks before answering.",
+        ),
+    ]
 
 
 def _sampling(options: dict) -> dict:
@@ -452,26 +498,39 @@ def generate_command(
     """
     if raw and as_json:
         raise click.UsageError("choose one of --raw and --json")
+    if distributed.launched() and prompt in (None, "-"):
+        raise click.UsageError(
+            "across ranks give the PROMPT as an argument (mlx.launch passes stdin on to every "
+            "rank but never closes it)"
+        )
     response_format = _response_format(json_schema, regex, grammar)
     prompt = _read_prompt(prompt)
     memory = _memory(options)
     sampling = _sampling(options)
-    interactive = sys.stderr.isatty()
-    mdl, tok = load(model, dtype, progress=interactive, **memory)
-    _warn_if_it_does_not_fit(getattr(mdl, "memory_plan", None))
-    messages = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": prompt})
+    group = _connect()
+    leader = group is None or group.rank() == 0
+    interactive = sys.stderr.isatty() and leader
+    mdl, tok = load(model, dtype, progress=interactive, group=group, **memory)
+    if leader:
+        _warn_if_it_does_not_fit(getattr(mdl, "memory_plan", None))
+    request = {"prompt": prompt, "system": system, "effort": reasoning_effort, **sampling}
+    request["response_format"] = response_format
+    request = distributed.Ranks(group).share(request)  # every rank runs rank 0's request
+    messages = [{"role": "system", "content": request["system"]}] if request["system"] else []
+    messages.append({"role": "user", "content": request["prompt"]})
     printer = None if as_json else _RawPrinter(tok) if raw else _Printer(hide_reasoning)
     result = generate(
         mdl,
         messages,
         tokenizer=tok,
-        reasoning_effort=reasoning_effort,
-        response_format=response_format,
+        reasoning_effort=request["effort"],
+        response_format=request["response_format"],
         progress=interactive,
-        on_event=printer.event if printer else None,
-        **sampling,
+        on_event=printer.event if printer and leader else None,
+        **{k: request[k] for k in SAMPLING},
     )
+    if not leader:
+        return
     if as_json:
         click.echo(json.dumps({"model": model, **result}, ensure_ascii=False))
     else:
@@ -563,40 +622,39 @@ def _show_sources(browser: tools.Browser, answer: str) -> None:
         click.secho("Sources:\n" + "\n".join(seen), dim=True)
 
 
-def _chat_command_line(session: ChatSession, line: str) -> bool:
-    """Handle a /command; False when the chat should end."""
+def _chat_command_line(session: ChatSession, line: str, say: Callable[..., None]) -> bool:
+    """Handle a /command, telling the user through `say` (`click.secho` on stderr, or nothing on
+    a follower rank); False when the chat should end."""
     name, _, arg = line[1:].strip().partition(" ")
     arg = arg.strip()
     if name in ("quit", "exit", "q"):
         return False
     if name == "reset":
         session.reset()
-        click.echo("(conversation cleared)", err=True)
+        say("(conversation cleared)")
     elif name == "stats":
-        click.echo(session.stats.summary(), err=True)
+        say(session.stats.summary())
     elif name == "reasoning":
         if not arg:
-            click.echo(
+            say(
                 f"reasoning effort: {session.reasoning_effort} "
-                "(change it with /reasoning low|medium|high)",
-                err=True,
+                "(change it with /reasoning low|medium|high)"
             )
         else:
             try:
                 session.set_reasoning_effort(arg)
             except GptOssError as e:
-                click.secho(f"error: {e}", fg="red", err=True)
+                say(f"error: {e}", fg="red")
             else:
-                click.echo(
+                say(
                     f"(reasoning effort: {session.reasoning_effort}; it lives in the "
                     "system message, so the next turn re-prefills the whole "
-                    "conversation)",
-                    err=True,
+                    "conversation)"
                 )
     elif name == "help":
-        click.echo(CHAT_HELP, err=True)
+        say(CHAT_HELP)
     else:
-        click.secho(f"unknown command /{name}. {CHAT_HELP}", fg="red", err=True)
+        say(f"unknown command /{name}. {CHAT_HELP}", fg="red")
     return True
 
 
@@ -637,13 +695,23 @@ def chat_command(
     **options,
 ) -> None:
     """Chat with gpt-oss. The KV cache is kept between turns: each turn prefills only its new
-    tokens. With --tools the model can browse the web and run Python (asking you first)."""
+    tokens. With --tools the model can browse the web and run Python (asking you first).
+
+    Across ranks rank 0 reads the lines (end with /quit: mlx.launch never closes stdin) and every
+    rank runs them; Ctrl-C ends the run.
+    """
     memory = _memory(options)
     sampling = _sampling(options)
+    if distributed.launched() and tool_names:
+        raise GptOssError("--tools does not run across ranks yet: chat without it")
     builtin = _builtin_tools(tool_names, search_url)
-    interactive = sys.stderr.isatty()
-    mdl, tok = load(model, dtype, progress=interactive, **memory)
-    _warn_if_it_does_not_fit(getattr(mdl, "memory_plan", None))
+    group = _connect()
+    leader = group is None or group.rank() == 0
+    interactive = sys.stderr.isatty() and leader
+    mdl, tok = load(model, dtype, progress=interactive, group=group, **memory)
+    if leader:
+        _warn_if_it_does_not_fit(getattr(mdl, "memory_plan", None))
+    ranks = distributed.Ranks(group)
     session = ChatSession(
         mdl,
         tok,
@@ -656,43 +724,76 @@ def chat_command(
         **sampling,
     )
     with session:
-        _chat_loop(session, model, reasoning_effort, hide_reasoning)
+        _chat_loop(session, model, reasoning_effort, hide_reasoning, ranks)
 
 
-def _chat_loop(session: ChatSession, model: str, effort: str, hide_reasoning: bool) -> None:
+def _chat_loop(
+    session: ChatSession,
+    model: str,
+    effort: str,
+    hide_reasoning: bool,
+    ranks: distributed.Ranks,
+) -> None:
+    """Read lines (rank 0: from stdin, shared with the others; the others: rank 0's), run each
+    as a command or a turn; only rank 0 says anything."""
+    leader = ranks.leader
+    say = functools.partial(click.secho, err=True) if leader else _say_nothing
     browser = session.tool_loop.builtin.get("browser")
-    _enable_line_editing()
-    click.echo(f"Chatting with {model} (reasoning: {effort}). {CHAT_HELP}", err=True)
+    if leader:
+        _enable_line_editing()
+        say(f"Chatting with {model} (reasoning: {effort}). {CHAT_HELP}")
     printer = _Printer(hide_reasoning)
     prompt = ">>> " if sys.stdin is not None and sys.stdin.isatty() else ""
     while True:
-        try:
-            line = input(prompt)
-        except EOFError:
-            click.echo()
+        line = _next_line(prompt, ranks)
+        if line is None:
+            if leader:
+                click.echo()
             break
-        except KeyboardInterrupt:  # at the prompt: drop the line, keep chatting
-            click.echo()
-            continue
         text = line.strip()
         if not text:
             continue
         if text.startswith("/"):
-            if not _chat_command_line(session, text):
+            if not _chat_command_line(session, text, say):
                 break
             continue
         answer = []
         try:
             for event in session.send(text):
-                printer.event(event)
+                if leader:
+                    printer.event(event)
                 if getattr(event, "kind", None) == "content":
                     answer.append(event.text)
         except KeyboardInterrupt:
+            if ranks.size > 1:  # the others are mid-reply: the run ends
+                raise
             printer.end()
             click.echo("(reply interrupted)", err=True)
+        if not leader:
+            continue
         printer.end()
         if browser is not None:
             _show_sources(browser, "".join(answer))
+
+
+def _say_nothing(*args, **kwargs) -> None:
+    """What a follower rank tells the user: nothing (rank 0 speaks for all)."""
+
+
+def _next_line(prompt: str, ranks: distributed.Ranks) -> str | None:
+    """The next line of the chat ("" after Ctrl-C at the prompt), None at the end of input. Across
+    ranks rank 0 reads it, the followers ticking meanwhile, and shares it."""
+    if not ranks.leader:
+        return ranks.receive()
+    try:
+        with ranks.idle():
+            line = input(prompt)
+    except EOFError:
+        line = None
+    except KeyboardInterrupt:  # at the prompt: drop the line, keep chatting
+        click.echo()
+        line = ""
+    return ranks.share(line)
 
 
 class IntList(click.ParamType):
@@ -755,6 +856,12 @@ class IntList(click.ParamType):
 @click.option(
     "--ops", is_flag=True, help="Also count the MLX primitives one decode step evaluates."
 )
+@click.option(
+    "--kernels",
+    "kernel_table",
+    is_flag=True,
+    help="Instead: time each custom Metal kernel against its mlx path and print the decision.",
+)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @memory_options
@@ -771,26 +878,107 @@ def bench_command(
     chip: str | None,
     compare: str | None,
     ops: bool,
+    kernel_table: bool,
     seed: int,
     as_json: bool,
     **options,
 ) -> None:
-    """Measure prompt and decode speed, memory and bytes per token."""
+    """Measure prompt and decode speed, memory and bytes per token (across ranks under
+    mlx.launch: each rank on its shard, rank 0 reporting)."""
+    if kernel_table:
+        click.echo(bench_kernels(model_path, synthetic, progress=not as_json))
+        return
+    if distributed.launched() and compare:
+        raise GptOssError("--compare runs in one process: not across ranks")
+    group = _connect()
+    leader = group is None or group.rank() == 0
     bench = Benchmark(
         model_path=model_path,
         synthetic=synthetic,
         compare=compare,
         dtype=dtype,
         seed=seed,
-        progress=not as_json,
+        progress=not as_json and leader,
         bandwidth=bandwidth,
         chip=chip,
+        group=group,
         **_memory(options),
     )
-    if not as_json:
+    if leader and not as_json:
         _warn_if_it_does_not_fit(getattr(bench.model, "memory_plan", None))
+    distributed.Ranks(group)  # from here a rank that stops or hangs ends the others
     result = bench.run(prompt_tokens, gen_tokens, repeats, warmup, ops=ops)
-    click.echo(json.dumps(result, indent=1) if as_json else format_report(result))
+    if leader:
+        click.echo(json.dumps(result, indent=1) if as_json else format_report(result))
+
+
+@main.command("serve")
+@model_options
+@click.option(
+    "--kernels",
+    type=click.Choice(BACKENDS),
+    default=None,
+    help="Kernel backend [auto: Metal where available, else the mlx ops].",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on /v1.")
+@click.option(
+    "--model-name", default=None, help="The model's name in /v1/models [the model's folder name]."
+)
+@click.option(
+    "--prompt-cache-gb",
+    type=click.FloatRange(min=0),
+    default=2.0,
+    show_default=True,
+    help="Memory for the KV caches of recent conversations (0: none).",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(min=0),
+    default=32,
+    show_default=True,
+    help="Requests that may wait for the model; beyond, 503 with Retry-After.",
+)
+@click.option(
+    "--reasoning-format",
+    type=click.Choice(REASONING_FORMATS),
+    default="reasoning",
+    show_default=True,
+    help="The Chat Completions field reasoning goes out in.",
+)
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Most tokens per reply when a request does not say [the rest of the context].",
+)
+@_options(_sampling_option_list())
+@user_errors
+def serve_command(
+    model: str,
+    dtype: str | None,
+    kernels: str | None,
+    host: str,
+    port: int,
+    model_name: str | None,
+    **options,
+) -> None:
+    """Serve gpt-oss over an OpenAI-compatible HTTP API (Chat Completions and Responses).
+
+    Point any OpenAI client at http://HOST:PORT/v1. Requests are queued and run one at a time;
+    the KV caches of recent conversations are kept, so each turn prefills only its new tokens.
+    """
+    check_sampling(options["temperature"], options["top_p"], options["top_k"], options["min_p"])
+    memory = _memory(options)
+    if host not in ("127.0.0.1", "localhost", "::1") and not options["api_key"]:
+        click.secho(f"warning: listening on {host} with no --api-key", fg="yellow", err=True)
+    mdl, tok = load(model, dtype, progress=sys.stderr.isatty(), kernels=kernels, **memory)
+    _warn_if_it_does_not_fit(getattr(mdl, "memory_plan", None))
+    name = model_name or model.rstrip("/").rsplit("/", 1)[-1]
+    app = create_app(mdl, tok, model_name=name, **options)
+    click.echo(f"Serving {model} as {name!r} on http://{host}:{port}/v1", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="info")
 
 
 @main.command("memory")

@@ -299,6 +299,7 @@ def compile_constraint(
 # -- one generation ------------------------------------------------------------------------------
 
 _BIT_SHIFTS = mx.arange(8, dtype=mx.uint8)
+mx.eval(_BIT_SHIFTS)  # MLX streams belong to threads: lazy, it could not run on another one
 
 
 def apply_bitmask(logits: mx.array, words: mx.array) -> mx.array:

@@ -1,10 +1,11 @@
 """Tensors served from the checkpoint file, a few rows at a time: embedding rows and experts.
 
 A `DiskTensor` is where a tensor's bytes lie in a safetensors shard; `read(rows)` reads only the
-rows (slices along the first axis) asked for, with plain reads into a fresh buffer. The pages go
-through the OS's file cache, which keeps what fits and drops what it must; they are not mapped
-into the process (a memory map's pages would count in its resident size and stay mapped).
-`DiskEmbedding` serves the input embedding this way, one row per token.
+rows (slices along the first axis) asked for, with plain reads straight into an MLX array's
+buffer. The pages go through the OS's file cache, which keeps what fits and drops what it must;
+they are not mapped into the process (a memory map's pages would count in its resident size and
+stay mapped). `DiskEmbedding` serves the input embedding this way, one row per token; the expert
+cache reads experts, and a rank of several its experts' rows (`weights`).
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ import mlx.nn as nn
 import numpy as np
 
 from .errors import GptOssError
+from .safetensors_check import TensorInfo
 
-# safetensors dtype -> the numpy dtype its bytes are read as (bfloat16 as raw uint16, viewed in MLX)
-NUMPY_DTYPES = {
-    "U8": np.uint8,
-    "U32": np.uint32,
-    "I32": np.int32,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": np.uint16,
+# safetensors dtype -> the MLX dtype its bytes are read as
+MLX_DTYPES = {
+    "U8": mx.uint8,
+    "U32": mx.uint32,
+    "I32": mx.int32,
+    "F32": mx.float32,
+    "F16": mx.float16,
+    "BF16": mx.bfloat16,
 }
 
 
@@ -39,10 +41,15 @@ class DiskTensor:
     dtype: str
     shape: tuple[int, ...]
 
+    @classmethod
+    def of(cls, info: TensorInfo) -> DiskTensor:
+        """Where a tensor of a shard's header lies."""
+        return cls(info.file, info.offset, info.dtype, tuple(info.shape))
+
     @property
     def row_bytes(self) -> int:
         """Bytes of one slice along the first axis."""
-        itemsize = np.dtype(NUMPY_DTYPES[self.dtype]).itemsize
+        itemsize = MLX_DTYPES[self.dtype].size
         return int(np.prod(self.shape[1:], dtype=np.int64)) * itemsize
 
     @property
@@ -65,11 +72,13 @@ class DiskTensor:
             (stop - start, *self.shape[1:]),
         )
 
-    def read(self, rows: Sequence[int]) -> np.ndarray:
-        """Rows `rows` (first-axis indices, ascending and distinct) -> `[len(rows), *shape[1:]]`;
-        consecutive rows are read in one call."""
-        out = np.empty((len(rows), *self.shape[1:]), NUMPY_DTYPES[self.dtype])
-        flat = out.reshape(len(rows), -1).view(np.uint8)
+    def read(self, rows: Sequence[int]) -> mx.array:
+        """Rows `rows` (first-axis indices, ascending and distinct) -> `[len(rows), *shape[1:]]`,
+        read from the file straight into the buffer of the array returned (nothing else holds
+        them, even for a moment); consecutive rows in one read."""
+        out = mx.zeros((len(rows) * self.row_bytes,), mx.uint8)
+        mx.eval(out)
+        buffer = memoryview(out)  # writable: MLX arrays lend their buffer
         with open(self.file, "rb", buffering=0) as f:
             i = 0
             while i < len(rows):
@@ -77,22 +86,19 @@ class DiskTensor:
                 while j < len(rows) and rows[j] == rows[j - 1] + 1:
                     j += 1
                 f.seek(self.offset + int(rows[i]) * self.row_bytes)
-                _read_exactly(f, memoryview(flat[i:j]).cast("B"), self.file)
+                _read_exactly(f, buffer[i * self.row_bytes : j * self.row_bytes], self.file)
                 i = j
-        return out
-
-    def read_mlx(self, rows: Sequence[int]) -> mx.array:
-        """`read` as an MLX array of the tensor's own dtype."""
-        array = mx.array(self.read(rows))
-        return array.view(mx.bfloat16) if self.dtype == "BF16" else array
+        return out.view(MLX_DTYPES[self.dtype]).reshape(len(rows), *self.shape[1:])
 
 
 def _read_exactly(f, buffer: memoryview, name: str) -> None:
-    view, done = buffer, 0
+    done = 0
     while done < len(buffer):
-        n = f.readinto(view[done:])
+        n = f.readinto(buffer[done:])
         if not n:
-            raise GptOssError(f"{os.path.basename(name)}: file ended early; download it again")
+            raise GptOssError(
+                f"{os.path.basename(name)}: ends before its tensors do; download it again"
+            )
         done += n
 
 
@@ -120,13 +126,9 @@ class InterleavedRows:
     def rows(self, start: int, stop: int) -> InterleavedRows:
         return InterleavedRows(self.even.rows(start, stop), self.odd.rows(start, stop))
 
-    def read(self, rows: Sequence[int]) -> np.ndarray:
+    def read(self, rows: Sequence[int]) -> mx.array:
         even, odd = self.even.read(rows), self.odd.read(rows)
-        return np.stack([even, odd], axis=2).reshape(len(rows), *self.shape[1:])
-
-    def read_mlx(self, rows: Sequence[int]) -> mx.array:
-        array = mx.array(self.read(rows))
-        return array.view(mx.bfloat16) if self.dtype == "BF16" else array
+        return mx.stack([even, odd], axis=2).reshape(len(rows), *self.shape[1:])
 
 
 StoredRows = DiskTensor | InterleavedRows
@@ -172,10 +174,10 @@ class DiskEmbedding(nn.Module):
         if flat.size and (flat.min() < 0 or flat.max() >= self.table.shape[0]):
             raise GptOssError(f"token id outside the vocabulary (0..{self.table.shape[0] - 1})")
         rows, inverse = np.unique(flat, return_inverse=True)
-        table = self.table.read_mlx(rows)
+        table = self.table.read(rows)
         if self.table_scales is not None:
-            scales = self.table_scales.read_mlx(rows).astype(self.compute_dtype)
-            biases = self.table_biases.read_mlx(rows).astype(self.compute_dtype)
+            scales = self.table_scales.read(rows).astype(self.compute_dtype)
+            biases = self.table_biases.read(rows).astype(self.compute_dtype)
             table = mx.dequantize(table, scales, biases, group_size=self.group_size, bits=self.bits)
         table = table.astype(self.compute_dtype)
         return table[mx.array(inverse.reshape(-1))].reshape(*ids.shape, -1)

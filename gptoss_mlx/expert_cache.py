@@ -57,7 +57,12 @@ class ExpertCacheStats:
 
 class ExpertCache(Experts):
     """A layer's experts in `slots` resident slots, read from `stored` (our parameter name within
-    the layer's experts, e.g. "gate_up_proj.weight" -> where its `[E, ...]` rows lie on disk)."""
+    the layer's experts, e.g. "gate_up_proj.weight" -> where its `[E, ...]` rows lie on disk).
+
+    On one rank of several (`num_experts`: the rank's count), it holds that rank's experts: the
+    ids it is given are local (`distributed.ExpertShard.localize`) and `stored` are the rank's
+    rows; a pair routed to another rank arrives as one of the token's local experts (or local
+    expert 0) with weight 0, so it costs no read beyond, at worst, that expert."""
 
     host_reads = True
 
@@ -67,9 +72,11 @@ class ExpertCache(Experts):
         slots: int,
         stored: dict[str, StoredRows],
         dtype: mx.Dtype,
+        num_experts: int | None = None,
     ) -> None:
-        super().__init__(config)
-        E, H, I = config.num_experts, config.hidden_size, config.intermediate_size
+        super().__init__(config, num_experts)
+        E = config.num_experts if num_experts is None else num_experts
+        H, I = config.hidden_size, config.intermediate_size
         if not config.experts_per_token <= slots < E:
             raise GptOssError(
                 f"--expert-cache must be between {config.experts_per_token} (experts per token) "
@@ -156,7 +163,7 @@ class ExpertCache(Experts):
             proj = getattr(self, proj_name)
             for part in PARTS:
                 stored = self._stored[f"{proj_name}.{part}"]
-                rows = stored.read_mlx([expert])
+                rows = stored.read([expert])
                 target = getattr(proj, part)
                 target[slot : slot + 1] = rows.astype(target.dtype)
                 self.stats.bytes_read += stored.row_bytes

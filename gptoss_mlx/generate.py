@@ -8,11 +8,15 @@
                    device computes the next token while the host parses and prints this one;
                    the only host sync per token is reading the sampled id.
     stop:          on <|return|> (finish "stop") or <|call|> ("tool_calls"), never on <|end|>;
-                   else after `max_tokens` ("length").
+                   on a `stop` string in the answer ("stop"); else after `max_tokens` or at the
+                   end of the model's context ("length").
     constrained:   with a response format or a tool choice (:mod:`gptoss_mlx.constrain`), step n+1
                    is queued as the forward pass alone when token n+1 will be masked: the host
                    reads token n and computes the mask while the device runs it, then the masked
                    draw is queued. Free stretches (reasoning) are drawn as above.
+    ranks:         a model sharded over several processes (`model.group`) checks that every
+                   rank runs the same prompt, and every draw (constrained or not) feeds every
+                   rank rank 0's token (`distributed.shared_sampler`).
 
 A consequence of pipelining: when generation stops on a stop token, that token has already been fed
 through the model, so the cache holds ``prompt + completion``; when it stops at ``max_tokens`` the
@@ -22,23 +26,32 @@ read ``cache[0].offset`` rather than assume either (see :mod:`gptoss_mlx.chat`).
 
 from __future__ import annotations
 
+import functools
 import json
 import operator
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Protocol
 
 import mlx.core as mx
 
 from .constrain import Guide, compile_constraint
+from .distributed import check_same_tokens, shared_sampler
 from .errors import GptOssError
 from .harmony import Delta, StreamParser, parse_completion, parse_response_format, render_prompt
 from .progress import progress_bar
 from .sample import Sampler, make_sampler
 from .tokenizer import STOP_TOKENS, Tokenizer, default_tokenizer
 
-__all__ = ["GenerationEvent", "GenerationStats", "stream_generate", "generate", "prompt_tokens"]
+__all__ = [
+    "GenerationEvent",
+    "GenerationStats",
+    "stream_generate",
+    "generate",
+    "prompt_tokens",
+    "check_context",
+]
 
 FINISH_REASONS = {STOP_TOKENS[0]: "stop", STOP_TOKENS[1]: "tool_calls"}
 
@@ -60,7 +73,7 @@ class LanguageModel(Protocol):
 class GenerationStats:
     """Timings and counts of one generation (times in seconds, memory in bytes)."""
 
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # tokens prefilled (with a kept `cache`, only the new ones)
     prompt_tps: float = 0.0  # prompt tokens / time to first token
     time_to_first_token: float = 0.0  # from the call until the first token's id is on the host
     generation_tokens: int = 0
@@ -112,7 +125,11 @@ class GenerationEvent:
     ``text`` is the visible text this token completed (concatenated ``deltas``; "" inside headers,
     for special tokens, mid-UTF-8 character, or without a tokenizer). ``kind`` and ``channel`` are
     those of the last delta ("reasoning" / "content" / "tool_call"; None when the token produced
-    none). The last event has ``finish_reason`` and ``stats`` set.
+    none). ``part`` is where the token itself belongs: the kind of the message text it is part of
+    (mid-character tokens included), None for header and special tokens. With ``logprobs=``,
+    ``logprob`` is the token's log probability under the model (log-softmax of its logits, before
+    temperature and filters) and ``top_logprobs`` the most likely ``(token, logprob)`` pairs, best
+    first. The last event has ``finish_reason`` and ``stats`` set.
     """
 
     token: int
@@ -122,6 +139,9 @@ class GenerationEvent:
     deltas: list[Delta] = field(default_factory=list)
     finish_reason: str | None = None
     stats: GenerationStats | None = None
+    part: str | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 def prompt_tokens(
@@ -164,8 +184,8 @@ def prompt_tokens(
 
 
 def context_length(model: LanguageModel) -> int | None:
-    """The most positions a generation may use: the model's `max_context` cap when it has one,
-    else its configured context (None when the model says neither)."""
+    """The most positions a generation may use: the model's `max_context` cap when it has one
+    (`load(..., max_context=)`), else its configured context (None when it says neither)."""
     limits = (
         getattr(model, "max_context", None),
         getattr(getattr(model, "config", None), "max_position_embeddings", None),
@@ -174,26 +194,71 @@ def context_length(model: LanguageModel) -> int | None:
     return min(limits) if limits else None
 
 
-def _room(model: LanguageModel, cache: list, prompt_length: int) -> int:
-    """Tokens that may be generated after a prompt of `prompt_length` new tokens: the context
-    must hold the cache, the prompt and every fed token. GptOssError when the prompt leaves no
-    room."""
+def check_context(model: LanguageModel, length: int, held: int = 0) -> None:
+    """GptOssError unless a prompt of ``length`` tokens (after ``held`` already in the cache)
+    leaves room for one generated token."""
     context = context_length(model)
-    if context is None:
-        return 2**62
-    held = getattr(cache[0], "offset", 0) if cache else 0
-    room = context - held - prompt_length
-    if room < 1:
-        cap = getattr(model, "max_context", None)
-        capped = cap is not None and cap <= context
-        where = f"--max-context {cap}" if capped else "the model's context"
+    if context is not None and held + length >= context:
+        capped = getattr(model, "max_context", None) == context
         before = f" after the {held} already in the cache" if held else ""
+        limit = f"--max-context {context}" if capped else f"the model's context, {context}"
         raise GptOssError(
-            f"the prompt is {prompt_length} tokens{before}, which leaves no room for a reply in "
-            f"{where} ({context} positions): shorten the prompt"
-            + (" or raise --max-context" if capped else "")
+            f"the prompt is {length} tokens{before}, which leaves no room for the reply in "
+            f"{limit}: shorten the conversation" + (" or raise --max-context" if capped else "")
         )
-    return room
+
+
+class _StopStrings:
+    """Cuts the answer (``content`` deltas) before the first of ``stops``, holding back any text
+    that may be the start of one, so no part of a stop string is ever emitted. Held text is let
+    go when the answer is interrupted by reasoning or a tool call, and at the end."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.held: Delta | None = None
+        self.hit = False
+
+    def filter(self, deltas: list[Delta]) -> list[Delta]:
+        out: list[Delta] = []
+        for d in deltas:
+            if self.hit:
+                break
+            if d.kind != "content":
+                out += self.flush()
+                out.append(d)
+                continue
+            held = replace(d, text=(self.held.text if self.held else "") + d.text)
+            self.held = None
+            cuts = [i for i in (held.text.find(s) for s in self.stops) if i >= 0]
+            if cuts:
+                self.hit = True
+                if min(cuts) > 0:
+                    out.append(replace(held, text=held.text[: min(cuts)]))
+                break
+            keep = max(
+                (k for s in self.stops for k in range(1, len(s)) if held.text.endswith(s[:k])),
+                default=0,
+            )
+            if keep < len(held.text):
+                out.append(replace(held, text=held.text[: len(held.text) - keep]))
+            if keep:
+                self.held = replace(held, text=held.text[len(held.text) - keep :])
+        return out
+
+    def flush(self) -> list[Delta]:
+        held, self.held = self.held, None
+        return [held] if held is not None and not self.hit else []
+
+
+def _with_logprobs(token: mx.array, logits: mx.array, top: int) -> tuple[mx.array, ...]:
+    """``(token, its log probability, the top ids, their log probabilities)`` as lazy arrays."""
+    logits = logits.astype(mx.float32)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    chosen = mx.take_along_axis(logprobs, token.reshape(-1, 1), axis=-1)
+    if top == 0:
+        return token, chosen
+    best = mx.argpartition(-logprobs, top - 1, axis=-1)[:, :top]
+    return token, chosen, best, mx.take_along_axis(logprobs, best, axis=-1)
 
 
 def _cache_arrays(cache) -> list:
@@ -214,20 +279,33 @@ def _last_logits(model, ids: mx.array, cache) -> mx.array:
     return model(ids, cache=cache)[:, -1, :]
 
 
-def _prefill(model, ids: list[int], cache, chunk: int, progress: bool) -> mx.array:
+def _prefill(
+    model,
+    ids: list[int],
+    cache,
+    chunk: int,
+    progress: bool,
+    pauses: Sequence[int] = (),
+    on_pause: Callable[[int], None] | None = None,
+) -> mx.array:
     """Feed `ids` through the cache `chunk` tokens at a time; the last position's logits `[1, V]`.
 
-    Only the caches of the earlier chunks are evaluated: their logits are never computed.
+    Only the caches of the earlier chunks are evaluated: their logits are never computed. Chunks
+    also end at each of `pauses` (0 < p <= len(ids)), where `on_pause(p)` sees the cache holding
+    exactly `ids[:p]`.
     """
-    starts = list(range(0, len(ids), chunk))
+    pauses = {p for p in pauses if 0 < p <= len(ids)} if on_pause is not None else set()
+    starts = sorted(set(range(0, len(ids), chunk)) | {p for p in pauses if p < len(ids)})
+    ends = starts[1:] + [len(ids)]
     show = progress and len(starts) > 1
     with progress_bar(len(ids), "Prefill", show) as bar:
-        for start in starts[:-1]:
-            _last_logits(model, mx.array([ids[start : start + chunk]]), cache)
-            mx.eval(*_cache_arrays(cache))
-            bar.update(chunk)
-        logits = _last_logits(model, mx.array([ids[starts[-1] :]]), cache)
-        bar.update(len(ids) - starts[-1])
+        for start, end in zip(starts, ends, strict=True):
+            logits = _last_logits(model, mx.array([ids[start:end]]), cache)
+            if end < len(ids):
+                mx.eval(*_cache_arrays(cache))
+            if end in pauses:
+                on_pause(end)
+            bar.update(end - start)
     return logits
 
 
@@ -236,7 +314,7 @@ def stream_generate(
     prompt: Prompt,
     *,
     tokenizer: Tokenizer | None = None,
-    max_tokens: int = 512,
+    max_tokens: int | None = 512,
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
@@ -251,6 +329,10 @@ def stream_generate(
     sampler: Sampler | None = None,
     response_format: Mapping | None = None,
     tool_choice: str | Mapping | None = None,
+    stop: str | Sequence[str] | None = None,
+    logprobs: int | None = None,
+    prefill_pauses: Sequence[int] = (),
+    on_pause: Callable[[int], None] | None = None,
 ) -> Iterator[GenerationEvent]:
     """Generate from ``prompt``, yielding a :class:`GenerationEvent` per token.
 
@@ -268,6 +350,13 @@ def stream_generate(
     parameter schemas (see :mod:`gptoss_mlx.constrain`; with a token-id prompt, ``tools`` only
     serve that). A format or tool choice that cannot be enforced is a :class:`GptOssError` here,
     before any token is generated.
+    ``stop``: strings that end the answer (``content`` text) before them, finish ``"stop"``; they
+    need a tokenizer. ``logprobs``: each event carries its token's log probability and the
+    ``logprobs`` (0..20) most likely tokens'. ``prefill_pauses`` / ``on_pause``: positions of
+    ``prompt`` at which the prefill pauses and calls ``on_pause(p)`` with the cache holding its
+    first ``p`` tokens (to snapshot it). The prompt (with what ``cache`` holds) must leave room in
+    the model's context for one token; generation ends ("length") where the context does
+    (``max_tokens=None``: only there).
     The last event carries ``finish_reason`` and :class:`GenerationStats`.
     """
     ids, tokenizer = prompt_tokens(
@@ -285,11 +374,25 @@ def stream_generate(
         raise GptOssError(
             f"prompt token id {bad} is outside the model's vocabulary (0..{vocab - 1})"
         )
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise GptOssError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+    ):
+        raise GptOssError(f"max_tokens must be an integer >= 1 (or None), got {max_tokens!r}")
     if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
         raise GptOssError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
+    if logprobs is not None and (
+        isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= 20
+    ):
+        raise GptOssError(f"logprobs must be an integer in 0..20 (or None), got {logprobs!r}")
+    stop = [stop] if isinstance(stop, str) else list(stop or ())
+    if not all(isinstance(s, str) for s in stop):
+        raise GptOssError(f"stop must be a string or a list of strings, got {stop!r}")
+    if stop and tokenizer is None:
+        raise GptOssError("stop strings need a tokenizer (to read the answer's text)")
     sampler = sampler or make_sampler(temperature, top_p, top_k, min_p, seed=seed)
+    group = getattr(model, "group", None)
+    check_same_tokens(ids, group)
+    sampler = shared_sampler(sampler, group)
     constraint = None
     if response_format is not None or tool_choice is not None or tools:
         constraint = compile_constraint(
@@ -302,12 +405,26 @@ def stream_generate(
     stops = frozenset(int(t) for t in stop_tokens)
     if cache is None:
         cache = model.make_cache()
-    max_tokens = min(max_tokens, _room(model, cache, len(ids)))
+    held = getattr(cache[0], "offset", 0) if cache else 0
+    check_context(model, len(ids), held)
+    context = context_length(model)
+    if context is not None:
+        max_tokens = min(max_tokens or context, context - held - len(ids))
+    elif max_tokens is None:
+        raise GptOssError("max_tokens=None (to the end of the context) needs a model that says its")
     if guide is not None:
         tokenizer = guide.tok
     parser = StreamParser(tokenizer) if tokenizer is not None else None
+    prefill = functools.partial(
+        _prefill,
+        chunk=prefill_chunk,
+        progress=progress,
+        pauses=prefill_pauses,
+        on_pause=on_pause,
+    )
+    stopper = _StopStrings(stop) if stop else None
     return _generate_events(
-        model, ids, cache, sampler, max_tokens, prefill_chunk, stops, parser, progress, guide
+        model, ids, cache, sampler, max_tokens, prefill, stops, parser, stopper, logprobs, guide
     )
 
 
@@ -317,10 +434,11 @@ def _generate_events(
     cache,
     sampler,
     max_tokens,
-    prefill_chunk,
+    prefill,
     stops,
     parser,
-    progress,
+    stopper,
+    logprobs,
     guide: Guide | None,
 ) -> Iterator[GenerationEvent]:
     mx.reset_peak_memory()
@@ -334,21 +452,26 @@ def _generate_events(
     def forward(token: mx.array) -> mx.array:
         return model(token.reshape(1, 1), cache=cache)[:, -1, :]
 
-    logits = _prefill(model, ids, cache, prefill_chunk, progress)
+    def with_logprobs(token: mx.array, logits: mx.array) -> tuple[mx.array, ...]:
+        """The sampled token's log probability and the top ones, when asked for (lazy)."""
+        return _with_logprobs(token, logits, logprobs)[1:] if logprobs is not None else ()
+
+    logits = prefill(model, ids, cache)
     y = sampler(logits) if guide is None else guide.first(logits)
     after_prefill = counters()  # an expert cache counts while the graph is built
-    mx.async_eval(y)
+    y_logprobs = with_logprobs(y, logits)
+    mx.async_eval(y, *y_logprobs)
     t_first = t_last = tic
     n = 0
     while True:
         if n + 1 < max_tokens:  # queue the next step before waiting for this token
+            logits = forward(y)
             if guide is None:
-                next_y = sampler(forward(y))
-                mx.async_eval(next_y)
-            else:  # a free draw as above, or only the forward pass if the token will be masked
-                logits = forward(y)
+                next_y = sampler(logits)
+            else:  # a free draw as above, or None if the token will be masked (drawn below)
                 next_y = guide.propose(logits)
-                mx.async_eval(logits if next_y is None else next_y)
+            next_logprobs = with_logprobs(next_y, logits) if next_y is not None else ()
+            mx.async_eval(logits if next_y is None else next_y, *next_logprobs)
         token = int(y.item())
         n += 1
         t_last = time.perf_counter()
@@ -359,13 +482,26 @@ def _generate_events(
         finish = FINISH_REASONS.get(token, "stop") if token in stops and ends else None
         if finish is None and n >= max_tokens:
             finish = "length"
+        event = GenerationEvent(token=token, deltas=deltas)
+        if stopper is not None:
+            event.deltas = stopper.filter(event.deltas)
+            if stopper.hit and finish is None:
+                finish = "stop"
         if guide is not None and finish is None:  # token n decides what constrains n+1: draw it
             next_y = guide.choose(logits, next_y)
-            mx.async_eval(next_y)
-        event = GenerationEvent(token=token, deltas=deltas)
+            next_logprobs = with_logprobs(next_y, logits)
+            mx.async_eval(next_y, *next_logprobs)
+        if parser is not None and not parser.tok.is_special(token):
+            event.part = parser.kind
+        if logprobs is not None:
+            event.logprob = y_logprobs[0].item()
+            if logprobs:
+                pairs = zip(y_logprobs[1][0].tolist(), y_logprobs[2][0].tolist(), strict=True)
+                event.top_logprobs = sorted(pairs, key=lambda p: -p[1])
         if finish is not None:
             if parser is not None:
-                event.deltas = deltas + parser.finish()
+                end = parser.finish()
+                event.deltas += stopper.filter(end) + stopper.flush() if stopper else end
             stats.time_to_first_token = t_first - tic
             stats.prompt_tps = len(ids) / max(stats.time_to_first_token, 1e-9)
             stats.generation_tokens = n
@@ -388,7 +524,7 @@ def _generate_events(
         yield event
         if finish is not None:
             return
-        y = next_y
+        y, y_logprobs = next_y, next_logprobs
 
 
 def _difference(later: dict[str, int], earlier: dict[str, int]) -> dict[str, int]:
@@ -406,10 +542,11 @@ def generate(
     """Run :func:`stream_generate` to the end and return the parsed result.
 
     ``{"reasoning", "content", "tool_calls"}`` as :func:`harmony.parse_completion` gives them
-    (empty without a tokenizer), plus ``"prompt_token_ids"``, ``"completion_token_ids"`` (stop
-    token included), ``"finish_reason"`` and ``"stats"`` (a dict). With a JSON
-    ``response_format`` (``json_schema`` or ``json_object``) also ``"parsed"``: the answer as a
-    Python object, None when generation stopped before the answer was complete. ``on_event``
+    (empty without a tokenizer; ``content`` cut before a ``stop`` string, as streamed), plus
+    ``"prompt_token_ids"``, ``"completion_token_ids"`` (stop token included),
+    ``"finish_reason"`` and ``"stats"`` (a dict). With a JSON ``response_format``
+    (``json_schema`` or ``json_object``) also ``"parsed"``: the answer as a Python object, None
+    when generation stopped before the answer was complete (or a stop string cut it). ``on_event``
     sees every :class:`GenerationEvent` as it is generated (to print a reply while it streams).
     """
     ids, tokenizer = prompt_tokens(
@@ -420,14 +557,16 @@ def generate(
         response_format=kwargs.get("response_format"),
     )
     fmt = parse_response_format(kwargs.get("response_format"))
-    tokens, stats = [], None
+    tokens, stats, content = [], None, []
     for event in stream_generate(model, ids, tokenizer=tokenizer, **kwargs):
         tokens.append(event.token)
         stats = event.stats or stats
+        content += [d.text for d in event.deltas if d.kind == "content"]
         if on_event is not None:
             on_event(event)
     if tokenizer is not None:
         result = parse_completion(tokens, tokenizer)
+        result["content"] = "".join(content)  # the parse's content, less what a stop string cut
     else:
         result = {"reasoning": "", "content": "", "tool_calls": []}
     result.update(
@@ -437,6 +576,10 @@ def generate(
         stats=stats.to_dict(),
     )
     if fmt is not None and fmt.is_json:
-        done = stats.finish_reason == "stop"
-        result["parsed"] = json.loads(result["content"]) if done else None
+        result["parsed"] = None
+        if stats.finish_reason == "stop":
+            try:
+                result["parsed"] = json.loads(result["content"])
+            except ValueError:  # the answer was cut by a stop string
+                pass
     return result

@@ -6,6 +6,9 @@ embedding served from the checkpoint file (`embedding_from_disk`), at most K exp
 resident (`expert_cache`), keys and values quantized (`kv_bits`), a context cap (`max_context`);
 `memory_budget` picks the settings that fit a budget. The plan (`memory.plan_checkpoint`) comes
 with the model as `model.memory_plan`.
+
+Given a distributed group of several ranks, each process loads only its rank's experts (see
+`gptoss_mlx.distributed`) and the ranks check that they loaded the same model.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from mlx.utils import tree_flatten, tree_map
 from . import kernels as kernel_backends
 from . import memory
 from .disk import DiskEmbedding, DiskTensor
+from .distributed import check_same_model
 from .errors import GptOssError
 from .expert_cache import ExpertCache, stored_experts
 from .hub import local_model_path, remote_headers, resolve_model_path
@@ -92,7 +96,7 @@ def build_model(
     """
     settings = settings or MemorySettings(embedding_from_disk=False)
     kernel_backends.resolve(kernels)  # an invalid choice fails before any loading
-    model = GptOssModel(ckpt.config)
+    model = GptOssModel(ckpt.config, ckpt.shard)
     specs = stored_quantization(model, ckpt.tensors)
     if specs:
         nn.quantize(model, class_predicate=lambda path, _: specs.get(path, False))
@@ -116,10 +120,11 @@ def build_model(
     compute = dtype or model.dtype
     if settings.embedding_from_disk and "embed_tokens.weight" in ckpt.disk:
         model.embed_tokens = _disk_embedding(model, ckpt, compute)
-    if settings.expert_cache is not None and settings.expert_cache < ckpt.config.num_experts:
-        for i, layer in enumerate(model.layers):
+    local = ckpt.shard.count if ckpt.shard is not None else ckpt.config.num_experts
+    if settings.expert_cache is not None and settings.expert_cache < local:
+        for i, layer in enumerate(model.layers):  # a rank's cache holds its own experts
             layer.mlp.experts = ExpertCache(
-                ckpt.config, settings.expert_cache, stored_experts(ckpt.disk, i), compute
+                ckpt.config, settings.expert_cache, stored_experts(ckpt.disk, i), compute, local
             )
     model.kv_bits = settings.kv_bits
     model.max_context = settings.max_context
@@ -168,6 +173,7 @@ def load_model(
     max_context: int | None = None,
     memory_budget: float | None = None,
     prefill_chunk: int = memory.DEFAULT_PREFILL_CHUNK,
+    group: mx.distributed.Group | None = None,
 ) -> GptOssModel:
     """Load gpt-oss from a local folder of any supported layout or a Hugging Face repo id.
 
@@ -181,10 +187,15 @@ def load_model(
     `max_context` caps prompt + reply; `memory_budget` (GB) picks settings left unset to fit it.
     The plan is `model.memory_plan`; on a Mac, MLX's wired and cache limits are set from it
     (`memory.apply_limits`).
+
+    `group`: the ranks (`mx.distributed.init()`) this process is one of; with more than one, it
+    loads only its rank's experts from its own copy of the checkpoint (and plans for that share:
+    an expert cache holds the rank's experts), and returns once every rank has loaded the same
+    model at the same precision.
     """
     compute_dtype = parse_dtype(dtype)
     kernel_backends.resolve(kernels)
-    ckpt = read_checkpoint(resolve_model_path(path_or_repo, progress=progress))
+    ckpt = read_checkpoint(resolve_model_path(path_or_repo, progress=progress), group)
     settings = MemorySettings(
         dense_bits=dense_bits,
         kv_bits=kv_bits,
@@ -195,12 +206,22 @@ def load_model(
     )
     budget = None if memory_budget is None else memory.parse_budget(memory_budget)
     plan = memory.fit(ckpt, compute_dtype, settings, budget, path_or_repo)
-    memory.check_machine(plan)
+    memory.check_machine(plan, ckpt.shard)
     model = build_model(
         ckpt, compute_dtype, progress=progress, kernels=kernels, settings=plan.settings
     )
     model.memory_plan = plan
     memory.apply_limits(plan)
+    if ckpt.shard is not None:
+        s = plan.settings
+        description = {
+            "config": model.config.to_hf(),
+            "dtype": str(model.dtype),
+            "dense_bits": s.dense_bits,
+            "kv_bits": s.kv_bits,
+            "max_context": s.max_context,
+        }
+        check_same_model(ckpt.shard.group, description)
     return model
 
 
@@ -217,12 +238,13 @@ def load(
     max_context: int | None = None,
     memory_budget: float | None = None,
     prefill_chunk: int = memory.DEFAULT_PREFILL_CHUNK,
+    group: mx.distributed.Group | None = None,
 ) -> tuple[GptOssModel, Tokenizer]:
     """`(model, tokenizer)` for a folder or hub id: `load_model` (same keywords) plus the
     checkpoint's tokenizer.
 
     The tokenizer comes from the folder's `tokenizer.json` when it has one (its special-token ids
-    checked), else tiktoken's o200k_harmony.
+    checked), else tiktoken's o200k_harmony. `group`: see `load_model`.
     """
     folder = resolve_model_path(path_or_repo, progress=progress)
     model = load_model(
@@ -237,6 +259,7 @@ def load(
         max_context=max_context,
         memory_budget=memory_budget,
         prefill_chunk=prefill_chunk,
+        group=group,
     )
     needed = max(SPECIAL_TOKENS.values()) + 1
     if model.config.vocab_size < needed:

@@ -35,6 +35,7 @@ import mlx.core as mx
 from .cache import check_kv_bits, make_cache
 from .config import FULL, ModelConfig
 from .disk import DiskTensor
+from .distributed import ExpertShard
 from .errors import GptOssError
 from .model import GptOssModel
 from .quantize import (
@@ -90,7 +91,7 @@ class MemorySettings:
             out.append(f"--kv-bits {self.kv_bits}")
         if self.max_context is not None and self.max_context < config.max_position_embeddings:
             out.append(f"--max-context {self.max_context}")
-        if self.expert_cache is not None and self.expert_cache < config.num_experts:
+        if self.expert_cache is not None:  # resolved: None when every expert is resident
             out.append(f"--expert-cache {self.expert_cache}")
         return " ".join(out)
 
@@ -114,6 +115,7 @@ class MemoryPlan:
     budget: int
     budget_source: str
     machine: dict[str, int | str]
+    experts: int = 0  # per layer in this process: all E, or a rank's share
     disk_bytes_per_token: int = 0  # expected with an expert cache (uniform routing) + embedding
     advice: list[str] = field(default_factory=list)
 
@@ -178,9 +180,9 @@ class MemoryPlan:
         dense = "bf16 as stored" if s.dense_bits == 16 else f"{s.dense_bits}-bit affine (group 64)"
         kv = "unquantized" if s.kv_bits in (None, 16) else f"{s.kv_bits}-bit"
         experts = (
-            f"{s.expert_cache} of {c.num_experts} per layer resident, the rest read from disk"
+            f"{s.expert_cache} of {self.experts} per layer resident, the rest read from disk"
             if s.expert_cache
-            else f"all {c.num_experts} per layer resident"
+            else f"all {self.experts} per layer resident"
         )
         lines = [
             f"{self.model} ({self.layout} layout, {c.num_hidden_layers} layers, "
@@ -329,9 +331,8 @@ def weight_bytes(
     form is read beside what it becomes, then freed. So the peak is the unembedding's two forms,
     or all the weights plus the largest other tensor's stored form (`loading.build_model`).
     """
-    skeleton = GptOssModel(ckpt.config)  # parameters never evaluated: shapes only
+    skeleton = GptOssModel(ckpt.config, ckpt.shard)  # parameters never evaluated: shapes only
     quantized_as_stored = stored_quantization(skeleton, ckpt.tensors)
-    E = ckpt.config.num_experts
     cache = settings.expert_cache
     resident = dict.fromkeys(PARTS, 0)
     on_disk: dict[str, int] = {}
@@ -355,9 +356,9 @@ def weight_bytes(
         else:
             size = tensor.size * dtype.size
             transient = 0 if tensor.dtype == dtype else transient
-        if part == "experts" and cache:
+        if part == "experts" and cache:  # [E, ...] (a rank's experts only, on a rank)
             on_disk[part] = on_disk.get(part, 0) + size
-            size, transient = size // E * cache, 0  # empty slots
+            size, transient = size // tensor.shape[0] * cache, 0  # empty slots
         resident[part] += size
         if part == "unembedding":
             first_group += size + transient
@@ -448,7 +449,7 @@ def plan_checkpoint(
     """The plan for loading `ckpt` (read lazily: headers only) with `settings` (resolved)."""
     config = ckpt.config
     machine = machine or machine_memory()
-    stored = stored_quantization(GptOssModel(config), ckpt.tensors)
+    stored = stored_quantization(GptOssModel(config, ckpt.shard), ckpt.tensors)
     dense_bits = resolve_dense_bits(stored, settings.dense_bits, DEFAULT_DENSE_BITS)
     check_kv_bits(settings.kv_bits)
     cache = _resolve_cache(ckpt, settings.expert_cache)
@@ -483,6 +484,7 @@ def plan_checkpoint(
         budget=budget,
         budget_source=source,
         machine=machine,
+        experts=ckpt.shard.count if ckpt.shard is not None else config.num_experts,
     )
     plan.disk_bytes_per_token = _disk_bytes_per_token(plan)
     return plan
@@ -495,9 +497,9 @@ def _disk_bytes_per_token(plan: MemoryPlan) -> int:
     out = 0
     if "embedding" in plan.on_disk:
         out += plan.on_disk["embedding"] // c.vocab_size
-    if K:
-        per_expert = plan.on_disk["experts"] // c.num_experts  # all layers
-        out += round(c.experts_per_token * (1 - K / c.num_experts) * per_expert)
+    if K:  # a token picks k of E; E_here of them are this process's, K of those resident
+        per_expert = plan.on_disk["experts"] // plan.experts  # all layers
+        out += round(c.experts_per_token * (plan.experts - K) / c.num_experts * per_expert)
     return out
 
 
@@ -505,7 +507,8 @@ def _resolve_cache(ckpt: Checkpoint, cache: int | str | None) -> int | None:
     """The expert cache size as a number of slots (None: every expert resident)."""
     if cache is None or cache == "auto":
         return None
-    E, k = ckpt.config.num_experts, ckpt.config.experts_per_token
+    E = ckpt.shard.count if ckpt.shard is not None else ckpt.config.num_experts
+    k = ckpt.config.experts_per_token
     if not isinstance(cache, int) or isinstance(cache, bool) or cache < k:
         raise GptOssError(
             f"--expert-cache must be a number of experts >= {k} (the experts each token uses), "
@@ -577,7 +580,7 @@ def _ladder(ckpt, dtype, settings, budget, model, machine, auto_cache):
         first = plan(s)
         if first.fits or not (open_cache and can_stream):
             return first
-        low, high = config.experts_per_token, config.num_experts - 1
+        low, high = config.experts_per_token, first.experts - 1
         best = plan(dataclasses.replace(s, expert_cache=low))
         while best.fits and low < high:  # the largest number of slots that fits
             middle = (low + high + 1) // 2
@@ -630,14 +633,18 @@ def _advice(plan: MemoryPlan, fitting: MemoryPlan | None) -> list[str]:
     return advice
 
 
-def check_machine(plan: MemoryPlan) -> None:
+def check_machine(plan: MemoryPlan, shard: ExpertShard | None = None) -> None:
     """GptOssError when the weights alone exceed this machine's memory: loading would swap."""
     physical = int(plan.machine["physical"])
     if plan.weights > physical:
+        whose, more = "the model needs", ""
+        if shard is not None:
+            whose = f"rank {shard.rank}'s share of the model ({shard.count} experts) needs"
+            more = "; or more ranks"
         advice = f"; to fit: {' or '.join(plan.advice)}" if plan.advice else ""
         raise GptOssError(
-            f"the model needs {plan.weights / GB:.1f} GB for its weights but this machine has "
-            f"{physical / GB:.1f} GB{advice}"
+            f"{whose} {plan.weights / GB:.1f} GB for its weights but this machine has "
+            f"{physical / GB:.1f} GB{advice}{more}"
         )
 
 

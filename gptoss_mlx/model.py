@@ -18,18 +18,21 @@ from . import kernels
 from .attention import Attention
 from .cache import DecodeSlot, KVCache, cache_buffers, decode_slots, make_cache, restore_buffers
 from .config import ModelConfig
+from .distributed import ExpertShard
 from .moe import MoE
 
 
 class TransformerBlock(nn.Module):
     """Pre-norm attention then pre-norm mixture of experts, each added to the residual stream."""
 
-    def __init__(self, config: ModelConfig, layer_type: str) -> None:
+    def __init__(
+        self, config: ModelConfig, layer_type: str, shard: ExpertShard | None = None
+    ) -> None:
         super().__init__()
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.self_attn = Attention(config, layer_type)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = MoE(config)
+        self.mlp = MoE(config, shard)
 
     def __call__(
         self, x: mx.array, cache: KVCache | DecodeSlot | None = None, last_only: bool = False
@@ -42,13 +45,18 @@ class TransformerBlock(nn.Module):
 
 
 class GptOssModel(nn.Module):
-    """`model(ids [B, T], cache=None) -> logits [B, T, vocab]`."""
+    """`model(ids [B, T], cache=None) -> logits [B, T, vocab]`.
 
-    def __init__(self, config: ModelConfig) -> None:
+    With a `shard` (see `gptoss_mlx.distributed`) this process is one rank of several: its layers
+    hold that rank's experts only, and every rank computes the same logits together.
+    """
+
+    def __init__(self, config: ModelConfig, shard: ExpertShard | None = None) -> None:
         super().__init__()
         self.config = config
+        self.shard = shard
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = [TransformerBlock(config, t) for t in config.layer_types]
+        self.layers = [TransformerBlock(config, t, shard) for t in config.layer_types]
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.kv_bits: int | None = None  # how `make_cache` stores keys and values (None: dtype)
@@ -165,6 +173,11 @@ class GptOssModel(nn.Module):
         if self.max_context is not None:
             parts.append(f"context <= {self.max_context}")
         return ", ".join(parts)
+
+    @property
+    def group(self) -> mx.distributed.Group | None:
+        """The ranks this model is sharded over (None in a single process)."""
+        return self.shard.group if self.shard is not None else None
 
     @property
     def dtype(self) -> mx.Dtype:

@@ -11,6 +11,9 @@ Expert e (weights in MXFP4, blocks of 32 along the input dim, interleaved gate/l
 
 Gate and linear come from ONE gathered MXFP4 matmul over the published interleaved layout. The
 fused decode kernels take the experts where they apply (`kernels.experts`); elsewhere `ops.experts`.
+
+Across ranks (`distributed.ExpertShard`) a layer holds only its rank's experts: the routing over
+all E is turned into one over those, and the ranks' outputs are summed.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import mlx.nn as nn
 
 from . import kernels, ops
 from .config import ModelConfig
+from .distributed import ExpertShard
 from .weights import MXFP4_BLOCK
 
 
@@ -44,16 +48,17 @@ class MXFP4SwitchLinear(nn.Module):
 
 
 class Experts(nn.Module, kernels.UsesKernels):
-    """The E experts of one layer: `gate_up_proj` (hidden -> 2I interleaved), `down_proj`
-    (I -> hidden)."""
+    """The experts of one layer (all E, or `num_experts` of them on a rank): `gate_up_proj`
+    (hidden -> 2I interleaved), `down_proj` (I -> hidden)."""
 
     # Whether a call reads device values on the host (an expert cache reads the router's choice):
     # then the decode step cannot be traced into one compiled graph.
     host_reads = False
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, num_experts: int | None = None) -> None:
         super().__init__()
-        E, H, I = config.num_experts, config.hidden_size, config.intermediate_size
+        E = config.num_experts if num_experts is None else num_experts
+        H, I = config.hidden_size, config.intermediate_size
         self.gate_up_proj = MXFP4SwitchLinear(E, H, 2 * I)
         self.down_proj = MXFP4SwitchLinear(E, I, H)
         self.alpha = config.swiglu_alpha
@@ -67,13 +72,18 @@ class Experts(nn.Module, kernels.UsesKernels):
 
 
 class MoE(nn.Module):
-    """`[B, T, H]` -> `[B, T, H]`: route each token to its top-k experts and mix their outputs."""
+    """`[B, T, H]` -> `[B, T, H]`: route each token to its top-k experts and mix their outputs.
 
-    def __init__(self, config: ModelConfig) -> None:
+    With a `shard`, the layer holds that rank's experts only and sums its output with the other
+    ranks'.
+    """
+
+    def __init__(self, config: ModelConfig, shard: ExpertShard | None = None) -> None:
         super().__init__()
         self.experts_per_token = config.experts_per_token
         self.router = nn.Linear(config.hidden_size, config.num_experts, bias=True)
-        self.experts = Experts(config)
+        self.experts = Experts(config, shard.count if shard else None)
+        self.shard = shard
 
     def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """Top-k expert indices `[N, k]` and their softmax weights `[N, k]` (softmax over the k
@@ -88,4 +98,7 @@ class MoE(nn.Module):
         B, T, H = x.shape
         flat = x.reshape(-1, H)
         indices, weights = self.route(flat)
-        return self.experts(flat, indices, weights).reshape(B, T, H)
+        if self.shard is None:
+            return self.experts(flat, indices, weights).reshape(B, T, H)
+        out = self.experts(flat, *self.shard.localize(indices, weights))
+        return self.shard.combine(out).reshape(B, T, H)

@@ -38,7 +38,8 @@ class TensorInfo:
     file: str
     dtype: str  # safetensors spelling: "U8", "BF16", ...
     shape: tuple[int, ...]
-    offset: int = 0  # byte offset of the tensor's data in the file
+    offset: int  # where its bytes start in the file
+    nbytes: int
 
 
 def read_header(path: str) -> dict[str, TensorInfo]:
@@ -87,5 +88,5 @@ def read_header(path: str) -> dict[str, TensorInfo]:
                 f"{name}: truncated: tensor {key} ends at byte {end} of the data but "
                 f"the file holds {data_size}; download it again"
             )
-        tensors[key] = TensorInfo(path, dtype, shape, 8 + header_len + start)
+        tensors[key] = TensorInfo(path, dtype, shape, 8 + header_len + start, end - start)
     return tensors

@@ -16,6 +16,11 @@ Every tensor is returned lazily (`mx.load` maps the file; nothing is read until 
 a tensor of ours is a checkpoint tensor's bytes as stored (moved, or viewed as another dtype), the
 checkpoint also records where those bytes lie (`Checkpoint.disk`), so the embedding's rows and the
 experts can be read from the file one at a time (`gptoss_mlx.disk`).
+
+One rank of several (a `distributed.ExpertShard`) takes only its experts from the tensors stacked
+over the experts `[E, ...]`: rows start..stop of each, read from the file as that byte range
+alone (MLX's loader would read a whole tensor before slicing it), so a rank never holds more
+than its share. Everything else is taken whole.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from .config import ModelConfig
-from .disk import DiskTensor, InterleavedRows, StoredRows
+from .disk import MLX_DTYPES, DiskTensor, InterleavedRows, StoredRows
+from .distributed import ExpertShard, expert_shard
 from .errors import GptOssError
 from .safetensors_check import TensorInfo, read_header
 
@@ -54,7 +60,9 @@ class Checkpoint:
     tensors: dict[str, mx.array]
     # our name -> "FILE: source name", for error messages
     origin: dict[str, str] = field(default_factory=dict)
-    # our name -> where its bytes lie in a file, for tensors stored as we hold them
+    shard: ExpertShard | None = None  # the experts taken, when this process is one rank of several
+    # our name -> where its bytes lie in a file, for tensors stored as we hold them (a rank's:
+    # only its experts' rows)
     disk: dict[str, StoredRows] = field(default_factory=dict)
 
 
@@ -104,8 +112,9 @@ def _detect_layout(names, folder: str) -> str:
     )
 
 
-def read_checkpoint(path: str) -> Checkpoint:
-    """Read a local checkpoint folder of any supported layout (lazily)."""
+def read_checkpoint(path: str, group: mx.distributed.Group | None = None) -> Checkpoint:
+    """Read a local checkpoint folder of any supported layout (lazily). In a `group` of several
+    ranks, only this rank's experts (read at once: they are the bulk of its share)."""
     folder = find_weights_folder(path)
     try:
         with open(os.path.join(folder, "config.json")) as f:
@@ -122,18 +131,27 @@ def read_checkpoint(path: str) -> Checkpoint:
             arrays.update(mx.load(shard))
         except Exception as e:  # MLX's reader reports format problems as RuntimeError/ValueError
             raise GptOssError(f"{os.path.basename(shard)}: cannot read safetensors ({e})") from None
-    return checkpoint_from_tensors(arrays, raw_config, folder, infos)
+    return checkpoint_from_tensors(arrays, raw_config, folder, infos, group)
 
 
-# safetensors dtype -> MLX dtype, for checkpoints known by their headers alone
-MLX_DTYPES = {
-    "BF16": mx.bfloat16,
-    "F16": mx.float16,
-    "F32": mx.float32,
-    "U8": mx.uint8,
-    "U32": mx.uint32,
-    "I32": mx.int32,
-}
+def checkpoint_from_tensors(
+    arrays: dict[str, mx.array],
+    raw_config: dict,
+    folder: str = "<memory>",
+    infos: dict[str, TensorInfo] | None = None,
+    group: mx.distributed.Group | None = None,
+) -> Checkpoint:
+    """Recognise the layout of `arrays` (named as in some checkpoint) and map them to our names;
+    in a `group` of several ranks, keep only this rank's experts (`distributed.expert_shard`)."""
+    layout = _detect_layout(arrays.keys(), folder)
+    config = (ModelConfig.from_original if layout == "original" else ModelConfig.from_hf)(
+        raw_config
+    )
+    shard = expert_shard(config.num_experts, group)
+    source = _Source(dict(arrays), infos or {}, shard)
+    tensors = _MAPPERS[layout](source, config)
+    source.reject_leftovers()
+    return Checkpoint(folder, layout, config, tensors, source.origin, shard, source.disk)
 
 
 def checkpoint_from_headers(
@@ -148,29 +166,19 @@ def checkpoint_from_headers(
     return checkpoint_from_tensors(arrays, raw_config, folder, infos)
 
 
-def checkpoint_from_tensors(
-    arrays: dict[str, mx.array],
-    raw_config: dict,
-    folder: str = "<memory>",
-    infos: dict[str, TensorInfo] | None = None,
-) -> Checkpoint:
-    """Recognise the layout of `arrays` (named as in some checkpoint) and map them to our names."""
-    layout = _detect_layout(arrays.keys(), folder)
-    config = (ModelConfig.from_original if layout == "original" else ModelConfig.from_hf)(
-        raw_config
-    )
-    source = _Source(dict(arrays), infos or {})
-    tensors = _MAPPERS[layout](source, config)
-    source.reject_leftovers()
-    return Checkpoint(folder, layout, config, tensors, source.origin, source.disk)
-
-
 class _Source:
-    """The checkpoint's tensors by their own names; `take` consumes one, recording its origin."""
+    """The checkpoint's tensors by their own names; `take` consumes one, recording its origin
+    (`take_experts` one stacked over the experts, keeping only the shard's)."""
 
-    def __init__(self, arrays: dict[str, mx.array], infos: dict[str, TensorInfo]):
+    def __init__(
+        self,
+        arrays: dict[str, mx.array],
+        infos: dict[str, TensorInfo],
+        shard: ExpertShard | None = None,
+    ):
         self.arrays = arrays
         self.infos = infos
+        self.shard = shard
         self.origin: dict[str, str] = {}
         self.disk: dict[str, StoredRows] = {}
 
@@ -178,10 +186,16 @@ class _Source:
         info = self.infos.get(name)
         return f"{os.path.basename(info.file)}: {name}" if info else name
 
-    def on_disk(self, name: str) -> DiskTensor | None:
-        """Where tensor `name`'s bytes lie, when it was read from a file."""
+    def on_disk(self, name: str, experts: bool = False) -> DiskTensor | None:
+        """Where tensor `name`'s bytes lie, when it was read from a file (`experts`: stacked over
+        the experts, the shard's rows only)."""
         info = self.infos.get(name)
-        return DiskTensor(info.file, info.offset, info.dtype, info.shape) if info else None
+        if info is None or info.dtype not in MLX_DTYPES:
+            return None
+        stored = DiskTensor.of(info)
+        if experts and self.shard is not None:
+            return stored.rows(self.shard.start, self.shard.stop)
+        return stored
 
     def has(self, name: str) -> bool:
         return name in self.arrays
@@ -196,13 +210,38 @@ class _Source:
             raise GptOssError(f"{self.where(name)} has dtype {array.dtype}, expected {dtype}")
         return array
 
+    def take_experts(self, name: str, dtype: mx.Dtype | None = None) -> mx.array:
+        """`take` for a tensor stacked over the experts `[E, ...]`: the shard's experts only
+        (all of them without a shard)."""
+        array = self.take(name, dtype)
+        if self.shard is None:
+            return array
+        if array.ndim == 0 or array.shape[0] != self.shard.num_experts:
+            raise GptOssError(
+                f"{self.where(name)} has shape {list(array.shape)}, expected "
+                f"{self.shard.num_experts} experts first"
+            )
+        stored = self.on_disk(name, experts=True)
+        if stored is not None:  # only the shard's bytes are read, straight into the array
+            return stored.read(range(stored.shape[0]))
+        return mx.contiguous(array[self.shard.start : self.shard.stop])  # the slice would keep all
+
     def put(self, out: dict, ours: str, array: mx.array, *names: str) -> None:
         out[ours] = array
         self.origin[ours] = " + ".join(self.where(n) for n in names)
 
-    def move(self, out: dict, ours: str, name: str, dtype: mx.Dtype | None = None) -> None:
-        self.put(out, ours, self.take(name, dtype), name)
-        if (stored := self.on_disk(name)) is not None:
+    def move(
+        self,
+        out: dict,
+        ours: str,
+        name: str,
+        dtype: mx.Dtype | None = None,
+        experts: bool = False,
+    ) -> None:
+        """Take `name` as our `ours` (`experts`: stacked over the experts, see `take_experts`)."""
+        array = self.take_experts(name, dtype) if experts else self.take(name, dtype)
+        self.put(out, ours, array, name)
+        if (stored := self.on_disk(name, experts)) is not None:
             self.disk[ours] = stored
 
     def reject_leftovers(self) -> None:
@@ -235,12 +274,12 @@ def _interleave_rows(gate: mx.array, up: mx.array, axis: int) -> mx.array:
 
 def _move_mxfp4(src: _Source, out: dict, ours: str, blocks: str, scales: str, bias: str) -> None:
     """One MXFP4 expert projection: uint8 blocks viewed as MLX's weight, E8M0 scales, bias."""
-    weight = mxfp4_blocks_to_weight(src.take(blocks, mx.uint8))
+    weight = mxfp4_blocks_to_weight(src.take_experts(blocks, mx.uint8))
     src.put(out, ours + ".weight", weight, blocks)
-    if (stored := src.on_disk(blocks)) is not None:
+    if (stored := src.on_disk(blocks, experts=True)) is not None:
         src.disk[ours + ".weight"] = stored.view("U32", tuple(weight.shape))
-    src.move(out, ours + ".scales", scales, mx.uint8)
-    src.move(out, ours + ".bias", bias)
+    src.move(out, ours + ".scales", scales, mx.uint8, experts=True)
+    src.move(out, ours + ".bias", bias, experts=True)
 
 
 def _dense_hf(src: _Source, out: dict, prefix: str = "model.") -> None:
@@ -272,7 +311,7 @@ def _map_hf_bf16(src: _Source, config: ModelConfig) -> dict:
     for i in range(config.num_hidden_layers):
         p, q = f"model.layers.{i}.mlp.experts.", f"layers.{i}.mlp.experts."
         for proj in ("gate_up_proj", "down_proj"):
-            dense = src.take(p + proj)
+            dense = src.take_experts(p + proj)
             if dense.ndim != 3:
                 raise GptOssError(
                     f"{src.where(p + proj)} must be 3-D "
@@ -281,7 +320,7 @@ def _map_hf_bf16(src: _Source, config: ModelConfig) -> dict:
             weight, scales = quantize_mxfp4(dense.swapaxes(1, 2))
             src.put(out, q + proj + ".weight", weight, p + proj)
             src.put(out, q + proj + ".scales", scales, p + proj)
-            src.move(out, q + proj + ".bias", p + proj + "_bias")
+            src.move(out, q + proj + ".bias", p + proj + "_bias", experts=True)
     return out
 
 
@@ -341,8 +380,8 @@ def _map_mlx_community(src: _Source, config: ModelConfig) -> dict:
         for part in ("weight", "scales", "bias"):
             dtype = {"weight": mx.uint32, "scales": mx.uint8}.get(part)
             gate, up = (
-                src.take(f"{p}gate_proj.{part}", dtype),
-                src.take(f"{p}up_proj.{part}", dtype),
+                src.take_experts(f"{p}gate_proj.{part}", dtype),
+                src.take_experts(f"{p}up_proj.{part}", dtype),
             )
             src.put(
                 out,
@@ -351,17 +390,19 @@ def _map_mlx_community(src: _Source, config: ModelConfig) -> dict:
                 f"{p}gate_proj.{part}",
                 f"{p}up_proj.{part}",
             )
-            stored = src.on_disk(f"{p}gate_proj.{part}"), src.on_disk(f"{p}up_proj.{part}")
+            stored = [
+                src.on_disk(f"{p}{half}.{part}", experts=True) for half in ("gate_proj", "up_proj")
+            ]
             if None not in stored:
                 src.disk[f"{q}gate_up_proj.{part}"] = InterleavedRows(*stored)
-            src.move(out, f"{q}down_proj.{part}", f"{p}down_proj.{part}", dtype)
+            src.move(out, f"{q}down_proj.{part}", f"{p}down_proj.{part}", dtype, experts=True)
     return out
 
 
 def _map_gptoss_mlx(src: _Source, config: ModelConfig) -> dict:
     out: dict = {}
     for name in list(src.arrays):
-        src.move(out, name, name)
+        src.move(out, name, name, experts=".mlp.experts." in name)
     return out
 
 

@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 
 from gptoss_mlx import load_model
-from gptoss_mlx.config import ModelConfig
+from gptoss_mlx.config import ModelConfig, preset
 from gptoss_mlx.synthetic import hf_config_json, random_checkpoint, save_checkpoint
 
 # E2M1: bit 3 sign, bits 2-1 exponent, bit 0 mantissa.
@@ -240,3 +240,12 @@ def folder_logits(path, ids: np.ndarray, dtype: str = "float32") -> np.ndarray:
 def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
     """max |ours - ref| / max |ref|: the tolerance measure of the model tests."""
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def write_real_shapes(folder, name: str = "120b", layers: int = 1, vocab: int = 8000) -> str:
+    """A random checkpoint (published MXFP4 layout) with the real layer shapes of gpt-oss-`name`
+    but `layers` layers and a `vocab`-token vocabulary: for measuring memory, not accuracy."""
+    config = preset(name).replace(num_hidden_layers=layers, vocab_size=vocab, layer_types=())
+    tensors = random_checkpoint(config, numpy_blocks=True)
+    save_checkpoint(str(folder), tensors, hf_config_json(config), shards=2)
+    return str(folder)

@@ -36,6 +36,24 @@ def hf_mxfp4_dir(tmp_path_factory, hf_tensors):
 
 
 @pytest.fixture(scope="session")
+def converted_dir(tmp_path_factory, hf_mxfp4_dir):
+    """`hf_mxfp4_dir` converted to the gptoss-mlx layout."""
+    from gptoss_mlx import convert
+
+    return convert(hf_mxfp4_dir, str(tmp_path_factory.mktemp("converted") / "tiny"))
+
+
+@pytest.fixture(scope="session")
+def real_120b_layer_dir(tmp_path_factory):
+    """One layer at gpt-oss-120b's shapes (128 experts of 2880: 1.7 GB), vocabulary 8000."""
+    import mlx.core as mx
+
+    folder = ck.write_real_shapes(tmp_path_factory.mktemp("real-120b-layer"), "120b", layers=1)
+    mx.clear_cache()
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tok():
     from gptoss_mlx.errors import GptOssError
     from gptoss_mlx.tokenizer import default_tokenizer

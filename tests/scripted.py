@@ -124,3 +124,67 @@ class SteeredModel:
             return logits
         bump = mx.where(mx.arange(logits.shape[-1]) == token, self.bias, 0.0)
         return logits + bump.astype(logits.dtype)
+
+
+FREE = None  # a script position where the model chooses
+
+
+class ForcedModel:
+    """A real model (its cache, its logits) whose generations follow scripts.
+
+    Generation ``g`` (a prefill, then decode steps) emits ``scripts[g]``, where a :data:`FREE`
+    position is the model's own choice among ordinary tokens (special tokens 100 below, so it
+    does not end or restructure the harmony text); after the last script every position is free.
+    Unlike :class:`SteeredModel` (steered by call count) it finds each generation's start from
+    its calls (a prefill through ``last_logits`` after decode steps), however a prompt cache
+    splits the prefill.
+    A real cache means real prompt-cache reuse, and free positions make the output depend on
+    what the cache holds. ``prompts`` records, per generation, the ids its prefill fed.
+    """
+
+    def __init__(self, model, scripts=()):
+        self.model, self.config = model, model.config
+        self.scripts = [list(s) for s in scripts]
+        self.generation = -1
+        self.position = 0
+        self._decoding = True  # the next prefill call begins a new generation
+        self.prompts: list[list[int]] = []
+        self.ordinary = mx.arange(model.config.vocab_size) < 199998  # o200k_base's ids
+        mx.eval(self.ordinary, model)  # MLX streams are per thread: nothing lazy for a worker
+
+    @staticmethod
+    def script(text: str, tokenizer) -> list:
+        """Harmony text with ``{free:N}`` for N free positions -> a script."""
+        out = []
+        for i, piece in enumerate(text.replace("{free:", "\0").split("\0")):
+            if i:
+                count, _, piece = piece.partition("}")
+                out += [FREE] * int(count)
+            out += tokenizer.encode(piece, allow_special=True)
+        return out
+
+    def make_cache(self) -> list:
+        return self.model.make_cache()
+
+    def _logits(self, logits: mx.array) -> mx.array:
+        script = self.scripts[self.generation] if self.generation < len(self.scripts) else []
+        forced = script[self.position] if self.position < len(script) else FREE
+        if forced is FREE:  # special tokens pushed far down, not out: a constraint may want one
+            return mx.where(self.ordinary, logits, logits - 100.0)
+        row = mx.where(mx.arange(logits.shape[-1]) == forced, 100.0, 0.0).astype(logits.dtype)
+        return mx.broadcast_to(row, logits.shape)
+
+    def last_logits(self, ids: mx.array, cache: list | None = None) -> mx.array:
+        if self._decoding:  # a prefill after decode steps: the next generation
+            self.generation += 1
+            self.prompts.append([])
+            self._decoding = False
+        self.prompts[-1] += ids.reshape(-1).tolist()
+        self.position = 0
+        return self._logits(self.model.last_logits(ids, cache))
+
+    def __call__(self, ids: mx.array, cache: list | None = None) -> mx.array:
+        assert ids.shape == (1, 1), "a forced model's prefill goes through last_logits"
+        self._decoding = True
+        self.position += 1
+        return self._logits(self.model(ids, cache=cache))

@@ -178,6 +178,148 @@ def test_generate_returns_the_parsed_tool_call(tok):
     assert out["prompt_token_ids"] == [1, 2]
 
 
+# -- stop strings, logprobs, prefill pauses, the context ------------------------------------
+
+
+def scripted_answer(tok, answer, reasoning="Think STOP twice."):
+    return ScriptedModel.from_harmony(
+        f"<|channel|>analysis<|message|>{reasoning}<|end|>"
+        f"<|start|>assistant<|channel|>final<|message|>{answer}<|return|>",
+        tok,
+    )
+
+
+def streamed(events, kind):
+    return "".join(d.text for e in events for d in e.deltas if d.kind == kind)
+
+
+@pytest.mark.parametrize(
+    "stop, answer, reason",
+    [
+        (["STOP"], "Hello world. ", "stop"),  # cut before it; reasoning is not the answer
+        ("wor", "Hello ", "stop"),  # a string that ends inside a token
+        (["zz", "ld. S"], "Hello wor", "stop"),  # the first of several to appear
+        (["STOPPED", "Hello!"], "Hello world. STOP here", "stop"),  # never appears: all of it
+        (["here"], "Hello world. STOP ", "stop"),
+    ],
+)
+def test_stop_strings_cut_the_answer_and_are_never_streamed(tok, stop, answer, reason):
+    model = scripted_answer(tok, "Hello world. STOP here")
+    events = list(stream_generate(model, [1], tokenizer=tok, max_tokens=100, stop=stop))
+    assert streamed(events, "content") == answer
+    assert streamed(events, "reasoning") == "Think STOP twice."
+    assert events[-1].finish_reason == reason
+    out = generate(scripted_answer(tok, "Hello world. STOP here"), [1], tokenizer=tok, stop=stop)
+    assert out["content"] == answer and out["reasoning"] == "Think STOP twice."
+
+
+def test_a_stop_string_ends_generation_early(tok):
+    model = scripted_answer(tok, "one two three four five six seven")
+    events = list(stream_generate(model, [1], tokenizer=tok, max_tokens=100, stop="three"))
+    completion = tok.encode(
+        "<|channel|>analysis<|message|>Think STOP twice.<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>one two three",
+        allow_special=True,
+    )
+    assert [e.token for e in events] == completion  # nothing after the token that completed it
+    assert events[-1].finish_reason == "stop"
+
+
+def test_logprobs_are_the_models_log_softmax(model32):
+    prompt = prompt_ids(9, seed=5)
+    events = list(stream_generate(model32, prompt, max_tokens=6, seed=1, logprobs=3))
+    tokens = [e.token for e in events]
+    logits = np.array(model32(mx.array([prompt + tokens]))[0, len(prompt) - 1 : -1], np.float64)
+    logprobs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))[:, None]
+    logprobs -= logits.max(-1, keepdims=True)
+    for e, row in zip(events, logprobs, strict=True):
+        assert e.logprob == pytest.approx(row[e.token], abs=1e-4)
+        best = np.argsort(-row)[:3]
+        assert [t for t, _ in e.top_logprobs] == best.tolist()
+        assert [lp for _, lp in e.top_logprobs] == pytest.approx(row[best].tolist(), abs=1e-4)
+    assert all(e.logprob is None for e in stream_generate(model32, prompt, max_tokens=2))
+    zero = list(stream_generate(model32, prompt, max_tokens=2, seed=1, logprobs=0))
+    assert zero[0].logprob is not None and zero[0].top_logprobs is None
+
+
+def test_logprobs_and_stop_strings_under_a_response_format(tok):
+    """The constrained loop (masked draws) carries logprobs and stop strings too."""
+    text = '<|channel|>final<|message|>{"a": "xyz"}<|return|>'
+    events = list(
+        stream_generate(
+            ScriptedModel.from_harmony(text, tok),
+            [1],
+            tokenizer=tok,
+            max_tokens=50,
+            response_format={"type": "json_object"},
+            logprobs=2,
+        )
+    )
+    assert streamed(events, "content") == '{"a": "xyz"}'
+    assert all(e.logprob is not None and len(e.top_logprobs) == 2 for e in events)
+    assert events[-1].stats.masked_tokens > 0
+    cut = list(
+        stream_generate(
+            ScriptedModel.from_harmony(text, tok),
+            [1],
+            tokenizer=tok,
+            max_tokens=50,
+            response_format={"type": "json_object"},
+            stop=["xyz"],
+        )
+    )
+    assert streamed(cut, "content") == '{"a": "' and cut[-1].finish_reason == "stop"
+
+
+def test_events_say_which_part_each_token_belongs_to(tok):
+    text = (
+        "<|channel|>analysis<|message|>Hm.<|end|><|start|>assistant<|channel|>commentary "
+        'to=functions.f <|constrain|>json<|message|>{"a": 1}<|call|>'
+    )
+    completion = tok.encode(text, allow_special=True)
+    events = list(stream_generate(ScriptedModel(completion), [1], tokenizer=tok, max_tokens=99))
+    parts = {}
+    for e in events:
+        parts.setdefault(e.part, []).append(e.token)
+    assert tok.decode(parts["reasoning"]) == "Hm."
+    assert tok.decode(parts["tool_call"]) == '{"a": 1}'
+    assert set(parts) == {None, "reasoning", "tool_call"}
+
+
+def test_prefill_pauses_see_the_cache_at_each_position(model32):
+    prompt = prompt_ids(40, seed=6)
+    seen = []
+    cache = model32.make_cache()
+    paused = greedy(
+        model32,
+        prompt,
+        4,
+        cache=cache,
+        prefill_chunk=16,
+        prefill_pauses=[0, 3, 16, 17, 40, 41],
+        on_pause=lambda p: seen.append((p, {c.offset for c in cache})),
+    )
+    assert seen == [(3, {3}), (16, {16}), (17, {17}), (40, {40})]
+    assert paused == greedy(model32, prompt, 4)
+
+
+class SmallContext(ScriptedModel):
+    class config:
+        vocab_size = ScriptedModel.config.vocab_size
+        max_position_embeddings = 10
+
+
+def test_the_context_bounds_the_prompt_and_the_reply():
+    with pytest.raises(GptOssError, match="context is 10"):
+        list(stream_generate(SmallContext([5] * 20), list(range(10)), max_tokens=5))
+    events = list(stream_generate(SmallContext([5] * 20), list(range(7)), max_tokens=50))
+    assert len(events) == 3 and events[-1].finish_reason == "length"
+    events = list(stream_generate(SmallContext([5] * 20), list(range(4)), max_tokens=None))
+    assert len(events) == 6 and events[-1].finish_reason == "length"
+    with pytest.raises(GptOssError, match="max_tokens=None"):
+        list(stream_generate(ScriptedModel([5]), [1], max_tokens=None))
+
+
 # -- seeds, statistics, no tokenizer --------------------------------------------------------------
 
 

@@ -25,17 +25,24 @@ oh = pytest.importorskip("openai_harmony")
 from openai_harmony import (  # noqa: E402
     Author,
     Conversation,
-    DeveloperContent,
     Message,
-    ReasoningEffort,
     Role,
     SystemContent,
-    ToolDescription,
     ToolNamespaceConfig,
+)
+from oracle import (  # noqa: E402
+    EFFORT,
+    completion_tokens,
+    o_assistant,
+    o_call,
+    o_developer,
+    o_result,
+    o_system,
+    o_user,
 )
 
 # ---------------------------------------------------------------------------------------------
-# Tools, in OpenAI shape and as the oracle's ToolDescription
+# Tools in OpenAI shape (the oracle's builders: tests/oracle.py)
 # ---------------------------------------------------------------------------------------------
 
 WEATHER = {
@@ -116,65 +123,6 @@ NO_DESCRIPTION = {"name": "ping", "parameters": {"type": "object", "properties":
 
 def openai_tools(*fns):
     return [{"type": "function", "function": fn} for fn in fns]
-
-
-def oracle_tools(*fns):
-    return [
-        ToolDescription.new(fn["name"], fn.get("description", ""), fn.get("parameters"))
-        for fn in fns
-    ]
-
-
-# ---------------------------------------------------------------------------------------------
-# Oracle conversation builders (openai-harmony's API only)
-# ---------------------------------------------------------------------------------------------
-
-EFFORT = {
-    "low": ReasoningEffort.LOW,
-    "medium": ReasoningEffort.MEDIUM,
-    "high": ReasoningEffort.HIGH,
-}
-
-
-def o_system(effort="medium", date=None):
-    content = SystemContent.new().with_reasoning_effort(EFFORT[effort])
-    if date:
-        content = content.with_conversation_start_date(date)
-    return Message.from_role_and_content(Role.SYSTEM, content)
-
-
-def o_developer(instructions=None, tools=()):
-    content = DeveloperContent.new()
-    if instructions is not None:
-        content = content.with_instructions(instructions)
-    if tools:
-        content = content.with_function_tools(oracle_tools(*tools))
-    return Message.from_role_and_content(Role.DEVELOPER, content)
-
-
-def o_user(text):
-    return Message.from_role_and_content(Role.USER, text)
-
-
-def o_assistant(text, channel):
-    return Message.from_role_and_content(Role.ASSISTANT, text).with_channel(channel)
-
-
-def o_call(name, arguments):
-    return (
-        Message.from_role_and_content(Role.ASSISTANT, arguments)
-        .with_channel("commentary")
-        .with_recipient(f"functions.{name}")
-        .with_content_type("<|constrain|>json")
-    )
-
-
-def o_result(name, text):
-    return (
-        Message.from_author_and_content(Author.new(Role.TOOL, f"functions.{name}"), text)
-        .with_channel("commentary")
-        .with_recipient("assistant")
-    )
 
 
 def call(id_, name, arguments):
@@ -608,21 +556,6 @@ COMPLETIONS = {
     ],
     "empty final": [o_assistant("", "analysis"), o_assistant("", "final")],
 }
-
-
-def completion_tokens(harmony_enc, tok, messages):
-    """Render messages the way the model emits them: no leading <|start|>assistant, and a
-    final answer ending in <|return|>."""
-    ids = []
-    for m in messages:
-        ids += harmony_enc.render(m)
-    head = [tok.start_id] + tok.encode("assistant")
-    assert ids[: len(head)] == head
-    ids = ids[len(head) :]
-    if messages[-1].channel == "final":
-        assert ids[-1] == tok.end_id
-        ids[-1] = tok.return_id
-    return ids
 
 
 @pytest.mark.parametrize("name", list(COMPLETIONS))
@@ -1305,3 +1238,75 @@ def test_response_format_comes_after_the_tools_and_alone_makes_a_developer_messa
 def test_formats_without_a_schema_add_nothing_to_the_prompt(tok, fmt):
     user = [{"role": "user", "content": "Hi"}]
     assert render_prompt(user, response_format=fmt) == render_prompt(user)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated turns rendered as the ids the model wrote (completion_token_ids)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_generated_turns_render_as_written_with_reasoning_restored(tok, harmony_enc):
+    """Turns sent back without their reasoning but with the ids the model wrote render as
+    openai-harmony renders the turns with their reasoning, earlier reasoning dropped by its rule."""
+    call_turn = [
+        o_assistant("Two calls.", "analysis"),
+        o_call("get_weather", '{"location":"Tokyo"}'),
+    ]
+    answer_turn = [o_assistant("Summarize.", "analysis"), o_assistant("Tokyo 20C.", "final")]
+    first = completion_tokens(harmony_enc, tok, call_turn)
+    second = completion_tokens(harmony_enc, tok, answer_turn)
+    messages = [
+        {"role": "user", "content": "Weather in Tokyo?"},
+        {
+            "role": "assistant",
+            "tool_calls": [call("c1", "get_weather", '{"location":"Tokyo"}')],
+            "completion_token_ids": first,
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "20C"},
+    ]
+    oracle = [o_system(), o_developer(None, [WEATHER]), o_user("Weather in Tokyo?")]
+    oracle += call_turn + [o_result("get_weather", "20C")]
+    for extra, oracle_extra in (
+        ([], []),  # the tool loop: reasoning kept
+        (
+            [
+                {"role": "assistant", "content": "Tokyo 20C.", "completion_token_ids": second},
+                {"role": "user", "content": "Thanks"},
+            ],
+            answer_turn + [o_user("Thanks")],  # a final answer: earlier reasoning dropped
+        ),
+    ):
+        ours = render_prompt(messages + extra, tools=openai_tools(WEATHER), tokenizer=tok)
+        want = harmony_enc.render_conversation_for_completion(
+            Conversation.from_messages(oracle + oracle_extra), Role.ASSISTANT
+        )
+        assert ours == want
+
+
+def test_a_generated_turn_keeps_the_models_own_header_order(tok):
+    """The model writes `<|channel|>commentary to=functions.f`; the renderer would write
+    `to=functions.f<|channel|>commentary`. A generated turn keeps the model's ids, so the prompt
+    that sent it plus its completion is a prefix of the next prompt (a kept cache stays valid)."""
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    prompt = render_prompt(messages, tools=openai_tools(WEATHER), tokenizer=tok)
+    text = (
+        "<|channel|>analysis<|message|>Use the tool.<|end|><|start|>assistant<|channel|>commentary"
+        ' to=functions.get_weather <|constrain|>json<|message|>{"location":"Paris"}<|call|>'
+    )
+    completion = tok.encode(text, allow_special=True)
+    turn = {
+        "role": "assistant",
+        "tool_calls": [call("c9", "get_weather", '{"location":"Paris"}')],
+        "completion_token_ids": completion,
+    }
+    result = {"role": "tool", "tool_call_id": "c9", "content": "18C"}
+    following = render_prompt(messages + [turn, result], tools=openai_tools(WEATHER), tokenizer=tok)
+    assert following[: len(prompt) + len(completion)] == prompt + completion
+    rendered = render_prompt(
+        messages + [{**turn, "completion_token_ids": None, "reasoning": "Use the tool."}, result],
+        tools=openai_tools(WEATHER),
+        tokenizer=tok,
+    )
+    assert rendered != following  # the canonical header order differs from the model's
+    tail = len(following) - len(prompt) - len(completion)  # the tool result, as rendered
+    assert following[-tail:] == rendered[-tail:]

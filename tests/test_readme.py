@@ -2,8 +2,11 @@
 through the public API, with the model and sizes swapped for small ones.
 
 The swaps are mechanical (below), so an example whose subcommand, flag or API call stops working
-fails here. A fenced block right after a line `<!-- readme-test: skip REASON -->` is not run
-(commands that need a second Mac, sudo or a running server); the reason shows in the report.
+fails here. `gptoss-mlx serve` runs until it answers on a free port, then is stopped with Ctrl-C;
+a Python block that talks to `http://127.0.0.1:8000` talks to a server this test starts (the tiny
+model, its replies forced into harmony's shape: reasoning, then an answer). A fenced block right
+after a line `<!-- readme-test: skip REASON -->` is not run (commands that need a second Mac or
+sudo); the reason shows in the report.
 """
 
 from __future__ import annotations
@@ -11,13 +14,23 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
+import socket
 import subprocess
 import sys
+import time
 
+import httpx
 import pytest
+from scripted import ForcedModel
+from serving import running
+
+from gptoss_mlx import load
+from gptoss_mlx.server import create_app
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HUB_MODEL = "openai/gpt-oss-20b"
+SERVER_URL = "http://127.0.0.1:8000"  # where README examples expect `gptoss-mlx serve`
 SKIP = re.compile(r"<!--\s*readme-test:\s*skip\s*(.*?)\s*-->\s*$")
 FENCE = re.compile(r"^```(\w*)\s*$")
 OPERATORS = ("&&", "|", ";")
@@ -86,8 +99,23 @@ def split_on_operators(words: list[str]) -> list[list[str]]:
 
 def runs_ours(command: list[str]) -> bool:
     return bool(command) and (
-        command[0] == "gptoss-mlx" or command[:2] in (["python", "convert.py"],)
+        command[0] == "gptoss-mlx"
+        or command[:2] in (["python", "convert.py"],)
+        or (command[0] == "mlx.launch" and "gptoss-mlx" in command)
     )
+
+
+def under_launcher(command: list[str]) -> list[str]:
+    """`mlx.launch ARGS [--] gptoss-mlx ...` as the launcher's part, ready to prefix a command
+    (on free ports: other tests may be listening on the default ones)."""
+    launcher = command[: command.index("gptoss-mlx")]
+    if launcher[-1:] == ["--"]:
+        launcher.pop()
+    with socket.socket() as s:  # MLX's ring takes N ports from here; the kernel picked this free
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    executable = os.path.join(os.path.dirname(sys.executable), "mlx.launch")
+    return [executable, *launcher[1:], "--starting-port", str(port), "--"]
 
 
 def pipeline_of(line, commands, ours) -> list[list[str]]:
@@ -136,9 +164,9 @@ def shrink(command: list[str], paths: dict) -> list[str]:
             w = paths[FILES[prev]]
         shrunk.append(w)
         prev = w if w.startswith("-") else None
-    if sub in ("generate", "chat", "memory") and not has_model:
+    if sub in ("generate", "chat", "serve", "memory") and not has_model:
         shrunk += ["-m", model]
-    if sub in ("generate", "chat") and "--max-tokens" not in shrunk:
+    if sub in ("generate", "chat", "serve") and "--max-tokens" not in shrunk:
         shrunk += ["--max-tokens", SMALL["--max-tokens"]]
     if sub == "bench" and "--repeats" not in shrunk:
         shrunk += (
@@ -169,7 +197,7 @@ EXAMPLES = shell_examples()
 
 def test_the_readme_has_cli_examples():
     subcommands = {c[-1][1] for c, _, _ in EXAMPLES if c[-1][0] == "gptoss-mlx"}
-    assert {"generate", "chat", "convert", "bench", "memory"} <= subcommands
+    assert {"generate", "chat", "convert", "bench", "serve", "memory"} <= subcommands
 
 
 @pytest.mark.parametrize(
@@ -179,19 +207,75 @@ def test_cli_example_runs(pipeline, line, skip, paths):
     if skip:
         pytest.skip(f"README line {line}: {skip}")
     *feeders, ours = pipeline
+    launcher = []
+    if ours[0] == "mlx.launch":
+        launcher, ours = under_launcher(ours), ours[ours.index("gptoss-mlx") :]
     stdin = None
-    for feeder in feeders:  # only `echo TEXT |` feeds our commands in the README
-        assert feeder[0] == "echo", f"README line {line}: unsupported pipe from {feeder[0]}"
-        stdin = " ".join(feeder[1:]) + "\n"
+    for feeder in feeders:  # only `echo TEXT |` and `printf TEXT |` feed our commands
+        assert feeder[0] in ("echo", "printf"), f"README line {line}: pipe from {feeder[0]}"
+        stdin = " ".join(feeder[1:]).replace("\\n", "\n") + ("\n" if feeder[0] == "echo" else "")
     if ours[1:2] == ["chat"]:
         stdin = "Hi\n/stats\n/quit\n"
-    argv = shrink(ours, paths)
+    argv = launcher + shrink(ours, paths)
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if ours[1:2] == ["serve"]:
+        return serve_until_it_answers(argv, env, line)
     r = subprocess.run(
         argv, input=stdin, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert r.returncode == 0, f"README line {line}: {shlex.join(ours)}\n{r.stderr}"
     assert "Traceback" not in r.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_until_it_answers(argv: list[str], env: dict, line: int) -> None:
+    """Run a `serve` example on a free port until /health and /v1/models answer, then Ctrl-C."""
+    if "--port" in argv:
+        argv[argv.index("--port") + 1] = str(port := free_port())
+    else:
+        argv += ["--port", str(port := free_port())]
+    key = argv[argv.index("--api-key") + 1] if "--api-key" in argv else "unused"
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, (
+                f"README line {line}: serve exited\n{server.stderr.read()}"
+            )
+            assert time.monotonic() < deadline, f"README line {line}: serve never answered"
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        models = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+        assert models.status_code == 200, models.text
+    finally:
+        server.send_signal(signal.SIGINT)
+        _, stderr = server.communicate(timeout=60)
+    assert server.returncode == 0, f"README line {line}: {shlex.join(argv)}\n{stderr}"
+    assert "Traceback" not in stderr
+
+
+@pytest.fixture(scope="module")
+def readme_server(o200k_dir):
+    """A server for the README's client examples: every reply is reasoning, then an answer."""
+    model, tok = load(o200k_dir, dtype="float32")
+    reply = (
+        "<|channel|>analysis<|message|>{free:3}<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>{free:3}<|return|>"
+    )
+    forced = ForcedModel(model, [ForcedModel.script(reply, tok)] * 100)
+    with running(create_app(forced, tok, model_name="gpt-oss-20b")) as url:
+        yield url
 
 
 def python_examples() -> list[tuple[str, int, str | None]]:
@@ -204,10 +288,13 @@ PY_EXAMPLES = python_examples()
 @pytest.mark.parametrize(
     "code, line, skip", PY_EXAMPLES, ids=[f"README:{line}" for _, line, _ in PY_EXAMPLES]
 )
-def test_python_example_runs(code, line, skip, paths, monkeypatch, tmp_path):
+def test_python_example_runs(code, line, skip, paths, monkeypatch, tmp_path, request):
     if skip:
         pytest.skip(f"README line {line}: {skip}")
-    code = code.replace(repr(HUB_MODEL).replace("'", '"'), repr(paths[tiny_model_for(code)]))
+    if SERVER_URL in code:
+        code = code.replace(SERVER_URL, request.getfixturevalue("readme_server"))
+    for hub_model in (HUB_MODEL, HUB_MODEL.replace("20b", "120b")):
+        code = code.replace(repr(hub_model).replace("'", '"'), repr(paths[tiny_model_for(code)]))
     code = re.sub(r"max_tokens=\d+", "max_tokens=4", code)
     monkeypatch.chdir(tmp_path)
     exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "readme_example"})

@@ -123,6 +123,12 @@ class StreamParser:
         """Channel of the message being read (None between messages or when not given)."""
         return self._channel if self._state == "content" else None
 
+    @property
+    def kind(self) -> str | None:
+        """Where the text being read goes: ``"reasoning"``, ``"content"`` or ``"tool_call"``;
+        None in a header or between messages."""
+        return self._kind if self._state == "content" else None
+
     def feed(self, tokens: int | Iterable[int]) -> list[Delta]:
         """Read one id or several (ints, numpy or MLX scalars or arrays); the events they made."""
         try:

@@ -16,6 +16,13 @@ equivalent conversation:
 * Earlier reasoning, as openai-harmony drops it: only when the last assistant message is on the
   ``final`` channel, and then only analysis messages *before the first* final message. During a
   tool-calling loop (last assistant message not final) all reasoning is kept.
+* An assistant message that carries ``completion_token_ids`` (the ids the model generated for
+  that turn, after the prompt's ``<|start|>assistant``) renders as those ids, message by message
+  (``<|return|>`` stored as ``<|end|>``), instead of from its text: the model then sees its turn
+  exactly as it wrote it (reasoning included, even when a client did not send it back), and a
+  prompt cache holding that turn stays a prefix of the next prompt. The rule for earlier
+  reasoning applies to its messages as to rendered ones. A server sets it only on turns it
+  generated and a client sent back unchanged.
 
 Built-in tools (browser, python) are declared in the *system* message's own ``# Tools`` section,
 between the reasoning effort and the valid channels, one :class:`ToolNamespace` each, in name
@@ -54,6 +61,7 @@ from typing import Any
 
 from gptoss_mlx.errors import GptOssError
 from gptoss_mlx.harmony.format import CHANNELS, CONSTRAIN
+from gptoss_mlx.harmony.parse import _parse_header
 from gptoss_mlx.harmony.schema import (
     ToolNamespace,
     namespace_section,
@@ -80,9 +88,13 @@ class _Msg:
     recipient: str | None = None
     content_type: str | None = None
     is_assistant: bool = False
+    tokens: list[int] | None = None  # the exact ids of the whole message, when the model wrote it
 
 
 def _render_msg(tok: Tokenizer, m: _Msg, out: list[int]) -> None:
+    if m.tokens is not None:
+        out += m.tokens
+        return
     # Each piece is encoded on its own: merging across these boundaries would change the tokens.
     out.append(tok.start_id)
     out += tok.encode(m.author)
@@ -105,8 +117,13 @@ def _render_msg(tok: Tokenizer, m: _Msg, out: list[int]) -> None:
     out.append(tok.call_id if m.is_assistant and m.recipient is not None else tok.end_id)
 
 
-def _content_text(content: Any) -> str:
-    """Text of an OpenAI ``content``: a string, None, or a list of ``{"type": "text"}`` parts."""
+# Content part types that hold text: Chat Completions' and the Responses API's.
+TEXT_PARTS = ("text", "input_text", "output_text")
+
+
+def content_text(content: Any) -> str:
+    """Text of an OpenAI ``content``: a string, None, or a list of text parts (``text``,
+    ``input_text``, ``output_text``); any other part (an image, audio, a file) is an error."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -116,16 +133,27 @@ def _content_text(content: Any) -> str:
         for part in content:
             if isinstance(part, str):
                 parts.append(part)
-            elif isinstance(part, Mapping) and part.get("type", "text") == "text":
+            elif isinstance(part, Mapping) and part.get("type", "text") in TEXT_PARTS:
                 parts.append(str(part.get("text", "")))
             else:
+                kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
                 raise GptOssError(
-                    f"Only text content is supported, got a {part.get('type')!r} part"
+                    f"gpt-oss reads text only: a content part of type {kind!r} cannot be given "
+                    "to it (send text parts or a string)"
                 )
         return "".join(parts)
     if isinstance(content, (dict, int, float, bool)):
         return json.dumps(content, ensure_ascii=False)
     raise GptOssError(f"Unsupported message content: {content!r}")
+
+
+# Where clients put an assistant turn's earlier reasoning (the first one given is used).
+REASONING_FIELDS = ("reasoning", "reasoning_content", "thinking")
+
+
+def reasoning_text(message: Mapping) -> str:
+    """The reasoning an OpenAI-shaped assistant message carries ("" when none)."""
+    return str(next((message[k] for k in REASONING_FIELDS if message.get(k)), ""))
 
 
 def _arguments_text(arguments: Any) -> str:
@@ -140,6 +168,22 @@ def _function_recipient(name: str) -> str:
     return name if name.startswith("functions.") else f"functions.{name}"
 
 
+def _generated_messages(tok: Tokenizer, completion: Sequence[int]) -> list[_Msg]:
+    """A generated completion as the harmony messages it holds, each kept as the exact ids the
+    model wrote (from its ``<|start|>`` to its end token; see :func:`chat_history_tokens`)."""
+    ids = chat_history_tokens([tok.start_id, *tok.encode("assistant")], completion, tok)
+    starts = [i for i, t in enumerate(ids) if t == tok.start_id]
+    out = []
+    for start, end in zip(starts, starts[1:] + [len(ids)], strict=True):
+        span = ids[start:end]
+        header = span[1 : span.index(tok.message_id)] if tok.message_id in span else span[1:]
+        h = _parse_header(tok.decode(header), role_known=False)
+        out.append(
+            _Msg("assistant", "", h.channel, h.recipient, is_assistant=True, tokens=list(span))
+        )
+    return out
+
+
 def is_builtin_call(name: str, builtin: Sequence[str]) -> bool:
     """Whether a tool call named ``name`` (``python``, ``browser.search``, ``get_weather``) goes
     to one of the built-in tool namespaces ``builtin`` rather than to ``functions``."""
@@ -147,14 +191,18 @@ def is_builtin_call(name: str, builtin: Sequence[str]) -> bool:
 
 
 def _conversation_messages(
-    messages: Sequence[Mapping], call_names: dict[str, str], builtin: Sequence[str] = ()
+    messages: Sequence[Mapping],
+    call_names: dict[str, str],
+    tok: Tokenizer,
+    builtin: Sequence[str] = (),
 ) -> list[_Msg]:
     """user / assistant / tool messages as harmony messages (system and developer skipped).
 
     ``call_names`` maps tool-call ids to function names; it is filled from assistant tool calls
-    as they are seen, so a ``tool`` message can name its function by ``tool_call_id``.
-    ``builtin``: the names of the built-in tool namespaces, whose calls go on ``analysis`` as
-    ``code`` and whose results come from the tool itself (``python``, not ``functions.python``).
+    as they are seen, so a ``tool`` message can name its function by ``tool_call_id``. ``tok``
+    splits a generated turn (``completion_token_ids``) into its messages. ``builtin``: the names
+    of the built-in tool namespaces, whose calls go on ``analysis`` as ``code`` and whose results
+    come from the tool itself (``python``, not ``functions.python``).
     A tool message may give its ``channel`` (the call's); by default ``commentary`` for
     functions, ``analysis`` for built-in tools.
     """
@@ -166,14 +214,19 @@ def _conversation_messages(
         if role in ("system", "developer"):
             continue
         if role == "user":
-            out.append(_Msg("user", _content_text(msg.get("content"))))
+            out.append(_Msg("user", content_text(msg.get("content"))))
         elif role == "assistant":
-            reasoning = next(
-                (msg[k] for k in ("reasoning", "reasoning_content", "thinking") if msg.get(k)),
-                None,
-            )
-            text = _content_text(msg.get("content"))
+            reasoning = reasoning_text(msg)
+            text = content_text(msg.get("content"))
             calls = msg.get("tool_calls") or []
+            generated = msg.get("completion_token_ids")
+            if generated is not None:
+                for call in calls:
+                    name = (call.get("function") or {}).get("name")
+                    if call.get("id") and isinstance(name, str):
+                        call_names[str(call["id"])] = name
+                out += _generated_messages(tok, generated)
+                continue
             if reasoning:
                 out.append(_Msg("assistant", str(reasoning), "analysis", is_assistant=True))
             if calls:
@@ -212,7 +265,7 @@ def _conversation_messages(
             out.append(
                 _Msg(
                     name if builtin_call else _function_recipient(name),
-                    _content_text(msg.get("content")),
+                    content_text(msg.get("content")),
                     msg.get("channel") or ("analysis" if builtin_call else "commentary"),
                     recipient="assistant",
                 )
@@ -331,7 +384,7 @@ def render_prompt(
     fmt = parse_response_format(response_format)
     formats = response_formats_section(fmt) if fmt is not None else None
     instructions = [
-        _content_text(m.get("content"))
+        content_text(m.get("content"))
         for m in messages
         if isinstance(m, Mapping) and m.get("role") in ("system", "developer")
     ]
@@ -357,7 +410,7 @@ def render_prompt(
         if formats is not None:
             sections.append(formats)
         msgs.append(_Msg("developer", "\n\n".join(sections)))
-    msgs += _conversation_messages(messages, {}, [ns.name for ns in builtin_tools])
+    msgs += _conversation_messages(messages, {}, tok, [ns.name for ns in builtin_tools])
     if drop_analysis:
         msgs = _drop_earlier_analysis(msgs)
     return _prompt_tokens(tok, msgs)
@@ -380,9 +433,9 @@ def render_messages(
     tok = tokenizer or default_tokenizer()
     builtin = [ns.name for ns in builtin_tools]
     call_names: dict[str, str] = {}
-    _conversation_messages(history, call_names, builtin)
+    _conversation_messages(history, call_names, tok, builtin)
     out: list[int] = []
-    for m in _conversation_messages(messages, call_names, builtin):
+    for m in _conversation_messages(messages, call_names, tok, builtin):
         _render_msg(tok, m, out)
     return out
 

@@ -1,4 +1,4 @@
-"""Which backend runs the kernels' ops, the kernel objects, and the self-check.
+"""Which backend runs the kernels' ops, and the kernel objects.
 
 A backend is one of
 
@@ -9,15 +9,13 @@ A backend is one of
 
 The choice comes from `load_model(..., kernels=...)`, else the environment variable
 `GPTOSS_MLX_KERNELS=auto|metal|mlx|emulate`, else `auto` (metal where `mx.metal.is_available()`,
-mlx elsewhere). On first use with the `metal` backend each kernel runs a small input and compares
-itself with the mlx ops; on a mismatch (or an error) it warns once, naming the kernel, and that
-kernel is replaced by the mlx ops.
+mlx elsewhere). Which kernels then run on Metal -- those correct and faster than the mlx ops, or
+with a forced `metal` those correct -- is decided in `measured.py`.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Iterable
 
 import mlx.core as mx
@@ -29,7 +27,7 @@ from .emulator import metal_kernel as emulated_metal_kernel
 
 BACKENDS = ("auto", "metal", "mlx", "emulate")
 ENV_VAR = "GPTOSS_MLX_KERNELS"
-# Backends whose kernels check themselves on first use. Tests add "emulate" to exercise the check.
+# Backends whose kernels are checked (and measured) before use. Tests add "emulate" to exercise it.
 SELF_CHECK_BACKENDS = {"metal"}
 
 
@@ -70,21 +68,6 @@ class UsesKernels:
 def kernel_modules(model: nn.Module) -> list[UsesKernels]:
     """The modules of `model` whose ops go through the kernels."""
     return [m for _, m in model.named_modules() if isinstance(m, UsesKernels)]
-
-
-def use(model: nn.Module, choice: str | None) -> str:
-    """Pin `model`'s attention and expert modules to a backend (None: $GPTOSS_MLX_KERNELS or auto).
-
-    Returns the backend. With `metal`, runs every kernel's self-check now, outside any compiled
-    graph.
-    """
-    backend = resolve(choice)
-    for m in kernel_modules(model):
-        m.kernel_backend = backend
-    if backend in SELF_CHECK_BACKENDS:
-        for name in list(_CHECKS):
-            enabled(name, backend)
-    return backend
 
 
 def compilable(model: nn.Module) -> bool:
@@ -151,51 +134,10 @@ class Kernel:
     def reset(self) -> None:
         self._built.clear()
 
-
-# --- self-check ----------------------------------------------------------------------------------
-
-SelfCheck = Callable[[str], tuple[bool, str]]
-_CHECKS: dict[str, SelfCheck] = {}
-_STATUS: dict[tuple[str, str], bool] = {}
-
-
-def self_check(name: str) -> Callable[[SelfCheck], SelfCheck]:
-    """Register `fn(backend) -> (ok, detail)` as the self-check of kernel `name`."""
-
-    def register(fn: SelfCheck) -> SelfCheck:
-        _CHECKS[name] = fn
-        return fn
-
-    return register
-
-
-def enabled(name: str, backend: str) -> bool:
-    """Whether kernel `name` may run on `backend`: checked once per backend where self-checks
-    apply."""
-    if backend not in SELF_CHECK_BACKENDS:
-        return True
-    key = (name, backend)
-    if key not in _STATUS:
-        try:
-            ok, detail = _CHECKS[name](backend)
-        except Exception as e:  # a kernel that fails to build or run is as wrong as a bad result
-            ok, detail = False, f"{type(e).__name__}: {e}"
-        if not ok:
-            warnings.warn(
-                f"gptoss-mlx: kernel '{name}' ({backend}) failed its self-check against the "
-                f"MLX ops ({detail}); using the MLX ops for it instead",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        _STATUS[key] = ok
-    return _STATUS[key]
-
-
-def reset_self_checks() -> None:
-    """Forget self-check results and built kernels (tests)."""
-    _STATUS.clear()
-    for k in _ALL_KERNELS:
-        k.reset()
+    @staticmethod
+    def all() -> list[Kernel]:
+        """Every kernel object defined."""
+        return list(_ALL_KERNELS)
 
 
 def relative_error(ours: mx.array, ref: mx.array) -> float:

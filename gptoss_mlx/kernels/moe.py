@@ -2,23 +2,28 @@
 
 `experts(backend, up, down, x, indices, weights, alpha, limit)` is what `moe.Experts` calls first:
 `[N, H]` out, or None when the mlx path should run (backend mlx, batches of `ops.SORT_THRESHOLD`
-token-expert pairs or more, unsupported shapes). The reference each kernel is checked against is
-`ops.experts_swiglu` / `ops.experts_combine`.
+token-expert pairs or more, weights that are not plain MXFP4 arrays, unsupported shapes, or a
+kernel that is slower or wrong here: see `measured`). The reference each kernel is checked
+against is `ops.experts_swiglu` / `ops.experts_combine`.
 """
 
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 
 import mlx.core as mx
 import numpy as np
 
 from .. import ops
-from .dispatch import Kernel, enabled, relative_error, self_check
+from . import measured
+from .dispatch import Kernel, relative_error
 
-SIMDGROUPS = 4  # per threadgroup
-UP_ROWS = 2  # output features per simdgroup (4 interleaved weight rows)
-DOWN_ROWS = 2  # output rows per simdgroup
+SIMDGROUPS = 8  # per threadgroup (256 threads)
+UP_ROWS = 4  # output features per simdgroup (8 interleaved weight rows)
+DOWN_ROWS = 4  # output rows per simdgroup
+XS_STRIDE = 36  # floats per staged block of 32 activations (moe.metal)
+MAX_INPUT = (32 * 1024 // (4 * XS_STRIDE)) * 32  # input features the staging holds (7264)
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 
 GATE_UP = Kernel(
@@ -46,7 +51,7 @@ def gate_up_swiglu(
     return GATE_UP(
         backend,
         inputs=[x, indices, proj.weight, proj.scales, proj.bias, params],
-        template=[("T", x.dtype), ("ROWS", UP_ROWS)],
+        template=[("T", x.dtype), ("H", x.shape[1]), ("ROWS", UP_ROWS)],
         grid=grid,
         threadgroup=tg,
         output_shapes=[(N * K, I)],
@@ -65,7 +70,7 @@ def down_combine(
     return DOWN(
         backend,
         inputs=[act, indices, weights, proj.weight, proj.scales, proj.bias],
-        template=[("T", act.dtype), ("ROWS", DOWN_ROWS)],
+        template=[("T", act.dtype), ("I", act.shape[1]), ("ROWS", DOWN_ROWS)],
         grid=grid,
         threadgroup=tg,
         output_shapes=[(N, H)],
@@ -79,25 +84,27 @@ def _is_mxfp4(p: ops.MXFP4Weights) -> bool:
     return (
         isinstance(w, mx.array)
         and isinstance(scales, mx.array)
-        and hasattr(p, "bias")
+        and isinstance(getattr(p, "bias", None), mx.array)
         and w.dtype == mx.uint32
         and scales.dtype == mx.uint8
         and w.ndim == scales.ndim == 3
+        and scales.shape[2] * 4 == w.shape[2]
     )
 
 
 def supported(up: ops.MXFP4Weights, down: ops.MXFP4Weights, x: mx.array, indices: mx.array) -> bool:
     """Whether the kernels take these experts and this batch."""
     N, K = indices.shape
+    if not (_is_mxfp4(up) and _is_mxfp4(down) and x.ndim == 2 and x.dtype in _FLOATS):
+        return False
+    H, I = x.shape[1], down.weight.shape[2] * 8
     return (
-        _is_mxfp4(up)
-        and _is_mxfp4(down)
-        and x.ndim == 2
-        and x.dtype in _FLOATS
-        and N * K < ops.SORT_THRESHOLD  # larger batches sort by expert: the mlx path
-        and x.shape[1] % 32 == 0
-        and down.weight.shape[2] * 8 % 32 == 0
-        and up.weight.shape[1] == 2 * down.weight.shape[2] * 8
+        N * K < ops.SORT_THRESHOLD  # larger batches sort by expert: the mlx path
+        and H % 32 == 0
+        and I % 32 == 0
+        and max(H, I) <= MAX_INPUT
+        and up.weight.shape[1:] == (2 * I, H // 8)
+        and down.weight.shape[1:] == (H, I // 8)
     )
 
 
@@ -118,19 +125,29 @@ def experts(
     """
     if backend == "mlx" or not supported(up, down, x, indices):
         return None
-    use_up, use_down = enabled(GATE_UP.name, backend), enabled(DOWN.name, backend)
+    shapes = measured.Shapes(
+        hidden=x.shape[1], intermediate=down.weight.shape[2] * 8, experts_per_token=indices.shape[1]
+    )
+    use_up = measured.enabled(GATE_UP.name, backend, shapes)
+    use_down = measured.enabled(DOWN.name, backend, shapes)
     if not (use_up or use_down):
         return None
+    act = None
     if use_up:
-        act = gate_up_swiglu(backend, up, x, indices, alpha, limit)
-    else:
+        act = measured.run(
+            GATE_UP.name, backend, lambda: gate_up_swiglu(backend, up, x, indices, alpha, limit)
+        )
+    if act is None:
         act = ops.experts_swiglu(up, x, indices, alpha, limit)
+    y = None
     if use_down:
-        return down_combine(backend, down, act, indices, weights)
-    return ops.experts_combine(down, act, indices, weights)
+        y = measured.run(
+            DOWN.name, backend, lambda: down_combine(backend, down, act, indices, weights)
+        )
+    return y if y is not None else ops.experts_combine(down, act, indices, weights)
 
 
-# --- self-checks: small random experts, the kernel against the mlx ops --------------------------
+# --- random experts and the trials: the kernels against the mlx ops at given shapes ------------
 
 
 def random_experts(
@@ -152,10 +169,10 @@ def random_experts(
     )
 
 
-def in_float32(proj: ops.MXFP4Weights) -> types.SimpleNamespace:
-    """The same MXFP4 weights with a float32 bias."""
+def in_dtype(proj: ops.MXFP4Weights, dtype: mx.Dtype) -> types.SimpleNamespace:
+    """The same MXFP4 weights with the bias in `dtype`."""
     return types.SimpleNamespace(
-        weight=proj.weight, scales=proj.scales, bias=proj.bias.astype(mx.float32)
+        weight=proj.weight, scales=proj.scales, bias=proj.bias.astype(dtype)
     )
 
 
@@ -169,46 +186,78 @@ def random_routing(
     return mx.array(idx), mx.softmax(mx.array(w), axis=-1).astype(dtype)
 
 
-_CHECK_SHAPE = dict(E=3, H=64, I=96, N=2, K=2)  # partial threadgroups in both kernels
 # Kernels accumulate in float32 and round once; the reference is the mlx ops in float32 on the same
 # (bfloat16-valued) inputs, so the bfloat16 tolerance covers the output rounding only.
-_TOL = {mx.float32: 1e-4, mx.bfloat16: 1e-2}
+TOL = {mx.float32: 1e-4, mx.bfloat16: 1e-2, mx.float16: 1e-2}
 
 
-def _f32(a: mx.array) -> mx.array:
-    return a.astype(mx.float32)
-
-
-@self_check(GATE_UP.name)
-def _check_gate_up(backend: str) -> tuple[bool, str]:
-    s = _CHECK_SHAPE
-    for dtype, tol in _TOL.items():
-        ex = random_experts(s["E"], s["H"], s["I"], seed=11, dtype=dtype)
-        idx, _ = random_routing(s["N"], s["K"], s["E"], seed=11)
-        x = mx.array(
-            np.random.default_rng(12).normal(size=(s["N"], s["H"])).astype(np.float32)
-        ).astype(dtype)
-        got = gate_up_swiglu(backend, ex.gate_up_proj, x, idx, ex.alpha, ex.limit)
-        want = ops.experts_swiglu(in_float32(ex.gate_up_proj), _f32(x), idx, ex.alpha, ex.limit)
+def _check(
+    run: Callable[[mx.Dtype], mx.array], reference: Callable[[mx.Dtype], mx.array]
+) -> tuple[bool, str]:
+    """Each dtype: the kernel's output against the float32 mlx ops on the same values."""
+    for dtype, tol in TOL.items():
+        got, want = run(dtype), reference(dtype)
         err = relative_error(got, want)
         if not (got.dtype == dtype and err < tol):
             return False, f"relative error {err:.3g} in {dtype}, tolerance {tol:g}"
     return True, ""
 
 
-@self_check(DOWN.name)
-def _check_down(backend: str) -> tuple[bool, str]:
-    s = _CHECK_SHAPE
-    for dtype, tol in _TOL.items():
-        ex = random_experts(s["E"], s["H"], s["I"], seed=13, dtype=dtype)
-        idx, w = random_routing(s["N"], s["K"], s["E"], seed=13, dtype=dtype)
-        act = mx.array(
-            np.random.default_rng(14).normal(size=(s["N"] * s["K"], s["I"])).astype(np.float32)
-        ).astype(dtype)
-        got = down_combine(backend, ex.down_proj, act, idx, w)
-        err = relative_error(
-            got, ops.experts_combine(in_float32(ex.down_proj), _f32(act), idx, _f32(w))
+@measured.trials
+def _trials(backend: str, shapes: measured.Shapes) -> list[measured.Trial]:
+    """One decoded token's K experts at the model's hidden and intermediate sizes (only the
+    selected experts' weights are read, so K experts stand for all E)."""
+    if not shapes.has_experts:
+        return []
+    H, I, K = shapes.hidden, shapes.intermediate, shapes.experts_per_token
+    if H % 32 or I % 32 or max(H, I) > MAX_INPUT:
+        return []
+    ex = random_experts(K, H, I, seed=11)
+    idx = mx.arange(K, dtype=mx.uint32)[None]
+    w = mx.softmax(mx.array(np.random.default_rng(12).random((1, K)).astype(np.float32)), axis=-1)
+    x = mx.array(np.random.default_rng(13).normal(size=(1, H)).astype(np.float32))
+    act = mx.array(np.random.default_rng(14).normal(size=(K, I)).astype(np.float32))
+    up, down, a, lim = ex.gate_up_proj, ex.down_proj, ex.alpha, ex.limit
+    f32 = mx.float32
+
+    def up_kernel(dt: mx.Dtype) -> mx.array:
+        return gate_up_swiglu(backend, in_dtype(up, dt), x.astype(dt), idx, a, lim)
+
+    def up_ops(dt: mx.Dtype) -> mx.array:
+        return ops.experts_swiglu(in_dtype(up, dt), x.astype(dt), idx, a, lim)
+
+    def down_kernel(dt: mx.Dtype) -> mx.array:
+        return down_combine(backend, in_dtype(down, dt), act.astype(dt), idx, w.astype(dt))
+
+    def down_ops(dt: mx.Dtype) -> mx.array:
+        return ops.experts_combine(in_dtype(down, dt), act.astype(dt), idx, w.astype(dt))
+
+    def up_reference(dt: mx.Dtype) -> mx.array:  # the float32 ops on the dt-rounded inputs
+        rounded = in_dtype(in_dtype(up, dt), f32)
+        return ops.experts_swiglu(rounded, x.astype(dt).astype(f32), idx, a, lim)
+
+    def down_reference(dt: mx.Dtype) -> mx.array:
+        rounded = in_dtype(in_dtype(down, dt), f32)
+        return ops.experts_combine(
+            rounded, act.astype(dt).astype(f32), idx, w.astype(dt).astype(f32)
         )
-        if not (got.dtype == dtype and err < tol):
-            return False, f"relative error {err:.3g} in {dtype}, tolerance {tol:g}"
-    return True, ""
+
+    dt = measured.DTYPE
+    return [
+        measured.Trial(
+            GATE_UP.name,
+            f"N=1 K={K} {H}->{2 * I}",
+            (GATE_UP,),
+            lambda: up_kernel(dt),
+            lambda: up_ops(dt),
+            lambda: _check(up_kernel, up_reference),
+        ),
+        measured.Trial(
+            DOWN.name,
+            f"N=1 K={K} {I}->{H}",
+            (DOWN,),
+            lambda: down_kernel(dt),
+            lambda: down_ops(dt),
+            lambda: _check(down_kernel, down_reference),
+        ),
+    ]

@@ -6,52 +6,78 @@ with the same call signature. Calling it
 1. generates the kernel source exactly as MLX 0.32 does (``source.generate``; checked against
    mlx 0.32.4's own output in tests/test_emulator.py) -- header, template line, ``[[kernel]] void
    custom_kernel_<name>...(`` signature, the body as written, the explicit instantiation;
-2. lints it for what Metal forbids and g++ would accept (``double``, recursion, exceptions,
-   ``new``/``delete``, ``goto``, ``std::``, ...);
+2. lints it for what Metal forbids and g++ would accept (below);
 3. compiles it with g++ as C++17 after ``msl.h`` and links an entry point that calls the kernel
    once per thread; builds are cached by a hash of the translation unit, the flags and the headers
    (``$GPTOSS_MLX_EMULATOR_CACHE`` or ``~/.cache/gptoss_mlx/emulator``);
 4. runs it with GPU semantics: dispatch by threads (``grid`` counts threads, threadgroups are
    ``min(threadgroup, grid)``, edge threadgroups partial), outputs filled with ``init_value`` first
    (or poisoned with 0xFF bytes -- NaN -- when there is none, like uninitialised GPU memory);
-   threads of a threadgroup are cooperative fibers on one OS thread, threadgroups spread over the
-   cores; a barrier waits for all live threads of its threadgroup; a SIMD (32 lanes) or quad
-   collective completes over the lanes of its simdgroup that reach the same call site.
+   threads of a threadgroup are cooperative fibers on one OS thread (switched without system calls
+   on x86-64), threadgroups spread over the cores; a barrier waits for all live threads of its
+   threadgroup; a SIMD (32 lanes) or quad collective completes over the lanes of its simdgroup
+   that reach the same call site.
 
 What is NOT Apple's: MLX prepends its JIT prelude (``metal::utils()``: bf16.h, bf16_math.h,
 complex.h, defines.h, logging.h, utils.h of MLX's Metal kernels) to the generated source. That
 prelude is Metal code g++ cannot compile, so the emulator replaces it with its own C++ equivalent
-in ``msl.h`` (``using namespace metal``, ``float16_t``, ``bfloat16_t``, ``elem_to_loc``,
-``Limits``-like helpers, the MSL types and functions). The header and body you write, and the
-signature MLX generates, are compiled as written; the only textual change is that a declaration of
-threadgroup storage (``threadgroup float buf[64];``) becomes per-threadgroup storage
-(``static thread_local``, registered for poisoning) on the same line; in guarded mode the buffer
-parameters are checked-pointer types instead of raw pointers and threadgroup arrays are checked
-array types.
+in ``msl.h`` (``using namespace metal``, ``float16_t``, ``bfloat16_t``, ``elem_to_loc``, MLX's
+``Limits<T>`` with its values, the MSL types, functions and constants). The header and body you
+write, and the signature MLX generates, are compiled as written, with these rewrites on the same
+lines (so errors name your lines):
+
+- a declaration of threadgroup storage (``threadgroup float buf[64];``) becomes per-threadgroup
+  storage (``static thread_local``, registered for poisoning);
+- a multi-component swizzle (``v.zyx``, ``v.rg``, ``p->xy``) becomes ``v.template swz<2, 1, 0>()``,
+  which reads as a vector and, on an lvalue, writes assignments back;
+- in guarded mode, ``device T*``, ``constant T*`` and ``threadgroup T*`` (buffer parameters
+  included) become pointer classes typed by address space and threadgroup arrays checked arrays.
+
+What it accepts, as Metal does (MSL specification chapter 6; Metal 3.1, ``__METAL_VERSION__``
+310): vectors and packed vectors of every scalar type with all swizzles; ``float``/``half``
+matrix types (``float4x4``, ``half2x3``, ...); ``1.0h`` literals; the math, geometric, integer,
+relational and SIMD functions (``fast::``/``precise::`` included, ``simd_shuffle_and_fill_*``,
+``extract_bits``, ``madsat``, ...); ``INFINITY``, ``NAN``, ``FLT_MAX``, ``M_LOG2E_F`` and the other
+constants; atomics; ``simdgroup_float8x8`` / ``simdgroup_half8x8`` / ``simdgroup_bfloat8x8`` with
+``simdgroup_load``, ``simdgroup_store``, ``simdgroup_multiply(_accumulate)``,
+``make_filled_simdgroup_matrix`` and ``thread_elements`` (MLX's lane mapping). A SIMD-group matrix
+operation is a collective of the whole simdgroup (all 32 threads, the same arguments: "uniform
+control flow", else an error naming the line); its products accumulate in float, one fused
+multiply-add per term in order, rounded once to the matrix type (Apple leaves the order
+unspecified, so a GPU may differ in the last bits).
+
+What it rejects, as Metal does, naming the line: ``double``, recursion, exceptions,
+``new``/``delete``, ``goto``, ``std::``, variable-length arrays, ``static`` locals (other than
+``static constant``), functions Metal does not have (``erf``, ``hypot``, ``expf``, ``printf``,
+...), threadgroup variables with an initializer or declared in a non-kernel function, and in
+guarded mode an address-space mismatch: a device, constant or threadgroup pointer where a thread
+pointer (or another space) is expected, including the ``constant`` binding MLX gives inputs of
+fewer than 8 elements passed where ``device`` is expected.
 
 Bug finders (keyword options of the kernel call, or environment variables):
 
 - threadgroup memory is poisoned with 0xFF bytes (NaN for float/half/bfloat) at the start of each
   threadgroup (``poison=True``, ``GPTOSS_MLX_EMULATOR_POISON=0`` to turn off); inactive lanes read
-  by a shuffle/broadcast give poison too;
+  by a shuffle/broadcast give poison too, and so does an unset SIMD-group matrix;
 - barrier divergence (live threads waiting at different barriers, a GPU deadlock) is an error
   naming the kernel and both call sites; ``strict_barriers=True`` also rejects a barrier that some
   threads of the threadgroup returned without reaching;
 - ``lane_order="forward" | "reverse" | "random"`` (``GPTOSS_MLX_EMULATOR_LANE_ORDER``, ``seed=``):
   the order in which runnable threads are resumed, to expose races between barriers;
-- ``guarded=True`` (``GPTOSS_MLX_EMULATOR_GUARDED=1``): every access through a buffer argument is
-  checked against the buffer's extent, and every index into a threadgroup array against its
-  declared size; the first out-of-bounds access is an error naming the kernel, the buffer, the
-  index and the thread;
+- ``guarded=True`` (``GPTOSS_MLX_EMULATOR_GUARDED=1``): every access through a pointer derived
+  from a buffer argument or a threadgroup array (indexing, arithmetic, casts) is checked against
+  its extent, and address spaces are typed (above); the first out-of-bounds access is an error
+  naming the kernel, the buffer, the index and the thread;
 - the lint above; at most 1024 threads per threadgroup and 32 KB of threadgroup memory.
 
 What it cannot catch:
 
-- errors only Apple's compiler reports (Metal-specific type rules, implicit conversions Metal
-  rejects, features g++ accepts as C++), and Metal limits that depend on the compiled kernel
-  (register pressure lowering ``maxTotalThreadsPerThreadgroup`` below 1024);
-- address-space mistakes: ``device``, ``constant``, ``thread`` and ``threadgroup`` are erased, so
-  passing a threadgroup pointer where a device pointer is expected compiles and runs;
+- errors only Apple's compiler reports beyond the rules above (other Metal-specific type rules,
+  implicit conversions Metal rejects, features g++ accepts as C++), and Metal limits that depend
+  on the compiled kernel (register pressure lowering ``maxTotalThreadsPerThreadgroup`` below 1024);
+- address-space mistakes outside guarded mode, a raw pointer (``&x[i]``) passed into any address
+  space, references (``device T&``) of the wrong space, and a templated helper taking
+  ``const device T*`` called with ``&x[i]`` (rejected in guarded mode although Metal accepts it);
 - timing: anything that depends on real concurrency between threadgroups or on the relative speed
   of simdgroups; threadgroups run concurrently only across the host's cores, and the threads of a
   threadgroup only interleave at barriers and SIMD collectives (lane order changes that
@@ -59,11 +85,10 @@ What it cannot catch:
   intra-threadgroup spin-waits on atomics never yield and hang;
 - fast-math rounding: ``fast::`` and ``precise::`` are the same IEEE functions in float, half math
   is computed in float and rounded, so results can differ from a GPU in the last bits;
-- Metal syntax that is not C++: half literals (``1.0h``; write ``half(1.0f)``), texture and
-  sampler types, ``simdgroup_matrix``, function constants -- these fail to compile here although
-  Metal accepts them;
-- out-of-bounds accesses through pointers derived by casting a buffer argument (guarded mode
-  checks indexing and arithmetic on the argument itself), or any access when not guarded.
+- Metal syntax that is not C++ and not rewritten: texture and sampler types, function constants,
+  ``[[attributes]]`` on user functions; a struct member named like a swizzle (``.rg``) is taken
+  for one;
+- any out-of-bounds access when not guarded.
 
 g++ is the only tool it needs (see README.md in this folder).
 """
@@ -191,7 +216,7 @@ class EmulatedKernel:
         """MLX's generated source (without its prelude) for these inputs."""
         infos = [
             InputInfo(n, a.dtype, a.ndim, a.size)
-            for n, a in zip(self.input_names, map(_as_array, inputs))
+            for n, a in zip(self.input_names, map(_as_array, inputs), strict=True)
         ]
         return generate(
             self.name,
@@ -266,10 +291,10 @@ class EmulatedKernel:
             )
         if tg[0] * tg[1] * tg[2] > MAX_THREADS_PER_THREADGROUP:
             raise KernelRuntimeError(
-                f"Thread group size ({tg[0] * tg[1] * tg[2]}) is greater than  the maximum allowed threads "
-                f"per threadgroup ({MAX_THREADS_PER_THREADGROUP}) (kernel '{self.name}')."
+                f"Thread group size ({tg[0] * tg[1] * tg[2]}) is greater than  the maximum allowed "
+                f"threads per threadgroup ({MAX_THREADS_PER_THREADGROUP}) (kernel '{self.name}')."
             )
-        tg = tuple(min(t, g) for t, g in zip(tg, grid))
+        tg = tuple(min(t, g) for t, g in zip(tg, grid, strict=True))
 
         tu = build.translation_unit(gen, self.name, self.header, guarded)
         lib = build.load(self.name, tu)
@@ -285,7 +310,7 @@ class EmulatedKernel:
         for x in arrays:
             host_inputs.append(_host_view(x, self.ensure_row_contiguous or x.ndim == 0))
         outputs = []
-        for shape, dt in zip(output_shapes, output_dtypes):
+        for shape, dt in zip(output_shapes, output_dtypes, strict=True):
             if dt not in _NP_DTYPES:
                 raise KernelError(f"the emulator does not support output dtype {dt}")
             o = np.empty(tuple(int(s) for s in shape), dtype=_NP_DTYPES[dt])
@@ -341,7 +366,7 @@ class EmulatedKernel:
         if rc != 0:
             raise KernelRuntimeError(err.value.decode(errors="replace"))
         result = []
-        for o, dt in zip(outputs, output_dtypes):
+        for o, dt in zip(outputs, output_dtypes, strict=True):
             a = mx.array(o)
             if dt == mx.bfloat16:
                 a = a.view(mx.bfloat16)
@@ -354,7 +379,7 @@ def _extent(h: np.ndarray) -> tuple[int, int]:
     if h.size == 0:
         return 0, 0
     first = last = 0
-    for n, s in zip(h.shape, h.strides):
+    for n, s in zip(h.shape, h.strides, strict=True):
         step = s // h.itemsize
         if step < 0:
             first += (n - 1) * step
@@ -378,12 +403,12 @@ def metal_kernel(
     ensure_row_contiguous: bool = True,
     atomic_outputs: bool = False,
 ) -> EmulatedKernel:
-    """Drop-in for ``mx.fast.metal_kernel`` that runs the kernel on the CPU (see module docstring)."""
+    """Drop-in for ``mx.fast.metal_kernel`` that runs the kernel on the CPU (module docstring)."""
     return EmulatedKernel(
         name, input_names, output_names, source, header, ensure_row_contiguous, atomic_outputs
     )
 
 
 def full_source(kernel: EmulatedKernel, inputs, output_dtypes, template=None) -> str:
-    """The source MLX generates for this call (what ``verbose=True`` prints), without the prelude."""
+    """The source MLX generates for this call (what ``verbose=True`` prints), without prelude."""
     return kernel.generated([_as_array(x) for x in inputs], list(output_dtypes), template).source

@@ -59,7 +59,8 @@ struct Fiber;
 typedef void (*CollFn)(Fiber** parts, int n);
 
 struct Fiber {
-  ucontext_t ctx;
+  ucontext_t ctx;  // portable switching (ucontext)
+  void* sp;        // fast switching: the saved stack pointer
   int state;
   uint32_t tid;  // linear index in the threadgroup
   uint3 pos;     // position in the threadgroup
@@ -84,6 +85,7 @@ struct Worker {
   Fiber* fibers = nullptr;
   int* order = nullptr;
   ucontext_t main_ctx;
+  void* main_sp;
   int n = 0;
   uint3 tg_size, tg_pos;
   uint64_t rng = 0;
@@ -130,12 +132,85 @@ static const char* where_thread(char* buf, size_t n) {
   return buf;
 }
 
+// ---- switching between the scheduler and the fibers. On x86-64 a hand-written switch saves the
+// callee-saved registers on the stack and swaps stack pointers (no signal-mask system calls, which
+// swapcontext makes twice per switch and which dominate kernels rich in SIMD collectives);
+// elsewhere ucontext does it.
+#if defined(__x86_64__) && defined(__ELF__)
+#define MSL_FAST_SWITCH 1
+extern "C" void msl_switch_stack(void** save_sp, void* load_sp);
+asm(R"(
+  .text
+  .globl msl_switch_stack
+  .hidden msl_switch_stack
+  .type msl_switch_stack, @function
+msl_switch_stack:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size msl_switch_stack, .-msl_switch_stack
+)");
+#endif
+
+static void fiber_main();
+static inline void to_scheduler(Fiber* f) {
+#ifdef MSL_FAST_SWITCH
+  msl_switch_stack(&f->sp, tl_worker->main_sp);
+#else
+  swapcontext(&f->ctx, &tl_worker->main_ctx);
+#endif
+}
+static inline void to_fiber(Worker* w, Fiber* f) {
+#ifdef MSL_FAST_SWITCH
+  msl_switch_stack(&w->main_sp, f->sp);
+#else
+  swapcontext(&w->main_ctx, &f->ctx);
+#endif
+}
+#ifdef MSL_FAST_SWITCH
+static void fiber_start() {  // entered by the first switch to a fiber
+  fiber_main();
+  msl_switch_stack(&tl_fiber->sp, tl_worker->main_sp);  // done: never resumed
+  __builtin_unreachable();
+}
+#endif
+// Prepare fiber f of worker w to start at fiber_main on its own stack.
+static inline void init_fiber(Worker* w, Fiber* f, char* stack, size_t size) {
+#ifdef MSL_FAST_SWITCH
+  uintptr_t top = ((uintptr_t)(stack + size)) & ~(uintptr_t)15;
+  void** sp = (void**)top;
+  *--sp = nullptr;                 // fiber_start's (unused) return address
+  *--sp = (void*)&fiber_start;     // where msl_switch_stack's ret goes: rsp = 8 mod 16 after it
+  for (int i = 0; i < 6; ++i) *--sp = nullptr;  // rbp, rbx, r12..r15
+  f->sp = sp;
+  (void)w;
+#else
+  getcontext(&f->ctx);
+  f->ctx.uc_stack.ss_sp = stack;
+  f->ctx.uc_stack.ss_size = size;
+  f->ctx.uc_link = &w->main_ctx;
+  makecontext(&f->ctx, fiber_main, 0);
+#endif
+}
+
 static inline void block(int state) {
   Fiber* f = tl_fiber;
   f->state = state;
   f->spins = 0;
   tl_worker->progress = true;
-  swapcontext(&f->ctx, &tl_worker->main_ctx);
+  to_scheduler(f);
 }
 
 // Called by atomic loads and compare-exchanges: a thread that keeps polling an atomic lets the
@@ -146,7 +221,7 @@ static inline void spin_point() {
   if (!f) return;
   if (++f->spins % SPIN_YIELD == 0) {
     tl_worker->yielded = true;
-    swapcontext(&f->ctx, &tl_worker->main_ctx);
+    to_scheduler(f);
   }
 }
 
@@ -206,7 +281,7 @@ static void fiber_main() {
   kernel_entry(L->bufs, a);
   f->state = F_DONE;
   w->progress = true;
-  // returns to main_ctx through uc_link
+  // returns to the scheduler (uc_link, or fiber_start's last switch)
 }
 
 static inline uint64_t rng_next(uint64_t& s) {
@@ -226,11 +301,7 @@ static void run_threadgroup(Worker* w) {
     f->tid = i;
     f->spins = 0;
     f->pos = uint3(i % w->tg_size.x, (i / w->tg_size.x) % w->tg_size.y, i / (w->tg_size.x * w->tg_size.y));
-    getcontext(&f->ctx);
-    f->ctx.uc_stack.ss_sp = w->stacks + (size_t)i * w->stack_size;
-    f->ctx.uc_stack.ss_size = w->stack_size;
-    f->ctx.uc_link = &w->main_ctx;
-    makecontext(&f->ctx, fiber_main, 0);
+    init_fiber(w, f, w->stacks + (size_t)i * w->stack_size, w->stack_size);
     w->order[i] = (L->lane_order == LANE_REVERSE) ? n - 1 - i : i;
   }
   Fiber* parts[32];
@@ -246,7 +317,7 @@ static void run_threadgroup(Worker* w) {
       Fiber* f = &w->fibers[w->order[k]];
       if (f->state != F_READY) continue;
       tl_fiber = f;
-      swapcontext(&w->main_ctx, &f->ctx);
+      to_fiber(w, f);
       tl_fiber = nullptr;
       if (g_failed) return;
     }
@@ -415,7 +486,10 @@ inline void threadgroup_barrier(mem_flags = mem_flags::mem_none, unsigned line =
 // ---- SIMD and quad collectives -----------------------------------------------------------------
 enum CollOp { C_SUM, C_PROD, C_MAX, C_MIN, C_AND, C_OR, C_XOR, C_PINC_SUM, C_PEXC_SUM, C_PINC_PROD,
               C_PEXC_PROD, C_SHUF, C_SHUF_DOWN, C_SHUF_UP, C_SHUF_XOR, C_ROT_DOWN, C_ROT_UP, C_BCAST,
-              C_BCAST_FIRST, C_ALL, C_ANY, C_BALLOT, C_IS_FIRST, C_NOP };
+              C_BCAST_FIRST, C_ALL, C_ANY, C_BALLOT, C_IS_FIRST, C_NOP, C_FILL_DOWN, C_FILL_UP };
+
+// The two inputs of simd_shuffle_and_fill_{down,up}: this lane's data and filling data.
+template <class T> struct FillPair { T data, fill; };
 
 template <class T> inline T msl_poison() { T t; __builtin_memset((void*)&t, 0xff, sizeof(T)); return t; }
 
@@ -482,6 +556,16 @@ void coll_impl(msl::Fiber** parts, int n) {
       uint64_t bits = 0, mask = 0;
       for (int s = 0; s < G; ++s) if (act[g0 + s]) { mask |= 1ull << s; if (bool(*in[g0 + s])) bits |= 1ull << s; }
       out->v = bits; out->mask = mask;
+    } else if constexpr (Op == C_FILL_DOWN || Op == C_FILL_UP) {
+      // vectors of `modulo` lanes (the whole group by default); lanes shifted past a vector's end
+      // take the filling data of the vector's other end (MSL spec 6.9.2.1)
+      int64_t delta = arg & 0xffff, M = arg >> 16;
+      int base = gl - gl % (int)M, idx = gl % (int)M;
+      int64_t s = Op == C_FILL_DOWN ? idx + delta : idx - delta;
+      bool fill = s < 0 || s >= M;
+      int64_t from = base + (s < 0 ? s + M : s >= M ? s - M : s);
+      if (from < 0 || from >= G || !act[g0 + from]) *out = msl_poison<R>();
+      else *out = fill ? in[g0 + from]->fill : in[g0 + from]->data;
     } else if constexpr (Op == C_IS_FIRST) {
       int s = 0; while (!act[g0 + s]) ++s;
       *out = (s == gl);
@@ -493,6 +577,8 @@ void coll_impl(msl::Fiber** parts, int n) {
 
 template <class R, int Op, int G, class T>
 inline R msl_collective(const T& x, int64_t arg, unsigned line, const char* file) {
+  static_assert(Op == C_FILL_DOWN || Op == C_FILL_UP || Op == C_BALLOT || Op == C_IS_FIRST || Op == C_ALL ||
+                Op == C_ANY || Op == C_NOP || std::is_same<R, T>::value, "collective types");
   msl::Fiber* f = msl::tl_fiber;
   T in = x;
   R out;
@@ -539,7 +625,16 @@ typedef simd_vote quad_vote;
   inline bool pfx##_all(bool x, MSL_LOC) { return msl_collective<bool, C_ALL, G>(x, 0, line, file); } \
   inline bool pfx##_any(bool x, MSL_LOC) { return msl_collective<bool, C_ANY, G>(x, 0, line, file); } \
   inline simd_vote pfx##_ballot(bool x, MSL_LOC) { return msl_collective<simd_vote, C_BALLOT, G>(x, 0, line, file); } \
-  inline bool pfx##_is_first(MSL_LOC) { return msl_collective<bool, C_IS_FIRST, G>(false, 0, line, file); }
+  inline bool pfx##_is_first(MSL_LOC) { return msl_collective<bool, C_IS_FIRST, G>(false, 0, line, file); } \
+  inline simd_vote pfx##_active_threads_mask(MSL_LOC) { return msl_collective<simd_vote, C_BALLOT, G>(true, 0, line, file); } \
+  template <class T> inline T pfx##_shuffle_and_fill_down(T data, T filling, ushort delta, MSL_LOC) { \
+    return msl_collective<T, C_FILL_DOWN, G>(FillPair<T>{data, filling}, int64_t(delta) | (int64_t(G) << 16), line, file); } \
+  template <class T> inline T pfx##_shuffle_and_fill_down(T data, T filling, ushort delta, ushort modulo, MSL_LOC) { \
+    return msl_collective<T, C_FILL_DOWN, G>(FillPair<T>{data, filling}, int64_t(delta) | (int64_t(modulo) << 16), line, file); } \
+  template <class T> inline T pfx##_shuffle_and_fill_up(T data, T filling, ushort delta, MSL_LOC) { \
+    return msl_collective<T, C_FILL_UP, G>(FillPair<T>{data, filling}, int64_t(delta) | (int64_t(G) << 16), line, file); } \
+  template <class T> inline T pfx##_shuffle_and_fill_up(T data, T filling, ushort delta, ushort modulo, MSL_LOC) { \
+    return msl_collective<T, C_FILL_UP, G>(FillPair<T>{data, filling}, int64_t(delta) | (int64_t(modulo) << 16), line, file); }
 MSL_COLL_REDUCE(simd, 32)
 MSL_COLL_REDUCE(quad, 4)
 #undef MSL_COLL_REDUCE
@@ -547,52 +642,108 @@ MSL_COLL_REDUCE(quad, 4)
 inline void simdgroup_barrier(mem_flags = mem_flags::mem_none, MSL_LOC) {
   msl_collective<bool, C_NOP, 32>(false, 0, line, file);
 }
+inline bool simd_is_helper_thread() { return false; }  // compute kernels have no helper threads
 #undef MSL_LOC
 
 }  // namespace metal
 
-// ---- guarded pointers (guarded mode only): every access through a kernel's buffer argument is
-// checked against the buffer's extent; the first violation fails the launch.
+// ---- address-space-typed pointers (guarded mode only). The build step rewrites `device T*`,
+// `constant T*` and `threadgroup T*` (in the kernel text and in MLX's signature) into
+// msl::ptr<T, AS> / msl::cptr<T, AS> (`const T` pointee), so that, as in Metal:
+//   - a device, constant or threadgroup pointer does not convert to a `thread` (plain) pointer,
+//     nor to a pointer of another address space (g++ reports the line: "use of deleted function
+//     ... operator U*" or "cannot convert");
+//   - a const pointer does not convert to a non-const one; casts keep the address space;
+// and every access through a pointer derived from a buffer argument or a threadgroup array (by
+// indexing, arithmetic or casts) is checked against that buffer's or array's extent. A raw pointer
+// (`&x[i]`) converts to any address space, unchecked.
 namespace msl {
-template <class T>
-struct guarded {
-  T* p;       // element 0 of the buffer as the kernel sees it
-  int64_t off;  // offset of this pointer from element 0
-  int64_t lo, hi;
-  const char* name;
-  guarded() = default;
-  guarded(T* p_, int64_t off_, int64_t lo_, int64_t hi_, const char* n) : p(p_), off(off_), lo(lo_), hi(hi_), name(n) {}
-  T& at(int64_t i) const {
-    int64_t k = off + i;
-    if (k < lo || k >= hi) {
+enum AddressSpace { AS_DEVICE = 1, AS_CONSTANT = 2, AS_THREADGROUP = 3 };
+
+template <class T, int AS> struct ptr;
+
+template <class T, int AS>
+struct cptr {
+  char* base = nullptr;  // start of the buffer or array
+  int64_t off = 0;       // byte offset of this pointer from base
+  int64_t lo = 0, hi = 0;  // valid bytes [lo, hi) relative to base (checked when name is set)
+  const char* name = nullptr;
+  int64_t unit = 1;      // element size of the named buffer, for messages
+  cptr() = default;
+  cptr(std::nullptr_t) {}
+  cptr(const T* p) : base((char*)p) {}
+  cptr(char* b, int64_t o, int64_t l, int64_t h, const char* n, int64_t u)
+      : base(b), off(o), lo(l), hi(h), name(n), unit(u) {}
+  template <class U, class = std::enable_if_t<!std::is_same<U, T>::value>>
+  explicit cptr(const cptr<U, AS>& o) : base(o.base), off(o.off), lo(o.lo), hi(o.hi), name(o.name), unit(o.unit) {}
+  const T& at(int64_t i) const {
+    int64_t b = off + i * (int64_t)sizeof(T);
+    if (name && (b < lo || b + (int64_t)sizeof(T) > hi)) {
       char where[96];
-      fail("out-of-bounds access in kernel '%s': %s[%lld] is outside the buffer's elements [%lld, %lld) "
-           "(at %s)", g_launch->kernel_name, name, (long long)k, (long long)lo, (long long)hi,
+      fail("out-of-bounds access in kernel '%s': %s[%lld] is outside the %s's elements [%lld, %lld) (at %s)",
+           g_launch->kernel_name, name, (long long)(b >= 0 ? b / unit : -((-b + unit - 1) / unit)),
+           AS == AS_THREADGROUP ? "array" : "buffer", (long long)(lo / unit), (long long)(hi / unit),
            where_thread(where, sizeof(where)));
-      static thread_local char dummy[64] __attribute__((aligned(16)));
+      static thread_local char dummy[sizeof(T) < 64 ? 64 : sizeof(T)] __attribute__((aligned(16)));
       __builtin_memset(dummy, 0xff, sizeof(dummy));
-      return *reinterpret_cast<T*>(dummy);
+      return *reinterpret_cast<const T*>(dummy);
     }
-    return p[k];
+    return *reinterpret_cast<const T*>(base + b);
   }
-  T& operator[](int64_t i) const { return at(i); }
-  T& operator*() const { return at(0); }
-  T* operator->() const { return &at(0); }
-  guarded operator+(int64_t i) const { return guarded(p, off + i, lo, hi, name); }
-  guarded operator-(int64_t i) const { return guarded(p, off - i, lo, hi, name); }
-  int64_t operator-(const guarded& o) const { return off - o.off; }
-  guarded& operator+=(int64_t i) { off += i; return *this; }
-  guarded& operator-=(int64_t i) { off -= i; return *this; }
-  guarded& operator++() { ++off; return *this; }
-  guarded operator++(int) { guarded r = *this; ++off; return r; }
-  // Escaping to a raw pointer (casts, passing to helpers) drops the checks.
-  template <class U> operator U*() const { return (U*)(p + off); }
-  explicit operator bool() const { return p != nullptr; }
+  const T& operator[](int64_t i) const { return at(i); }
+  const T& operator*() const { return at(0); }
+  const T* operator->() const { return &at(0); }
+  cptr operator+(int64_t i) const { cptr r = *this; r.off += i * (int64_t)sizeof(T); return r; }
+  cptr operator-(int64_t i) const { return *this + (-i); }
+  int64_t operator-(const cptr& o) const { return (off - o.off) / (int64_t)sizeof(T); }
+  cptr& operator+=(int64_t i) { off += i * (int64_t)sizeof(T); return *this; }
+  cptr& operator-=(int64_t i) { return *this += -i; }
+  cptr& operator++() { return *this += 1; }
+  cptr operator++(int) { cptr r = *this; *this += 1; return r; }
+  cptr& operator--() { return *this -= 1; }
+  const char* addr() const { return base + off; }
+  bool operator==(const cptr& o) const { return addr() == o.addr(); }
+  bool operator!=(const cptr& o) const { return addr() != o.addr(); }
+  bool operator<(const cptr& o) const { return addr() < o.addr(); }
+  explicit operator bool() const { return base != nullptr; }
+  // Metal does not convert an address-space pointer to a thread pointer or to another space.
+  template <class U> operator U*() const = delete;
 };
+template <class T, int AS> inline cptr<T, AS> operator+(int64_t i, const cptr<T, AS>& p) { return p + i; }
+
+template <class T, int AS>
+struct ptr : cptr<T, AS> {
+  typedef cptr<T, AS> base_t;
+  ptr() = default;
+  ptr(std::nullptr_t) {}
+  ptr(T* p) : base_t(p) {}
+  ptr(char* b, int64_t o, int64_t l, int64_t h, const char* n, int64_t u) : base_t(b, o, l, h, n, u) {}
+  template <class U>  // casts: another element type, or casting const away, within the address space
+  explicit ptr(const cptr<U, AS>& o) : base_t(o.base, o.off, o.lo, o.hi, o.name, o.unit) {}
+  T& operator[](int64_t i) const { return const_cast<T&>(base_t::at(i)); }
+  T& operator*() const { return (*this)[0]; }
+  T* operator->() const { return &(*this)[0]; }
+  ptr operator+(int64_t i) const { ptr r = *this; r.off += i * (int64_t)sizeof(T); return r; }
+  ptr operator-(int64_t i) const { return *this + (-i); }
+  int64_t operator-(const cptr<T, AS>& o) const { return base_t::operator-(o); }
+  ptr& operator+=(int64_t i) { base_t::operator+=(i); return *this; }
+  ptr& operator-=(int64_t i) { base_t::operator-=(i); return *this; }
+  ptr& operator++() { base_t::operator+=(1); return *this; }
+  ptr operator++(int) { ptr r = *this; base_t::operator+=(1); return r; }
+  ptr& operator--() { base_t::operator-=(1); return *this; }
+};
+template <class T, int AS> inline ptr<T, AS> operator+(int64_t i, const ptr<T, AS>& p) { return p + i; }
+
+// The element type a pointer-like object points at (raw pointers, msl::ptr/cptr, threadgroup arrays).
+template <class P> struct pointee;
+template <class T> struct pointee<T*> { typedef std::remove_const_t<T> type; };
+template <class T, int AS> struct pointee<cptr<T, AS>> { typedef T type; };
+template <class T, int AS> struct pointee<ptr<T, AS>> { typedef T type; };
 }  // namespace msl
 
 // ---- guarded threadgroup arrays (guarded mode only): `threadgroup T name[N];` becomes a
-// tg_array<T, N> whose indexing is checked; it converts to T* where the kernel takes its address.
+// tg_array<T, N> whose indexing is checked; it converts to a threadgroup-space msl::ptr (never to a
+// thread pointer) carrying its bounds.
 namespace msl {
 template <class T, int64_t N>
 struct tg_array {
@@ -609,7 +760,216 @@ struct tg_array {
     return v[i];
   }
   const T& operator[](int64_t i) const { return const_cast<tg_array*>(this)->operator[](i); }
-  operator T*() { return v; }
-  operator const T*() const { return v; }
+  operator ptr<T, AS_THREADGROUP>() {
+    return ptr<T, AS_THREADGROUP>((char*)v, 0, 0, N * (int64_t)sizeof(T), "threadgroup array", sizeof(T));
+  }
+  operator cptr<T, AS_THREADGROUP>() const {
+    return cptr<T, AS_THREADGROUP>((char*)v, 0, 0, N * (int64_t)sizeof(T), "threadgroup array", sizeof(T));
+  }
+  ptr<T, AS_THREADGROUP> operator+(int64_t i) { return ptr<T, AS_THREADGROUP>(*this) + i; }
+  cptr<T, AS_THREADGROUP> operator+(int64_t i) const { return cptr<T, AS_THREADGROUP>(*this) + i; }
+  template <class U> explicit operator ptr<U, AS_THREADGROUP>() { return ptr<U, AS_THREADGROUP>(ptr<T, AS_THREADGROUP>(*this)); }
+  template <class U> explicit operator cptr<U, AS_THREADGROUP>() const { return cptr<U, AS_THREADGROUP>(cptr<T, AS_THREADGROUP>(*this)); }
 };
+template <class T, int64_t N> struct pointee<tg_array<T, N>> { typedef T type; };
+template <class T, size_t N> struct pointee<T[N]> { typedef std::remove_const_t<T> type; };
 }  // namespace msl
+
+// ---- SIMD-group matrices (MSL spec 2.4, 6.7): simdgroup_matrix<T, 8, 8>, T float, half or bfloat.
+// Every operation is a collective of the whole simdgroup: all its threads must reach the same call
+// with the same arguments (uniform control flow), else the launch fails naming the line. Each
+// thread holds the whole matrix; it owns two elements of it -- row fm, columns fn and fn + 1, with
+// the lane mapping MLX's kernels rely on (steel/gemm/mma.h) -- which `thread_elements()` exposes.
+// A collective assembles each operand from its owners, so writes through thread_elements() take
+// effect as on the GPU. multiply_accumulate computes each element in float, c + sum_k a_ik b_kj with
+// one fused multiply-add per k in order, rounded once to T (Apple leaves the order unspecified).
+namespace metal {
+template <class T, int Cols, int Rows>
+struct simdgroup_matrix {
+  static_assert(Cols == 8 && Rows == 8, "Metal has 8x8 SIMD-group matrices only");
+  static_assert(std::is_same<T, float>::value || std::is_same<T, half>::value || std::is_same<T, bfloat>::value,
+                "SIMD-group matrices hold float, half or bfloat");
+  alignas(16) T e[64];  // row-major: e[r * 8 + c]
+  simdgroup_matrix() { __builtin_memset((void*)e, 0xff, sizeof(e)); }  // unset: NaN, as garbage would be
+  explicit simdgroup_matrix(T d) { for (int i = 0; i < 64; ++i) e[i] = (i / 8 == i % 8) ? d : T(0); }
+  vec<T, 2>& thread_elements() {
+    uint lane = msl::tl_fiber->tid % 32;
+    uint q = lane / 4, fm = (q & 4) + (lane / 2) % 4, fn = (q & 2) * 2 + (lane % 2) * 2;
+    return *reinterpret_cast<vec<T, 2>*>(&e[fm * 8 + fn]);
+  }
+};
+typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
+typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
+typedef simdgroup_matrix<bfloat, 8, 8> simdgroup_bfloat8x8;
+
+template <class T, int C, int R>
+inline simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(T v) {
+  simdgroup_matrix<T, C, R> m;
+  for (int i = 0; i < 64; ++i) m.e[i] = v;
+  return m;
+}
+
+// The lane owning each element (row-major) of a matrix.
+struct MatOwners {
+  int lane[64];
+  constexpr MatOwners() : lane() {
+    for (int l = 0; l < 32; ++l) {
+      int q = l / 4, fm = (q & 4) + (l / 2) % 4, fn = (q & 2) * 2 + (l % 2) * 2;
+      lane[fm * 8 + fn] = l;
+      lane[fm * 8 + fn + 1] = l;
+    }
+  }
+};
+inline constexpr MatOwners msl_mat_owners{};
+
+enum { MAT_LOAD, MAT_STORE, MAT_MMA, MAT_MUL };
+template <class T, class P>
+struct MatArgs {
+  int kind;
+  simdgroup_matrix<T, 8, 8>* d;
+  const simdgroup_matrix<T, 8, 8>* a;
+  const simdgroup_matrix<T, 8, 8>* b;
+  const simdgroup_matrix<T, 8, 8>* c;
+  P* mem;  // the source or destination pointer-like object (load, store)
+  ulong epr;
+  ulong ox, oy;
+  bool transpose;
+  const char* what;
+};
+template <class P> inline const void* msl_addr_of(const P& p) {
+  if constexpr (std::is_pointer<P>::value) return (const void*)p;
+  else return (const void*)p.addr();
+}
+template <class T, int64_t N> inline const void* msl_addr_of(const msl::tg_array<T, N>& p) { return (const void*)p.v; }
+template <class T, size_t N> inline const void* msl_addr_of(const T (&p)[N]) { return (const void*)p; }
+
+// Element (r, c) of the matrix <-> memory element (origin.y + r) * epr + origin.x + c; with
+// transpose_matrix, (origin.y + c) * epr + origin.x + r (origin = (column, row) of the source).
+inline ulong msl_mat_index(int r, int c, ulong epr, ulong ox, ulong oy, bool transpose) {
+  return transpose ? (oy + c) * epr + ox + r : (oy + r) * epr + ox + c;
+}
+
+template <class T, class P>
+void msl_mat_impl(msl::Fiber** parts, int n) {
+  msl::Worker* w = msl::tl_worker;
+  const MatArgs<T, P>* args0 = (const MatArgs<T, P>*)parts[0]->cin;
+  int sg = parts[0]->tid / 32;
+  int sg_size = w->n - sg * 32 < 32 ? w->n - sg * 32 : 32;
+  if (sg_size != 32) {
+    msl::fail("%s at %s:%u in kernel '%s': the simdgroup has %d threads; SIMD-group matrices need all 32",
+              args0->what, parts[0]->cfile, parts[0]->cline, msl::g_launch->kernel_name, sg_size);
+    return;
+  }
+  if (n != sg_size) {
+    msl::fail("%s at %s:%u in kernel '%s': %d of the simdgroup's %d threads took part; SIMD-group "
+              "matrix operations need uniform control flow in the simdgroup",
+              args0->what, parts[0]->cfile, parts[0]->cline, msl::g_launch->kernel_name, n, sg_size);
+    return;
+  }
+  for (int i = 1; i < n; ++i) {
+    const MatArgs<T, P>* ai = (const MatArgs<T, P>*)parts[i]->cin;
+    bool same = ai->epr == args0->epr && ai->ox == args0->ox && ai->oy == args0->oy &&
+                ai->transpose == args0->transpose &&
+                (args0->mem == nullptr || msl_addr_of(*ai->mem) == msl_addr_of(*args0->mem));
+    if (!same) {
+      msl::fail("%s at %s:%u in kernel '%s': threads %u and %u of a simdgroup pass different pointers "
+                "or layouts; SIMD-group matrix operations need the same arguments in every thread",
+                args0->what, parts[0]->cfile, parts[0]->cline, msl::g_launch->kernel_name,
+                parts[0]->tid, parts[i]->tid);
+      return;
+    }
+  }
+  auto assemble = [&](const simdgroup_matrix<T, 8, 8>* MatArgs<T, P>::*which, T* out) {
+    for (int e = 0; e < 64; ++e) {
+      int owner = msl_mat_owners.lane[e];
+      const MatArgs<T, P>* ao = (const MatArgs<T, P>*)parts[owner]->cin;  // parts are in lane order
+      out[e] = (ao->*which)->e[e];
+    }
+  };
+  msl::Fiber* saved = msl::tl_fiber;
+  msl::tl_fiber = parts[0];  // bounds-check messages name the simdgroup's first thread
+  T result[64];
+  if (args0->kind == MAT_LOAD) {
+    for (int r = 0; r < 8; ++r)
+      for (int c = 0; c < 8; ++c)
+        result[r * 8 + c] = (*args0->mem)[msl_mat_index(r, c, args0->epr, args0->ox, args0->oy, args0->transpose)];
+  } else if (args0->kind == MAT_STORE) {
+    if constexpr (!std::is_const<P>::value) {  // (instantiated for stores only)
+      T a[64];
+      assemble(&MatArgs<T, P>::a, a);
+      for (int r = 0; r < 8; ++r)
+        for (int c = 0; c < 8; ++c)
+          (*args0->mem)[msl_mat_index(r, c, args0->epr, args0->ox, args0->oy, args0->transpose)] = a[r * 8 + c];
+    }
+  } else {
+    T a[64], b[64], c[64];
+    assemble(&MatArgs<T, P>::a, a);
+    assemble(&MatArgs<T, P>::b, b);
+    if (args0->kind == MAT_MMA) assemble(&MatArgs<T, P>::c, c);
+    for (int i = 0; i < 8; ++i)
+      for (int j = 0; j < 8; ++j) {
+        float acc = args0->kind == MAT_MMA ? float(c[i * 8 + j]) : 0.0f;
+        for (int k = 0; k < 8; ++k) acc = __builtin_fmaf(float(a[i * 8 + k]), float(b[k * 8 + j]), acc);
+        result[i * 8 + j] = T(acc);
+      }
+  }
+  msl::tl_fiber = saved;
+  if (args0->kind != MAT_STORE)
+    for (int i = 0; i < n; ++i) __builtin_memcpy(((const MatArgs<T, P>*)parts[i]->cin)->d->e, result, sizeof(result));
+}
+
+template <class T, class P>
+inline void msl_mat_collective(const MatArgs<T, P>& args, unsigned line, const char* file) {
+  msl::Fiber* f = msl::tl_fiber;
+  f->cfn = &msl_mat_impl<T, P>;
+  f->cin = &args;
+  f->cout = nullptr;
+  f->carg = 0;
+  f->cline = line;
+  f->cfile = file;
+  msl::block(msl::F_COLL);
+}
+
+#define MSL_LOC unsigned line = __builtin_LINE(), const char* file = __builtin_FILE()
+template <class T, int C, int R, class P>
+inline void simdgroup_load(simdgroup_matrix<T, C, R>& d, const P& src, ulong elements_per_row = C,
+                           ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false, MSL_LOC) {
+  static_assert(std::is_same<typename msl::pointee<P>::type, T>::value,
+                "simdgroup_load: the source's element type must be the matrix's");
+  MatArgs<T, const P> a{MAT_LOAD, &d, nullptr, nullptr, nullptr, &src, elements_per_row, matrix_origin.x,
+                  matrix_origin.y, transpose_matrix, "simdgroup_load"};
+  msl_mat_collective(a, line, file);
+}
+template <class T, int C, int R, class D>
+inline void simdgroup_store(const simdgroup_matrix<T, C, R>& m, D&& dst, ulong elements_per_row = C,
+                            ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false, MSL_LOC) {
+  typedef std::remove_reference_t<D> P;
+  static_assert(std::is_same<typename msl::pointee<std::remove_const_t<P>>::type, T>::value,
+                "simdgroup_store: the destination's element type must be the matrix's");
+  static_assert(!std::is_const<std::remove_reference_t<decltype(dst[0])>>::value,
+                "simdgroup_store: the destination must not be const");
+  MatArgs<T, P> a{MAT_STORE, nullptr, &m, nullptr, nullptr, &dst, elements_per_row, matrix_origin.x,
+                  matrix_origin.y, transpose_matrix, "simdgroup_store"};
+  msl_mat_collective(a, line, file);
+}
+template <class T>
+inline void simdgroup_multiply_accumulate(simdgroup_matrix<T, 8, 8>& d, const simdgroup_matrix<T, 8, 8>& a,
+                                          const simdgroup_matrix<T, 8, 8>& b, const simdgroup_matrix<T, 8, 8>& c,
+                                          MSL_LOC) {
+  MatArgs<T, int*> args{MAT_MMA, &d, &a, &b, &c, nullptr, 0, 0, 0, false, "simdgroup_multiply_accumulate"};
+  msl_mat_collective(args, line, file);
+}
+template <class T>
+inline void simdgroup_multiply(simdgroup_matrix<T, 8, 8>& d, const simdgroup_matrix<T, 8, 8>& a,
+                               const simdgroup_matrix<T, 8, 8>& b, MSL_LOC) {
+  MatArgs<T, int*> args{MAT_MUL, &d, &a, &b, nullptr, nullptr, 0, 0, 0, false, "simdgroup_multiply"};
+  msl_mat_collective(args, line, file);
+}
+template <class T>
+inline simdgroup_matrix<T, 8, 8> operator*(const simdgroup_matrix<T, 8, 8>& a, const simdgroup_matrix<T, 8, 8>& b) {
+  simdgroup_matrix<T, 8, 8> d;
+  simdgroup_multiply(d, a, b);
+  return d;
+}
+#undef MSL_LOC
+}  // namespace metal

@@ -226,7 +226,7 @@ def generate(
                         Param(suffix, f"{inp.name}_{suffix}", ctype, index, input_index=i)
                     )
                     index += 1
-    for i, (oname, dt) in enumerate(zip(output_names, output_dtypes)):
+    for i, (oname, dt) in enumerate(zip(output_names, output_dtypes, strict=True)):
         t = type_string(dt)
         ctype = f"device atomic<{t}>*" if atomic_outputs else f"device {t}*"
         s += f"  {ctype} {oname} [[buffer({index})]]"
@@ -247,5 +247,8 @@ def generate(
     call_name = kernel_name
     if template:
         call_name = kernel_name + tdef
-        s += f'\ntemplate [[host_name("{kernel_name}")]] [[kernel]] decltype({call_name}) {call_name};\n'
+        s += (
+            f'\ntemplate [[host_name("{kernel_name}")]] [[kernel]] '
+            f"decltype({call_name}) {call_name};\n"
+        )
     return Generated(kernel_name, s, signature_start, body_start, body_end, call_name, params)

@@ -1,0 +1,13 @@
+"""``gptoss-mlx serve``: an OpenAI-compatible HTTP server (Chat Completions and Responses).
+
+The HTTP face only: protocol in, protocol out. Modules: :mod:`.app` (``create_app``, routes,
+authentication, errors), :mod:`.chat_completions` and :mod:`.responses` (each API's requests ->
+prompts, generated turns -> response objects and stream events), :mod:`.protocol` (what both
+share), :mod:`.state` (what one server holds), :mod:`.worker` (the one thread that owns the
+model). Prompt rendering is ``harmony``'s, reuse across requests ``PromptCache`` and
+``TurnMemory``'s, generation ``stream_generate``'s.
+"""
+
+from .app import create_app
+
+__all__ = ["create_app"]
