@@ -18,13 +18,15 @@ the pairs by expert too) into groups of experts, each group's pairs computed by
 `ops.sorted_expert_outputs` and all of them mixed at the end, every missing expert read once per
 chunk; below it (where the fused kernels may run) into consecutive tokens whose experts fit. Each
 part after the first waits for the one before (one more synchronisation), so a slot it overwrites
-is free to be written in place. Experts read from disk are copied into their slots k (experts per
-token) at a time, waiting for the copy: at most k of them are held in memory beside the slots, and
-a decode step that misses waits once more per layer, for a copy (no computation is pending then:
-the router's read already waited for the layer's attention).
+is free to be written in place. Experts read from disk are copied into their slots lazily, with the
+layer's computation; a call that reads more than k (experts per token) waits for each k to be
+copied before it reads more, so at most k read experts are held beside the slots, plus k of this
+layer's previous call when nothing has evaluated its output (the last block of a prefill chunk
+whose logits are not needed): the next call's wait for the router flushes them. A decode step
+(which misses at most k per layer) waits exactly once per layer.
 
 Counters (`ExpertCacheStats`): hits and misses (experts per layer call), bytes read from disk,
-synchronisations (waits for results) and copies (waits for slot writes).
+synchronisations (waits for results) and copies (waits for slot writes of more than k reads).
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ class ExpertCacheStats:
     misses: int = 0  # experts read from disk
     bytes_read: int = 0
     syncs: int = 0  # waits for the device's results: one per call, one per extra part of a batch
-    copies: int = 0  # waits for read experts to be copied into their slots (no compute)
+    copies: int = 0  # waits for k read experts to be copied into their slots, when a call reads
+    # more than k (a prefill chunk's groups; no computation is pending then)
 
 
 class ExpertCache(Experts):
@@ -115,7 +118,10 @@ class ExpertCache(Experts):
 
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
         """x `[N, H]`, indices and weights `[N, k]` -> `[N, H]`, as `Experts` computes it."""
-        chosen = np.asarray(indices).astype(np.int64)  # waits for the router
+        # The one wait: for the router, and any copy into the slots still pending since this
+        # layer's last call (usually done already, with that call's experts).
+        mx.eval(indices, self._slot_arrays)
+        chosen = np.asarray(indices).astype(np.int64)
         self.stats.syncs += 1
         needed = np.unique(chosen)
         if len(needed) <= self.num_slots:
@@ -143,16 +149,14 @@ class ExpertCache(Experts):
         candidates = np.setdiff1d(np.arange(self.num_slots), hits)
         victims = candidates[np.argsort(self._last_used[candidates], kind="stable")]
         for i, (expert, slot) in enumerate(zip(misses, victims[: len(misses)], strict=True)):
+            if i and i % self.experts_per_token == 0:  # more than k to read: copy k at a time
+                mx.eval(self._slot_arrays)
+                self.stats.copies += 1
             self._read(int(expert), int(slot))
-            if (i + 1) % self.experts_per_token == 0 or i + 1 == len(misses):
-                self._write_slots()
 
-    def _write_slots(self) -> None:
-        """Copy the experts just read into their slots now: at most k (experts per token) read
-        experts wait in memory, and none is left pending behind an output nobody evaluates (the
-        last block of a prefill chunk whose logits are not needed)."""
-        mx.eval([getattr(getattr(self, p), q) for p in PROJECTIONS for q in PARTS])
-        self.stats.copies += 1
+    @property
+    def _slot_arrays(self) -> list[mx.array]:
+        return [getattr(getattr(self, p), q) for p in PROJECTIONS for q in PARTS]
 
     def _read(self, expert: int, slot: int) -> None:
         """Expert `expert` from the checkpoint into slot `slot`, in place."""

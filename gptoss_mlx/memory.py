@@ -415,8 +415,8 @@ def working_set(
       MLX's CPU backend measured 12.3 H at H = I (bench/README.md);
 
     plus, for a quantized cache, one full layer's keys and values dequantized (2 S Hkv D); plus,
-    with an expert cache, the experts read from disk and not yet in their slots (at most
-    experts_per_token of them: `ExpertCache` copies them in batches); plus, where attention is not
+    with an expert cache, the experts read from disk and not yet in their slots (at most twice
+    experts_per_token of them: see `ExpertCache`); plus, where attention is not
     fused (MLX's CPU backend composes scaled_dot_product_attention from primitives), one full
     layer's scores and softmax: 3.5 words per (query head, query, key), 3.2 measured. On a Mac the
     fused kernel keeps the scores on chip.
@@ -432,7 +432,7 @@ def working_set(
     if expert_cache:
         mxfp4 = 3 * H * I // 2  # gate/linear 2I x H and down H x I, 4 bits each
         per_expert = mxfp4 + mxfp4 // 16 + (2 * I + H) * b  # + E8M0 scales (1 per 32) + biases
-        total += k * per_expert
+        total += 2 * k * per_expert
     if not fused_attention:
         total += 7 * b * Hq * T * S // 2
     return total

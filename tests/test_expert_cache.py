@@ -67,9 +67,8 @@ def test_greedy_generation_is_token_identical(experts32_dir, resident, ids, slot
         assert got == want
     decode = stats.expert_cache["decode"]
     layers = ck.EXPERTS32.num_hidden_layers
-    # One wait for the router per layer and decoded token (11 fed), one slot copy at most.
-    assert decode["syncs"] == 11 * layers
-    assert decode["copies"] <= 11 * layers
+    # One wait per layer and decoded token (11 fed): for the router; the slots fill lazily.
+    assert decode["syncs"] == 11 * layers and decode["copies"] == 0
     assert decode["hits"] + decode["misses"] <= 11 * layers * 4
     assert "expert cache: decode" in stats.summary()
 
