@@ -57,11 +57,13 @@ def write_checkpoint(name: str, folder: str, vocab: int = 8000) -> int:
 
 def measure(folder: str, options: dict, dtype: str = "float32", prompt: int = PROMPT) -> dict:
     """Load `folder` with `options` (load_model's keywords) and generate 3 tokens after a
-    `prompt`-token prompt at max_context CONTEXT; what was allocated next to the plan."""
+    `prompt`-token prompt at max_context CONTEXT (unless `options` names one); what was allocated
+    next to the plan."""
     gc.collect()
     mx.clear_cache()
     base = mx.get_active_memory()
-    model = load_model(folder, dtype, max_context=CONTEXT, prefill_chunk=prompt, **options)
+    options = {"max_context": CONTEXT, **options}
+    model = load_model(folder, dtype, prefill_chunk=prompt, **options)
     weights = mx.get_active_memory() - base
     ids = mx.random.randint(0, model.config.vocab_size, (prompt,), key=mx.random.key(0)).tolist()
     cache = model.make_cache()
@@ -159,9 +161,10 @@ def main() -> None:
 
 def format_row(r: dict) -> str:
     o = r["options"]
-    cache = o["expert_cache"] or "all"
+    dense, kv = o.get("dense_bits", "8"), o.get("kv_bits", "16")  # load_model's defaults
+    cache = o.get("expert_cache") or "all"
     line = (
-        f"{r['model']:>4} dense {o['dense_bits']:>2} kv {o['kv_bits']:>2} experts {cache!s:>3}: "
+        f"{r['model']:>4} dense {dense:>2} kv {kv:>2} experts {cache!s:>3}: "
         f"weights {r['weights'] / 1e6:8.2f} MB (plan {r['plan_weights'] / r['weights']:.4f}x) "
         f"KV {r['kv'] / 1e6:6.3f} MB (plan {r['plan_kv'] / max(r['kv'], 1):.4f}x) "
         f"peak {r['peak'] / 1e6:8.2f} MB (plan {r['plan_peak'] / r['peak']:.3f}x)"

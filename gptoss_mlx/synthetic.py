@@ -119,8 +119,11 @@ _SAFETENSORS_DTYPES = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32"
 
 def published_headers(config: ModelConfig) -> dict[str, TensorInfo]:
     """The tensor names, dtypes and shapes `openai/gpt-oss-*` publishes, at `config`'s shapes (the
-    headers of a checkpoint no one has to write: for planning memory)."""
-    return {
-        name: TensorInfo("model.safetensors", _SAFETENSORS_DTYPES[a.dtype], tuple(a.shape))
-        for name, a in random_checkpoint(config).items()
-    }
+    headers of a checkpoint no one has to write: for planning memory), laid out one after the
+    other in one file."""
+    headers, offset = {}, 0
+    for name, a in random_checkpoint(config).items():
+        dtype = _SAFETENSORS_DTYPES[a.dtype]
+        headers[name] = TensorInfo("model.safetensors", dtype, tuple(a.shape), offset, a.nbytes)
+        offset += a.nbytes
+    return headers
