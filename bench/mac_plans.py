@@ -39,23 +39,34 @@ def plan(name: str, mac: str, settings: memory.MemorySettings) -> memory.MemoryP
     return memory.fit(ckpt, mx.bfloat16, settings, None, ckpt.folder, MACS[mac])
 
 
+MODELS = (("20b", "16 GB Mac"), ("120b", "64 GB Mac"))
+
+
+def advised(
+    name: str, mac: str, context: int | None
+) -> tuple[memory.MemoryPlan, str, memory.MemoryPlan | None]:
+    """The default plan at `context`, the flags of its first advice ("" when it fits) and the
+    plan with them applied (None when it fits)."""
+    settings = memory.MemorySettings(max_context=context)
+    default = plan(name, mac, settings)
+    if not default.advice:
+        return default, "", None
+    flags = default.advice[0].split(" (")[0]
+    words = flags.split()
+    applied = {words[i][2:].replace("-", "_"): int(words[i + 1]) for i in range(0, len(words), 2)}
+    return default, flags, plan(name, mac, dataclasses.replace(settings, **applied))
+
+
 def main() -> None:
-    for name, mac in (("20b", "16 GB Mac"), ("120b", "64 GB Mac")):
+    for name, mac in MODELS:
         for context in (None, 8192):
-            settings = memory.MemorySettings(max_context=context)
-            p = plan(name, mac, settings)
+            p, flags, fitted = advised(name, mac, context)
             print(f"=== gpt-oss-{name} on a {mac}, context {p.context}")
             print(p.report())
-            if p.advice:
-                flags = p.advice[0].split(" (")[0].split()
-                applied = dict(
-                    (flags[i][2:].replace("-", "_"), int(flags[i + 1]))
-                    for i in range(0, len(flags), 2)
-                )
-                fitted = plan(name, mac, dataclasses.replace(settings, **applied))
+            if fitted is not None:
                 verdict = "fits" if fitted.fits else "does NOT fit"
                 print(
-                    f"advice applied ({' '.join(flags)}): total {fitted.total / 1e9:.2f} GB, "
+                    f"advice applied ({flags}): total {fitted.total / 1e9:.2f} GB, "
                     f"{verdict}; weights {fitted.weights / 1e9:.2f} GB, KV "
                     f"{fitted.kv_cache / 1e9:.2f} GB, working set "
                     f"{fitted.working_set / 1e9:.2f} GB, ~{fitted.disk_bytes_per_token / 1e6:.0f} "

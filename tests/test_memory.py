@@ -22,18 +22,39 @@ sys.path.insert(
     0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 )
 
+import mac_plans  # noqa: E402
 import memory_plan  # noqa: E402
 
 TOLERANCE = 0.02
 
 
-@pytest.fixture(scope="module", params=["20b", "120b"])
-def real_shapes(request, tmp_path_factory):
-    """(name, folder, expert cache size): gpt-oss-20b's layer shapes in 2 layers (1.0 GB) or
-    gpt-oss-120b's in 1 full-attention layer (1.7 GB), vocabulary 8000."""
-    folder = str(tmp_path_factory.mktemp(f"real-{request.param}"))
-    slots = memory_plan.write_checkpoint(request.param, folder)
-    yield request.param, folder, slots
+@pytest.fixture(scope="module")
+def shape_folders(tmp_path_factory):
+    """name -> (folder, expert cache size), written when first asked for: gpt-oss-20b's layer
+    shapes in 2 layers (1.0 GB) or gpt-oss-120b's in 1 full-attention layer (1.7 GB), vocabulary
+    8000."""
+    written = {}
+
+    def folder_of(name: str) -> tuple[str, int]:
+        if name not in written:
+            folder = str(tmp_path_factory.mktemp(f"real-{name}"))
+            written[name] = folder, memory_plan.write_checkpoint(name, folder)
+        return written[name]
+
+    return folder_of
+
+
+@pytest.fixture(params=["20b", "120b"])
+def real_shapes(request, shape_folders):
+    """(name, folder, expert cache size) for each model's shapes."""
+    return request.param, *shape_folders(request.param)
+
+
+@pytest.fixture
+def shapes_20b(shape_folders):
+    """(folder, expert cache size) at gpt-oss-20b's shapes: enough for the checks that do not
+    depend on the layer shapes."""
+    return shape_folders("20b")
 
 
 def test_plan_equals_what_is_allocated(real_shapes):
@@ -50,12 +71,10 @@ def test_plan_equals_what_is_allocated(real_shapes):
         assert r["peak"] <= r["plan_peak"], r
 
 
-def test_peak_resident_set_is_below_the_plan(real_shapes):
+def test_peak_resident_set_is_below_the_plan(shapes_20b):
     """A fresh process, from before loading to after generating: RSS growth below the plan's
     total (MLX's peak below its arrays' share of it)."""
-    name, folder, slots = real_shapes
-    if name != "20b":
-        pytest.skip("one model is enough for the process-level check")
+    (folder, slots), name = shapes_20b, "20b"
     for dense, kv, cache in ((16, 16, None), (8, 8, "slots")):
         r = memory_plan.measure_rss(folder, memory_plan.options_of(dense, kv, cache, slots))
         print(memory_plan.format_row({"model": name, **r}))
@@ -68,10 +87,8 @@ def flags_to_options(flags: str) -> dict:
     return {words[i][2:].replace("-", "_"): int(words[i + 1]) for i in range(0, len(words), 2)}
 
 
-def test_the_advice_applied_fits(real_shapes):
-    name, folder, slots = real_shapes
-    if name != "20b":
-        pytest.skip("the 20b shapes are enough")
+def test_the_advice_applied_fits(shapes_20b):
+    (folder, _), name = shapes_20b, "20b"
     settings = MemorySettings(max_context=memory_plan.CONTEXT, prefill_chunk=memory_plan.PROMPT)
     everything = memory.fit(read_checkpoint(folder), mx.float32, settings)
     budget = everything.total // 2
@@ -94,10 +111,8 @@ def test_the_advice_applied_fits(real_shapes):
     assert model.memory_plan.fits and model.memory_plan.settings.flags(model.config) == flags
 
 
-def test_bench_warns_with_the_advice(real_shapes, monkeypatch):
-    name, folder, slots = real_shapes
-    if name != "20b":
-        pytest.skip("the 20b shapes are enough")
+def test_bench_warns_with_the_advice(shapes_20b, monkeypatch):
+    folder, _ = shapes_20b
     settings = MemorySettings(max_context=memory_plan.CONTEXT)
     plan = memory.fit(read_checkpoint(folder), mx.bfloat16, settings)
     physical = (plan.weights + plan.total) // 2  # the weights fit, the rest does not
@@ -206,3 +221,45 @@ def test_an_automatic_expert_cache_is_the_largest_that_fits(experts32_dir):
     assert model.memory_plan.settings.kv_bits is None  # the cache alone was enough
     one_more = plan_memory(experts32_dir, "float32", max_context=256, expert_cache=slots + 1)
     assert one_more.total > budget
+
+
+def section(path: str, heading: str) -> str:
+    """The text of a markdown file from `heading` to the next heading of its level."""
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)) as f:
+        text = f.read()
+    start = text.index(heading)
+    level = heading.split(" ")[0] + " "
+    end = text.find("\n" + level, start + len(heading))
+    return text[start : end if end >= 0 else None]
+
+
+def gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def test_the_16gb_mac_section_quotes_the_planner():
+    """README's "16 GB Mac" (and bench/README's table of it) give the planner's own figures for
+    gpt-oss-20b on a 16 GB Mac and -120b on a 64 GB one at 8192 tokens: the default plan, the
+    advised flags in the commands, the plan with them applied (and it fits), the wired limit."""
+    readme = section("README.md", "## 16 GB Mac")
+    bench = section("bench/README.md", "## Memory: the plan against what is allocated")
+    for name, mac in mac_plans.MODELS:
+        default, flags, fitted = mac_plans.advised(name, mac, 8192)
+        assert not default.fits and fitted.fits
+        model = "" if name == "20b" else f"-m openai/gpt-oss-{name} "
+        assert (
+            f"gptoss-mlx chat {model}--max-context 8192 {flags.replace(' --max-context 8192', '')}"
+            in readme
+        )
+        for figure in (default.total, default.weights, fitted.total, fitted.weights):
+            assert gb(figure) in readme and gb(figure)[:-3] in bench, (name, figure)
+        for figure in (fitted.kv_cache, fitted.working_set):
+            assert gb(figure) in readme, (name, figure)
+        assert f"iogpu.wired_limit_mb={default.wired_limit_mb}" in readme
+        assert f"~{fitted.disk_bytes_per_token / 1e6:.0f} MB" in readme
+    full, flags, fitted = mac_plans.advised("20b", "16 GB Mac", None)
+    assert (
+        f"`{flags}` ({gb(fitted.total)}, ~{fitted.disk_bytes_per_token / 1e6:.0f} MB/token)"
+        in readme
+    )
+    assert gb(full.total) in readme
