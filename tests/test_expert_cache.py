@@ -149,14 +149,25 @@ def test_a_cache_as_large_as_the_experts_is_no_cache(experts32_dir):
     assert not model.layers[0].mlp.experts.host_reads and model.traceable
 
 
-def test_chat_is_token_identical(o200k_experts_dir, tok):
-    def replies(model):
-        chat = ChatSession(model, tok, temperature=0.0, max_tokens=8, reasoning_effort="low")
-        out = []
-        for text in ("Hi there", "And again?"):
-            out.append([e.token for e in chat.send(text) if hasattr(e, "token")])
-        return out
+def chat_replies(model, tok) -> list[list[int]]:
+    """Greedy token ids of two turns of a chat."""
+    chat = ChatSession(model, tok, temperature=0.0, max_tokens=8, reasoning_effort="low")
+    out = []
+    for text in ("Hi there", "And again?"):
+        out.append([e.token for e in chat.send(text) if hasattr(e, "token")])
+    return out
 
-    resident, _ = load(o200k_experts_dir)
-    cached, _ = load(o200k_experts_dir, expert_cache=8)
-    assert replies(cached) == replies(resident)
+
+@pytest.fixture(scope="module")
+def resident_chat(o200k_experts_dir, tok):
+    return chat_replies(load(o200k_experts_dir)[0], tok)
+
+
+@pytest.mark.parametrize("slots", SLOTS)
+def test_chat_is_token_identical(o200k_experts_dir, tok, resident_chat, slots):
+    """Two turns (the second prefilled on top of the first's cache), each prompt needing more
+    experts than 4 or 8 slots hold."""
+    assert all(resident_chat)
+    cached, _ = load(o200k_experts_dir, expert_cache=slots)
+    assert chat_replies(cached, tok) == resident_chat
+    assert cached.expert_cache_stats()["misses"] > 0

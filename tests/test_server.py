@@ -759,8 +759,9 @@ def test_thirty_malformed_requests_get_openai_shaped_4xx_and_the_server_goes_on(
 
 def test_the_memory_savings_answer_as_the_resident_model(o200k_experts_dir):
     """Greedy replies over two turns (the second through the prompt cache): the model with its
-    embedding on disk and an 8-slot expert cache of 32 answers token for token as the fully
-    resident one; with 8-bit keys and values it answers too (its own cache, its own tokens)."""
+    embedding on disk and an expert cache of 4, 8 or 16 slots of 32 answers token for token as
+    the fully resident one; with 8-bit keys and values it answers too (its own cache, its own
+    tokens)."""
 
     def replies(**options) -> list[tuple[dict, int]]:
         model, tok = load(o200k_experts_dir, dtype="float32", **options)
@@ -782,5 +783,6 @@ def test_the_memory_savings_answer_as_the_resident_model(o200k_experts_dir):
 
     resident = replies(embedding_from_disk=False)
     assert all(tokens > 0 for _, tokens in resident)
-    assert replies(expert_cache=8) == resident
+    for slots in (4, 8, 16):
+        assert replies(expert_cache=slots) == resident, slots
     assert all(tokens > 0 for _, tokens in replies(kv_bits=8, expert_cache=8))
