@@ -561,8 +561,9 @@ SEARCH_HELP = (
 )
 
 
-def _builtin_tools(names: str | None, search_url: str | None) -> list:
-    """The built-in tools `--tools` names, configured from the flags and environment."""
+def _builtin_tools(names: str | None, search_url: str | None, serving: bool = False) -> list:
+    """The built-in tools `--tools` names, configured from the flags and environment (for
+    `serve`: python's session lasts one request)."""
     if not names:
         if search_url:
             raise click.UsageError("--search-url needs --tools browser")
@@ -586,17 +587,22 @@ def _builtin_tools(names: str | None, search_url: str | None) -> list:
             click.secho(SEARCH_HELP, fg="yellow", err=True)
         out.append(tools.Browser(search=backend))
     if "python" in chosen:
-        python = tools.Python()
+        python = tools.Python(scope="reply" if serving else "conversation")
         isolation = {
             "bwrap": "bubblewrap: no network, writes only in its scratch directory",
             "unshare": "a network namespace: no network; writes NOT restricted",
             "sandbox-exec": "sandbox-exec: no network, writes only in its scratch directory",
             "none": "NO sandbox: the code can use the network and write files",
         }[python.isolation.name]
+        where = (
+            "the code any client has the model write runs on this machine: a separate process "
+            "and scratch directory for each request"
+            if serving
+            else f"a separate process, scratch directory {python.scratch}"
+        )
         click.echo(
-            f"python: a separate process, {python.timeout:g} s and "
-            f"{python.memory_limit // 1024**2} MB per call, scratch directory {python.scratch}, "
-            f"{isolation}.",
+            f"python: {where}, {python.timeout:g} s and {python.memory_limit // 1024**2} MB per "
+            f"call, {isolation}.",
             err=True,
         )
         out.append(python)
@@ -953,6 +959,25 @@ def bench_command(
     default=None,
     help="Most tokens per reply when a request does not say [the rest of the context].",
 )
+@click.option(
+    "--tools",
+    "tool_names",
+    default=None,
+    help="Built-in tools run server-side: browser, python, or browser,python. Python runs the "
+    "code clients have the model write: enable it only for clients you trust.",
+)
+@click.option(
+    "--search-url",
+    default=None,
+    help="A SearXNG instance for the browser's search (or set BRAVE_API_KEY).",
+)
+@click.option(
+    "--max-tool-rounds",
+    type=click.IntRange(min=0),
+    default=10,
+    show_default=True,
+    help="Most built-in tool calls run in one reply.",
+)
 @_options(_sampling_option_list())
 @user_errors
 def serve_command(
@@ -962,21 +987,25 @@ def serve_command(
     host: str,
     port: int,
     model_name: str | None,
+    tool_names: str | None,
+    search_url: str | None,
     **options,
 ) -> None:
     """Serve gpt-oss over an OpenAI-compatible HTTP API (Chat Completions and Responses).
 
     Point any OpenAI client at http://HOST:PORT/v1. Requests are queued and run one at a time;
     the KV caches of recent conversations are kept, so each turn prefills only its new tokens.
+    With --tools the server runs the browser and python tools itself (each request its own).
     """
     check_sampling(options["temperature"], options["top_p"], options["top_k"], options["min_p"])
     memory = _memory(options)
     if host not in ("127.0.0.1", "localhost", "::1") and not options["api_key"]:
         click.secho(f"warning: listening on {host} with no --api-key", fg="yellow", err=True)
+    builtin = _builtin_tools(tool_names, search_url, serving=True)
     mdl, tok = load(model, dtype, progress=sys.stderr.isatty(), kernels=kernels, **memory)
     _warn_if_it_does_not_fit(getattr(mdl, "memory_plan", None))
     name = model_name or model.rstrip("/").rsplit("/", 1)[-1]
-    app = create_app(mdl, tok, model_name=name, **options)
+    app = create_app(mdl, tok, model_name=name, builtin_tools=builtin, **options)
     click.echo(f"Serving {model} as {name!r} on http://{host}:{port}/v1", err=True)
     uvicorn.run(app, host=host, port=port, log_level="info")
 

@@ -17,8 +17,11 @@ gives back, for an assistant message that is one of them:
 * changed by the client but with a tool call id of the turn and no reasoning: the turn's
   reasoning (the model sees why it made the call, in canonical rendering).
 
-Turns are matched by tool call id, and turns without tool calls by their answer text. Bounded to
-the ``max_turns`` most recent; thread-safe.
+Turns are matched by tool call id, then by the ids of the calls the server ran itself (built-in
+tools: a Responses client sends back ``code_interpreter_call`` / ``web_search_call`` items, which
+become ``builtin_call_ids`` on the assistant message), then by their answer text. A turn in which
+the server ran tools is remembered whole: its completion ids are every round's, the tool results
+between them included. Bounded to the ``max_turns`` most recent; thread-safe.
 """
 
 from __future__ import annotations
@@ -59,18 +62,24 @@ class TurnMemory:
         self._lock = threading.Lock()
 
     def remember(
-        self, completion: Sequence[int], reasoning: str, content: str, tool_calls: Sequence[Mapping]
+        self,
+        completion: Sequence[int],
+        reasoning: str,
+        content: str,
+        tool_calls: Sequence[Mapping],
+        builtin_call_ids: Sequence[str] = (),
     ) -> None:
-        """Keep a generated turn: its completion ids and what the client was given (tool calls
-        in OpenAI shape, with the ids the client saw)."""
+        """Keep a generated turn: its completion ids (after the prompt, all of it) and what the
+        client was given (tool calls in OpenAI shape, with the ids the client saw; the ids of the
+        calls the server ran)."""
         turn = _Turn(
             tuple(completion), reasoning, content, _calls({"tool_calls": list(tool_calls)})
         )
         with self._lock:
-            if tool_calls:
-                for call in tool_calls:
-                    self._put(self._by_call, str(call["id"]), turn)
-            elif content:
+            ids = [str(call["id"]) for call in tool_calls] + list(builtin_call_ids)
+            for i in ids:
+                self._put(self._by_call, i, turn)
+            if not tool_calls and content:
                 self._put(self._by_answer, content, turn)
 
     def _put(self, table: OrderedDict, key: str, turn: _Turn) -> None:
@@ -81,18 +90,28 @@ class TurnMemory:
 
     def _find(self, message: Mapping) -> _Turn | None:
         ids = [str(c.get("id")) for c in message.get("tool_calls") or () if isinstance(c, Mapping)]
+        ids += [str(i) for i in message.get("builtin_call_ids") or ()]
         with self._lock:
-            if ids:
-                return next((self._by_call[i] for i in ids if i in self._by_call), None)
+            found = next((self._by_call[i] for i in ids if i in self._by_call), None)
+            if found is not None or message.get("tool_calls"):
+                return found
             return self._by_answer.get(content_text(message.get("content")))
 
     def restore(self, messages: Sequence[Mapping]) -> list[Mapping]:
         """``messages`` with each assistant turn this server generated given back its
         ``completion_token_ids`` (sent back unchanged) or its ``reasoning`` (changed, reasoning
-        left out); other messages as they are."""
+        left out); other messages as they are, but an assistant message that only names calls
+        the server ran, in a turn it no longer remembers, is left out (nothing to render)."""
         out = []
         for message in messages:
             turn = self._find(message) if message.get("role") == "assistant" else None
+            if turn is None and message.get("builtin_call_ids"):
+                if not (
+                    content_text(message.get("content"))
+                    or reasoning_text(message)
+                    or message.get("tool_calls")
+                ):
+                    continue
             if turn is not None:
                 reasoning = reasoning_text(message)
                 if (

@@ -308,3 +308,13 @@ def test_declarations_match_openai_harmony(tok, harmony_enc, site):
     assert "type search" not in tok.decode(ours(Browser()))
     with pytest.raises(ToolError, match="no search backend"):
         Browser().run(ToolCall("c", "browser.search", '{"query": "x"}'))
+
+
+def test_fresh_shares_the_settings_not_the_pages(browser, site):
+    call(browser, "search", query="x")
+    copy = browser.fresh()
+    assert copy.backend is browser.backend and copy.stack == [] and len(browser.stack) == 1
+    assert (copy.timeout, copy.allow_private_network) == (1.5, True)
+    assert copy.namespace() == browser.namespace()
+    with pytest.raises(ToolError, match="no page is open"):
+        call(copy, "find", pattern="x")

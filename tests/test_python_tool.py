@@ -199,3 +199,25 @@ def test_the_description_is_true_of_the_configuration():
     assert "not blocked" in text and "not allowed" not in text  # no sandbox: no such promise
     assert "/mnt/data" not in text and "Jupyter notebook environment" not in text
     tool.close()
+
+
+def test_fresh_copies_the_configuration_not_the_session(python):
+    """What a server gives each request: the same limits and sandbox, its own process and
+    scratch directory, and (scope "reply") a description that says the session ends there."""
+    python.execute("x = 1")
+    copy = python.fresh(scope="reply")
+    try:
+        assert copy.scratch != python.scratch and os.path.isdir(copy.scratch)
+        assert (copy.timeout, copy.memory_limit, copy.max_output_chars) == (5, 256 * 1024**2, 2000)
+        assert copy.isolation == python.isolation and copy.scope == "reply"
+        assert "NameError" in copy.execute("x")
+        assert python.execute("x") == "1\n"
+        text = copy.describe()
+        assert "until you answer or call a function" in text
+        assert "scratch directory for this reply" in text
+        assert "until you answer" not in python.describe()
+    finally:
+        copy.close()
+    assert not os.path.exists(copy.scratch)
+    with pytest.raises(GptOssError, match="scope"):
+        Python(scope="forever")

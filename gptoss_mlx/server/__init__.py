@@ -4,8 +4,9 @@ The HTTP face only: protocol in, protocol out. Modules: :mod:`.app` (``create_ap
 authentication, errors), :mod:`.chat_completions` and :mod:`.responses` (each API's requests ->
 prompts, generated turns -> response objects and stream events), :mod:`.protocol` (what both
 share), :mod:`.state` (what one server holds), :mod:`.worker` (the one thread that owns the
-model). Prompt rendering is ``harmony``'s, reuse across requests ``PromptCache`` and
-``TurnMemory``'s, generation ``stream_generate``'s.
+model), :mod:`.builtin` (the built-in tools it runs, ``serve --tools``). Prompt rendering is
+``harmony``'s, reuse across requests ``PromptCache`` and ``TurnMemory``'s, generation
+``stream_generate``'s (round after round in the tool loop).
 """
 
 from .app import create_app

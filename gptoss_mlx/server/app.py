@@ -68,6 +68,11 @@ def _options(options: dict[str, Any]) -> ServerOptions:
         raise GptOssError(f"max_queue must be an integer >= 0, got {out.max_queue!r}")
     if out.max_tokens is not None and (not isinstance(out.max_tokens, int) or out.max_tokens < 1):
         raise GptOssError(f"max_tokens must be an integer >= 1, got {out.max_tokens!r}")
+    rounds = out.max_tool_rounds
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise GptOssError(f"max_tool_rounds must be an integer >= 0, got {rounds!r}")
+    if isinstance(out.builtin_tools, str):
+        raise GptOssError("builtin_tools must be a list, e.g. ['browser', 'python']")
     check_sampling(out.temperature, out.top_p, out.top_k, out.min_p)
     return out
 
@@ -188,8 +193,8 @@ async def _handle(request: Request, api: Any) -> Response:
     state = _state(request)
     body = await _json_body(request)
     req = await run_in_threadpool(api.parse, body, state)
-    job = state.submit(req.prompt, req.options)
-    turn = Turn(len(req.prompt), state.tokenizer, req.options.get("logprobs"))
+    job = state.submit(req.prompt, req.options, req.tool_loop)
+    turn = Turn(len(req.prompt), state.tokenizer, req.options.get("logprobs"), req.tool_loop)
     if req.stream:
         return _EventStream(api.stream(job, turn, req, state), on_close=job.cancel)
     await _collect(job, turn, request)
@@ -233,6 +238,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ServerState = app.state.server
     await run_in_threadpool(state.worker.stop)
     state.prompt_cache.clear()  # the memory goes back now, not when the app is collected
+    state.tools.close()
 
 
 def create_app(model: LanguageModel, tokenizer: Tokenizer | None = None, **options: Any) -> FastAPI:
@@ -243,7 +249,10 @@ def create_app(model: LanguageModel, tokenizer: Tokenizer | None = None, **optio
     ``reasoning_effort`` and ``reasoning_format`` (``reasoning`` or ``reasoning_content``), the
     sampling defaults ``max_tokens`` (None: the rest of the context), ``temperature``,
     ``top_p``, ``top_k``, ``min_p``, ``seed``, and ``prefill_chunk``,
-    ``max_stored_responses``. Bad options are a :class:`GptOssError`.
+    ``max_stored_responses``; ``builtin_tools`` (``"browser"``, ``"python"`` or configured
+    ``gptoss_mlx.tools.Browser(...)`` / ``Python(...)``: run server-side, a fresh copy for each
+    request, see :mod:`gptoss_mlx.server.builtin`) and ``max_tool_rounds``. Bad options are a
+    :class:`GptOssError`.
     """
     settings = _options(dict(options))
     if isinstance(model, nn.Module):

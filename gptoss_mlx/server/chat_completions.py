@@ -5,6 +5,13 @@ Reasoning goes out as ``message.reasoning`` and ``delta.reasoning`` (the convent
 gpt-oss guide asks Chat Completions servers to follow; ``reasoning_content`` with the server's
 ``reasoning_format``); ``reasoning: {"exclude": true}`` leaves it out. Earlier reasoning may come
 back on assistant messages as ``reasoning`` or ``reasoning_content``.
+
+A request gets every built-in tool the server runs (``serve --tools``). Chat Completions has no
+shape for calls the server runs itself, so they are part of the reasoning, where the model made
+them: each call as ``[python]`` (or ``[browser.search]`` ...) and its code or arguments, each
+result as ``[python result]`` (``[python error]`` when the model read an error) and the output,
+streamed as they happen (:class:`ReasoningText`). ``message.content`` is the answer alone, and
+``tool_calls`` only the calls for the client to run.
 """
 
 from __future__ import annotations
@@ -16,8 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..harmony import Delta
+from ..tool_loop import ToolLoop
 from . import protocol as p
-from .protocol import RequestError, Turn
+from .protocol import RequestError, ToolStep, Turn
 from .state import ServerState
 from .worker import Job
 
@@ -32,6 +40,7 @@ class ChatRequest:
     include_usage: bool
     exclude_reasoning: bool
     logprobs: int | None
+    tool_loop: ToolLoop | None  # with the server's built-in tools
 
 
 def _messages(body: Mapping) -> list[Mapping]:
@@ -77,16 +86,18 @@ def parse(body: Mapping, state: ServerState) -> ChatRequest:
     exclude = exclude or body.get("include_reasoning") is False
     stream = p.boolean(body, "stream")
     include_usage = stream and p.mapping(body, "stream_options").get("include_usage") is True
-    prompt = state.render(messages, effort, options["tools"], options["response_format"])
-    return ChatRequest(prompt, options, stream, include_usage, exclude, logprobs)
+    builtin = state.tools.names
+    prompt = state.render(messages, effort, options["tools"], options["response_format"], builtin)
+    loop = state.tool_loop(builtin, options["tools"], state.options.max_tool_rounds)
+    return ChatRequest(prompt, options, stream, include_usage, exclude, logprobs, loop)
 
 
 def usage(turn: Turn) -> dict:
     completion = len(turn.completion)
     return {
-        "prompt_tokens": turn.prompt_tokens,
+        "prompt_tokens": turn.input_tokens,
         "completion_tokens": completion,
-        "total_tokens": turn.prompt_tokens + completion,
+        "total_tokens": turn.input_tokens + completion,
         "prompt_tokens_details": {"cached_tokens": turn.cached_tokens},
         "completion_tokens_details": {"reasoning_tokens": turn.reasoning_tokens},
     }
@@ -102,14 +113,55 @@ def _header(state: ServerState, object_type: str, completion_id: str, created: i
     }
 
 
+class ReasoningText:
+    """The reasoning a client is shown, piece by piece: the model's, and the calls the server
+    ran with their results (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def add(self, piece: Delta | ToolStep) -> str:
+        """The text ``piece`` adds ("" for none)."""
+        if isinstance(piece, ToolStep):
+            call = piece.server_call
+            if piece.kind == "result":
+                label = "error" if piece.error else "result"
+                text = f"\n\n[{call.recipient} {label}]\n{piece.output}\n\n"
+            elif piece.kind == "limit":
+                text = f"\n\n[{call.recipient} not run: the {piece.reason} limit was reached]"
+            else:
+                text = ""
+        elif piece.kind == "server_call" and piece.tool_call is not None:
+            text = ("\n\n" if self.text and not self.text.endswith("\n\n") else "") + (
+                f"[{piece.recipient}]\n"
+            )
+        else:
+            text = piece.text if piece.kind in ("reasoning", "server_call") else ""
+        self.parts.append(text)
+        return text
+
+
+def reasoning_text(turn: Turn) -> str:
+    """All of the turn's reasoning as the client is shown it."""
+    shown = ReasoningText()
+    for piece in turn.deltas:
+        shown.add(piece)
+    return shown.text
+
+
 def response(turn: Turn, req: ChatRequest, state: ServerState) -> dict:
     """The ``chat.completion`` object for a finished turn."""
-    state.remember(turn)
+    reasoning = reasoning_text(turn)
+    state.remember(turn, reasoning)
     message: dict[str, Any] = {"role": "assistant", "content": turn.content_text}
     if turn.calls and not turn.content_text:
         message["content"] = None
-    if turn.reasoning_text and not req.exclude_reasoning:
-        message[state.options.reasoning_format] = turn.reasoning_text
+    if reasoning and not req.exclude_reasoning:
+        message[state.options.reasoning_format] = reasoning
     if turn.calls:
         message["tool_calls"] = turn.tool_calls
     choice = {
@@ -127,8 +179,6 @@ def response(turn: Turn, req: ChatRequest, state: ServerState) -> dict:
 
 
 def _delta(d: Delta, state: ServerState) -> dict:
-    if d.kind == "reasoning":
-        return {state.options.reasoning_format: d.text}
     if d.kind == "content":
         return {"content": d.text}
     call: dict[str, Any] = {"index": d.tool_call_index, "function": {"arguments": d.text}}
@@ -160,18 +210,21 @@ async def stream(job: Job, turn: Turn, req: ChatRequest, state: ServerState) -> 
         return sse(out)
 
     yield chunk({"role": "assistant", "content": ""})
+    shown = ReasoningText()
     try:
         async for event in job.events():
             for d in turn.add(event):
-                if d.kind == "reasoning" and req.exclude_reasoning:
-                    continue
-                yield chunk(_delta(d, state))
-            if turn.finish is not None:
-                state.remember(turn)
+                if isinstance(d, ToolStep) or d.kind in ("reasoning", "server_call"):
+                    text = shown.add(d)
+                    if text and not req.exclude_reasoning:
+                        yield chunk({state.options.reasoning_format: text})
+                else:
+                    yield chunk(_delta(d, state))
     except Exception as e:  # reported in the stream: the status has been sent
         yield sse(p.describe(e)[1])
         yield "data: [DONE]\n\n"
         return
+    state.remember(turn, shown.text)
     yield chunk({}, turn.finish_reason)
     if req.include_usage:
         yield sse({**header, "choices": [], "usage": usage(turn)})

@@ -19,10 +19,15 @@ from ..errors import GptOssError
 from ..generate import GenerationEvent
 from ..harmony import REASONING_EFFORTS, Delta
 from ..tokenizer import Tokenizer
+from ..tool_loop import DEFAULT_MAX_TOOL_ROUNDS, ToolLoop
+from ..tools import ToolCall as LoopCall
 
 __all__ = [
+    "ClientCall",
     "RequestError",
+    "ServerCall",
     "ServerOptions",
+    "ToolStep",
     "Turn",
     "describe",
     "error_body",
@@ -93,6 +98,8 @@ class ServerOptions:
     max_queue: int = 32
     prompt_cache_bytes: int = 2 << 30
     max_stored_responses: int = 256
+    builtin_tools: Sequence[Any] = ()  # run server-side: "browser", "python" or instances
+    max_tool_rounds: int = DEFAULT_MAX_TOOL_ROUNDS  # calls run in one turn, at most
 
 
 # -- reading request fields -----------------------------------------------------------------------
@@ -267,7 +274,9 @@ def stop_strings(body: Mapping, name: str = "stop") -> list[str]:
 
 
 @dataclass
-class ToolCall:
+class ClientCall:
+    """A call the turn ends on, for the client to run (a function it declared)."""
+
     id: str
     name: str
     arguments: list[str] = field(default_factory=list)
@@ -280,52 +289,154 @@ class ToolCall:
         }
 
 
+@dataclass
+class ServerCall:
+    """A call the server runs (see :mod:`.builtin`) as clients are shown it: ``tool``
+    ``"python"`` or ``"browser"`` (a built-in tool of the request), or ``""`` (a tool that does
+    not exist: the model reads an error). ``status``: ``in_progress`` while the model writes it,
+    ``interpreting`` / ``searching`` while it runs, then ``completed``, ``failed`` (the model read
+    an error) or ``incomplete`` (not run: a limit was reached)."""
+
+    id: str  # ci_... (python), ws_... (browser), call_... (no such tool)
+    recipient: str  # as the model wrote it: python, browser.search, ...
+    tool: str
+    arguments: list[str] = field(default_factory=list)
+    status: str = "in_progress"
+    output: str | None = None
+    action: dict | None = None  # the browser's: OpenAI's web_search_call action
+
+    @property
+    def code(self) -> str:
+        return "".join(self.arguments)
+
+
+@dataclass
+class ToolStep:
+    """A server-side call between two rounds, as the worker hands it over (:func:`.builtin.
+    run_turn`): ``run`` (about to run; ``action`` for a browser call, from its arguments),
+    ``result`` (``output``, ``error``; ``tokens``: what it added to the conversation, the tool's
+    message and the next ``<|start|>assistant``; ``action`` with what the browser showed) or
+    ``limit`` (not run, ``reason`` ``max_tool_calls`` or ``max_tokens``: the turn ends on it).
+    :meth:`Turn.add` gives it back with ``server_call``, the call it is about."""
+
+    kind: str
+    call: LoopCall
+    output: str = ""
+    error: bool = False
+    tokens: list[int] = field(default_factory=list)
+    action: dict | None = None
+    reason: str | None = None
+    server_call: ServerCall | None = None
+
+
+RUNNING = {"python": "interpreting", "browser": "searching", "": "in_progress"}
+ID_PREFIX = {"python": "ci", "browser": "ws", "": "call"}
+
+
 class Turn:
     """An assistant turn as the client sees it, built from the generation's events.
 
-    :meth:`add` takes an event and returns its deltas with tool calls renamed to server-unique
-    ids (``call_...``), which are what the client is given and what ``TurnMemory`` keys on.
+    :meth:`add` takes an event and returns its pieces: harmony deltas, client calls renamed to
+    server-unique ids (``call_...``, what the client is given and what ``TurnMemory`` keys on),
+    the calls the server runs as deltas of kind ``server_call`` (ids ``ci_...``, ``ws_...``; the
+    opening one's ``tool_call`` says which ``tool``), and :class:`ToolStep` s. With
+    ``tool_loop`` (a request whose built-in tools the server runs) the turn may take several
+    rounds: ``completion`` holds what the model wrote in all of them, ``tokens`` everything after
+    the prompt (tool results and headers too).
     """
 
-    def __init__(self, prompt_tokens: int, tokenizer: Tokenizer, logprobs: int | None = None):
+    def __init__(
+        self,
+        prompt_tokens: int,
+        tokenizer: Tokenizer,
+        logprobs: int | None = None,
+        tool_loop: ToolLoop | None = None,
+    ):
         self.prompt_tokens = prompt_tokens
         self.tokenizer = tokenizer
         self.logprobs = logprobs
+        self.tool_loop = tool_loop
         self.reasoning: list[str] = []
         self.content: list[str] = []
-        self.calls: list[ToolCall] = []
-        self.completion: list[int] = []
+        self.calls: list[ClientCall] = []
+        self.server_calls: list[ServerCall] = []
+        self.completion: list[int] = []  # the model's tokens, all rounds
+        self.tokens: list[int] = []  # the turn after the prompt: the model's and the tools'
+        self.read_tokens = 0  # tool results and headers fed between rounds
         self.reasoning_tokens = 0
-        self.prefilled: int | None = None
+        self.prefilled: int | None = None  # of the prompt (the first round)
         self.finish: str | None = None
+        self.limit: str | None = None  # why a call was not run (ToolStep.reason)
         self.token_logprobs: list[dict] = []  # of the answer's tokens (OpenAI's logprobs.content)
-        self.deltas: list[Delta] = []  # all of them, tool calls under the server's ids
+        self.deltas: list[Delta | ToolStep] = []  # all pieces, calls under the server's ids
+        self._writing: ClientCall | ServerCall | None = None  # the call being written
 
-    def add(self, event: GenerationEvent) -> list[Delta]:
+    def add(self, event: GenerationEvent | ToolStep) -> list[Delta | ToolStep]:
+        if isinstance(event, ToolStep):
+            out = [self._step(event)]
+        else:
+            out = self._token(event)
+        self.deltas += out
+        return out
+
+    def _token(self, event: GenerationEvent) -> list[Delta]:
         self.completion.append(event.token)
+        self.tokens.append(event.token)
         self.reasoning_tokens += event.part == "reasoning"
         if self.logprobs is not None and event.part == "content":
             self.token_logprobs.append(self._logprob_entry(event))
         out = []
         for d in event.deltas:
             if d.kind == "tool_call" and d.tool_call is not None:
-                call = ToolCall(new_id("call"), d.tool_call["name"])
-                self.calls.append(call)
-                d = replace(d, tool_call={**d.tool_call, "id": call.id})
-            if d.kind == "tool_call":
-                self.calls[-1].arguments.append(d.text)
+                d = self._open_call(d)
+            if d.kind == "tool_call" and isinstance(self._writing, ServerCall):
+                d = replace(d, kind="server_call")
+            if d.kind in ("tool_call", "server_call"):
+                self._writing.arguments.append(d.text)
             elif d.kind == "reasoning":
                 self.reasoning.append(d.text)
             else:
                 self.content.append(d.text)
             out.append(d)
-        self.deltas += out
         if event.stats is not None:
-            self.prefilled = event.stats.prompt_tokens
+            if self.prefilled is None:  # the first round's: the prompt's tokens not cached
+                self.prefilled = event.stats.prompt_tokens
             self.finish = event.finish_reason
         return out
 
-    def _token(self, token: int, logprob: float) -> dict:
+    def _open_call(self, d: Delta) -> Delta:
+        """A call begins: the server's if its tool loop answers it, else the client's."""
+        loop = self.tool_loop
+        if loop is not None and loop.answers(LoopCall("", d.recipient or "", "")):
+            namespace = (d.recipient or "").split(".", 1)[0]
+            tool = namespace if namespace in loop.builtin else ""
+            call = ServerCall(new_id(ID_PREFIX[tool]), d.recipient or "", tool)
+            self.server_calls.append(call)
+            self._writing = call
+            opened = {**d.tool_call, "id": call.id, "tool": tool}
+            return replace(d, kind="server_call", tool_call=opened)
+        call = ClientCall(new_id("call"), d.tool_call["name"])
+        self.calls.append(call)
+        self._writing = call
+        return replace(d, tool_call={**d.tool_call, "id": call.id})
+
+    def _step(self, step: ToolStep) -> ToolStep:
+        call = self.server_calls[-1]  # the loop runs the call the last round ended on
+        if step.action is not None:
+            call.action = step.action
+        if step.kind == "run":
+            call.status = RUNNING[call.tool]
+        elif step.kind == "result":
+            call.status = "failed" if step.error else "completed"
+            call.output = step.output
+            self.tokens += step.tokens
+            self.read_tokens += len(step.tokens)
+        else:
+            call.status = "incomplete"
+            self.limit = step.reason
+        return replace(step, server_call=call)
+
+    def _token_entry(self, token: int, logprob: float) -> dict:
         raw = self.tokenizer.token_bytes(token)
         return {
             "token": raw.decode("utf-8", errors="replace"),
@@ -334,13 +445,16 @@ class Turn:
         }
 
     def _logprob_entry(self, event: GenerationEvent) -> dict:
-        entry = self._token(event.token, event.logprob)
-        entry["top_logprobs"] = [self._token(t, lp) for t, lp in event.top_logprobs or ()]
+        entry = self._token_entry(event.token, event.logprob)
+        entry["top_logprobs"] = [self._token_entry(t, lp) for t, lp in event.top_logprobs or ()]
         return entry
 
     @property
     def finish_reason(self) -> str | None:
-        """OpenAI's: ``tool_calls`` when the turn called tools, else ``stop`` / ``length``."""
+        """OpenAI's: ``tool_calls`` when the turn ends on client calls, ``length`` at the token
+        limit or when a limit stopped a server-side call, else ``stop``."""
+        if self.limit is not None:
+            return "length"
         if self.calls and self.finish != "length":
             return "tool_calls"
         return self.finish
@@ -358,5 +472,11 @@ class Turn:
         return [c.to_openai() for c in self.calls]
 
     @property
+    def input_tokens(self) -> int:
+        """Tokens the model read: the prompt, and the tool results between rounds."""
+        return self.prompt_tokens + self.read_tokens
+
+    @property
     def cached_tokens(self) -> int:
+        """The prompt's tokens that came from the prompt cache (tool results never do)."""
         return self.prompt_tokens - (self.prefilled or 0)

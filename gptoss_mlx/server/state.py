@@ -1,5 +1,5 @@
 """What one server holds: the model and tokenizer, its options, the prompt cache and the worker
-that owns them, the turns it generated and the responses it stored."""
+that owns them, the built-in tools it runs, the turns it generated and the responses it stored."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from ..errors import GptOssError
 from ..generate import GenerationEvent, LanguageModel, check_context
 from ..prompt_cache import PromptCache
 from ..tokenizer import Tokenizer
+from ..tool_loop import ToolLoop
 from ..turn_memory import TurnMemory
-from .protocol import RequestError, ServerOptions, Turn
+from .builtin import ServerTools, run_turn
+from .protocol import RequestError, ServerOptions, ToolStep, Turn
 from .worker import Job, Worker
 
 __all__ = ["ServerState"]
@@ -52,10 +54,16 @@ class ServerState:
         self.prompt_cache = PromptCache(
             model, options.prompt_cache_bytes, boundary_token=tokenizer.start_id
         )
+        self.tools = ServerTools(options.builtin_tools, options.max_tool_rounds)
         self.worker = Worker(self._generate, options.max_queue)
 
-    def _generate(self, prompt: list[int], options: dict[str, Any]) -> Iterator[GenerationEvent]:
+    def _generate(self, job: Job) -> Iterator[GenerationEvent | ToolStep]:
         """Runs on the worker thread: the only place the model is used."""
+        if job.tool_loop is None:
+            return self._stream(job.prompt, job.options)
+        return run_turn(job.tool_loop, job.prompt, job.options, self._stream)
+
+    def _stream(self, prompt: list[int], options: dict[str, Any]) -> Iterator[GenerationEvent]:
         return self.prompt_cache.stream_generate(prompt, tokenizer=self.tokenizer, **options)
 
     def render(
@@ -64,15 +72,18 @@ class ServerState:
         reasoning_effort: str,
         tools: list[dict] | None = None,
         response_format: Mapping | None = None,
+        builtin: Sequence[str] = (),
     ) -> list[int]:
-        """The harmony prompt for a request's messages, the turns this server generated
-        rendered as the model wrote them (see ``TurnMemory``)."""
+        """The harmony prompt for a request's messages (with the built-in tools ``builtin``
+        declared), the turns this server generated rendered as the model wrote them (see
+        ``TurnMemory``)."""
         try:
             prompt = harmony.render_prompt(
                 self.turns.restore(messages),
                 tools=tools,
                 reasoning_effort=reasoning_effort,
                 response_format=response_format,
+                builtin_tools=self.tools.namespaces(builtin),
                 tokenizer=self.tokenizer,
             )
         except RequestError:
@@ -85,14 +96,29 @@ class ServerState:
             raise RequestError(str(e), param="messages", code="context_length_exceeded") from None
         return prompt
 
-    def submit(self, prompt: list[int], options: dict[str, Any]) -> Job:
+    def tool_loop(
+        self, builtin: Sequence[str], functions: list[dict] | None, max_tool_rounds: int
+    ) -> ToolLoop | None:
+        """The tool loop of a request that gets the built-in tools ``builtin`` (None: none)."""
+        if not builtin:
+            return None
+        return self.tools.loop(builtin, functions, max_tool_rounds, self.tokenizer)
+
+    def submit(
+        self, prompt: list[int], options: dict[str, Any], tool_loop: ToolLoop | None = None
+    ) -> Job:
         """Queue a generation (from the event loop); :class:`QueueFull` when the queue is."""
-        job = Job(prompt, options)
+        job = Job(prompt, options, tool_loop)
         self.worker.submit(job)
         return job
 
-    def remember(self, turn: Turn) -> None:
-        """Keep a finished turn so that it renders as written when a client sends it back."""
+    def remember(self, turn: Turn, reasoning: str) -> None:
+        """Keep a finished turn so that it renders as written when a client sends it back:
+        ``reasoning`` as the client was shown it, the calls the server ran by their ids."""
         self.turns.remember(
-            turn.completion, turn.reasoning_text, turn.content_text, turn.tool_calls
+            turn.tokens,
+            reasoning,
+            turn.content_text,
+            turn.tool_calls,
+            [c.id for c in turn.server_calls],
         )

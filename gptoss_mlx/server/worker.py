@@ -1,10 +1,12 @@
 """One worker thread owns the model: requests queue FIFO and run one at a time.
 
-HTTP handlers only parse, :meth:`Worker.submit` a :class:`Job` (prompt ids and generation
-keywords) and read its events from the event loop (:meth:`Job.events`). The worker runs each job
-through ``generate(prompt, options)`` (the prompt cache's ``stream_generate``) and hands over
-every event as it comes; between two tokens it checks the job's cancel flag, so a client that
-goes away stops its generation within a token and frees the model for the next request.
+HTTP handlers only parse, :meth:`Worker.submit` a :class:`Job` (prompt ids, generation keywords
+and, for a request whose built-in tools the server runs, its tool loop) and read its events from
+the event loop (:meth:`Job.events`). The worker runs each job through ``generate(job)`` (the
+prompt cache's ``stream_generate``, round after round with a tool loop) and hands over every
+event as it comes; between two events it checks the job's cancel flag, so a client that goes
+away stops its generation within a token (or before the next tool call runs) and frees the model
+for the next request.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Any
 
 from ..errors import GptOssError
 from ..generate import GenerationEvent
-from .protocol import RequestError
+from ..tool_loop import ToolLoop
+from .protocol import RequestError, ToolStep
 
 __all__ = ["Job", "QueueFull", "Worker"]
 
@@ -36,11 +39,13 @@ class QueueFull(RequestError):
 
 class Job:
     """A generation to run: ``prompt`` (token ids) with ``options`` (``stream_generate``
-    keywords). Its events reach the event loop that created it, in order; the worker's exception,
-    if any, is raised there after them."""
+    keywords), through ``tool_loop`` when the server runs tools for it. Its events reach the event
+    loop that created it, in order; the worker's exception, if any, is raised there after them."""
 
-    def __init__(self, prompt: list[int], options: dict[str, Any]) -> None:
-        self.prompt, self.options = prompt, options
+    def __init__(
+        self, prompt: list[int], options: dict[str, Any], tool_loop: ToolLoop | None = None
+    ) -> None:
+        self.prompt, self.options, self.tool_loop = prompt, options, tool_loop
         self._loop = asyncio.get_running_loop()
         self._items: collections.deque = collections.deque()
         self._lock = threading.Lock()
@@ -67,7 +72,7 @@ class Job:
             except RuntimeError:  # the event loop is gone: nobody is listening any more
                 self.cancel()
 
-    async def events(self) -> AsyncIterator[GenerationEvent]:
+    async def events(self) -> AsyncIterator[GenerationEvent | ToolStep]:
         """The job's events as they are generated (the loop wakes only when it has to wait)."""
         while True:
             with self._lock:
@@ -88,7 +93,7 @@ class Job:
 
 
 class Worker:
-    """The thread that runs :class:`Job` s one after another through ``generate``.
+    """The thread that runs :class:`Job` s one after another through ``generate(job)``.
 
     At most ``max_queue`` jobs wait while one runs; :meth:`submit` raises :class:`QueueFull`
     beyond. The thread starts with the first job.
@@ -96,7 +101,7 @@ class Worker:
 
     def __init__(
         self,
-        generate: Callable[[list[int], dict[str, Any]], Iterator[GenerationEvent]],
+        generate: Callable[[Job], Iterator[GenerationEvent | ToolStep]],
         max_queue: int,
     ) -> None:
         self.generate = generate
@@ -154,7 +159,7 @@ class Worker:
 
     def _run_job(self, job: Job) -> None:
         try:
-            events = self.generate(job.prompt, job.options)
+            events = self.generate(job)
             try:
                 for event in events:
                     job.put(event)

@@ -55,9 +55,9 @@ class BuiltinTool(ABC):
     """A built-in tool: a namespace the system message declares, run by the session.
 
     Subclasses give ``name`` (the namespace, e.g. ``"browser"``), :meth:`namespace` (the
-    declaration, whose description must be true of what :meth:`run` does), :meth:`run`, and may
-    keep state between calls (pages, a Python session): :meth:`reset` forgets it, :meth:`close`
-    releases what it holds (processes, files).
+    declaration, whose description must be true of what :meth:`run` does), :meth:`run` and
+    :meth:`fresh`, and may keep state between calls (pages, a Python session): :meth:`reset`
+    forgets it, :meth:`close` releases what it holds (processes, files).
     """
 
     name: str
@@ -69,6 +69,11 @@ class BuiltinTool(ABC):
     @abstractmethod
     def run(self, call: ToolCall) -> str:
         """The text the model reads back; raise :class:`ToolError` for a failure."""
+
+    @abstractmethod
+    def fresh(self) -> BuiltinTool:
+        """A new instance with this one's configuration and none of its state (a server gives
+        each request its own, so that no two clients share pages or a Python process)."""
 
     def reset(self) -> None:  # noqa: B027 (optional: a tool without state has nothing to do)
         """Forget what earlier calls left (a new conversation)."""

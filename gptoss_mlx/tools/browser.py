@@ -347,6 +347,20 @@ class Browser(BuiltinTool):
         self.stack: list[tuple[Page, int]] = []  # (page, first line shown) per cursor
         self.pages: dict[str, Page] = {}  # by URL, fetched pages only
 
+    def fresh(self) -> Browser:
+        """A browser with this one's settings and search backend (shared: it keeps no state),
+        no pages open."""
+        return Browser(
+            search=self.backend,
+            timeout=self.timeout,
+            max_page_bytes=self.max_page_bytes,
+            max_redirects=self.max_redirects,
+            view_chars=self.view_chars,
+            line_width=self.line_width,
+            allow_private_network=self.allow_private_network,
+            user_agent=self.user_agent,
+        )
+
     # -- the functions ---------------------------------------------------------------------------
 
     def run(self, call: ToolCall) -> str:

@@ -1,7 +1,9 @@
 """The ``python`` built-in tool: the model's code in a separate, limited process.
 
 One worker process per tool (per chat session) keeps its variables between calls, like a notebook
-kernel (:mod:`.python_worker`). Every run is bounded:
+kernel (:mod:`.python_worker`); with ``scope="reply"`` (a server: one tool per request, see
+:meth:`Python.fresh`) the description says that the session lasts until the model answers or calls
+a function. Every run is bounded:
 
 * **time**: ``timeout`` seconds of wall-clock time per call; past it the worker is killed (its
   children too) and the next call starts a fresh one, so the state is lost, and the model is told;
@@ -54,6 +56,9 @@ from .base import BuiltinTool, ToolCall, ToolError
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "python_worker.py")
 SANDBOXES = ("auto", "bwrap", "unshare", "sandbox-exec", "none")
+# How long a session lasts, as the description tells the model: the whole conversation (a chat
+# session's tool), or one reply (a server's tool, made for each request).
+SCOPES = ("conversation", "reply")
 # Where the kernel enforces RLIMIT_AS; elsewhere (macOS) a watchdog polls resident memory.
 RLIMIT_AS_ENFORCED = sys.platform.startswith("linux")
 _POLL = 0.05  # seconds between checks of a running call (done? memory?)
@@ -204,7 +209,9 @@ class Python(BuiltinTool):
     ``sandbox`` one of ``"auto"`` (the strongest that works here), ``"bwrap"``, ``"unshare"``,
     ``"sandbox-exec"``, ``"none"``; ``env`` extra environment variables for the code
     (nothing of the parent's environment is passed otherwise). See the module docstring for what
-    each limit and sandbox does on each platform.
+    each limit and sandbox does on each platform. ``scope`` says how long the session lasts:
+    ``"conversation"`` (as long as this tool) or ``"reply"`` (a server making one tool per
+    request with :meth:`fresh`: the session ends when the model answers or calls a function).
     """
 
     name = "python"
@@ -217,6 +224,7 @@ class Python(BuiltinTool):
         max_output_chars: int = 10_000,
         sandbox: str = "auto",
         env: Mapping[str, str] | None = None,
+        scope: str = "conversation",
     ) -> None:
         if not timeout > 0:
             raise GptOssError(f"the python tool's timeout must be > 0 seconds, got {timeout!r}")
@@ -226,6 +234,8 @@ class Python(BuiltinTool):
             raise GptOssError("the python tool's max_output_chars must be at least 100")
         if sandbox not in SANDBOXES:
             raise GptOssError(f"sandbox must be one of {', '.join(SANDBOXES)}, got {sandbox!r}")
+        if scope not in SCOPES:
+            raise GptOssError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
         if sandbox == "auto":
             candidates = ["sandbox-exec"] if sys.platform == "darwin" else ["bwrap", "unshare"]
             sandbox = next((s for s in candidates if sandbox_available(s)), "none")
@@ -239,6 +249,7 @@ class Python(BuiltinTool):
         self.memory_limit = int(memory_limit)
         self.max_output_chars = int(max_output_chars)
         self.extra_env = dict(env or {})
+        self.scope = scope
         self.scratch = tempfile.mkdtemp(prefix="gptoss-python-")
         self._worker: _Worker | None = None
         self._finalizer = weakref.finalize(self, Python._cleanup, [None], self.scratch)
@@ -253,11 +264,15 @@ class Python(BuiltinTool):
             else "Internet access for this session is not blocked."
         )
         files = (
-            "The current working directory is a scratch directory for this conversation: save "
-            "files there; writing anywhere else is not allowed."
-            if self.isolation.writes
-            else "The current working directory is a scratch directory for this conversation: "
-            "save files there."
+            f"The current working directory is a scratch directory for this {self.scope}: save "
+            "files there"
+            + ("; writing anywhere else is not allowed." if self.isolation.writes else ".")
+        )
+        lasting = (
+            "like in a Jupyter notebook"
+            if self.scope == "conversation"
+            else "like in a Jupyter notebook, until you answer or call a function: after that a "
+            "fresh session starts, with nothing defined and an empty working directory"
         )
         return (
             "Use this tool to execute Python code in your chain of thought. This tool should be "
@@ -265,7 +280,7 @@ class Python(BuiltinTool):
             "user (e.g. when creating plots, tables, or files).\n\n"
             "When you send a message containing Python code to python, it will be executed in a "
             "stateful Python session: variables, functions and imports persist between calls, "
-            "like in a Jupyter notebook. python will respond with the output of the execution "
+            f"{lasting}. python will respond with the output of the execution "
             "(stdout, stderr and the value of a final expression) or time out after "
             f"{self.timeout:g} seconds, which restarts the session and loses its state. "
             f"Memory is limited to {self.memory_limit // 1024**2} MB. Output longer than "
@@ -274,6 +289,18 @@ class Python(BuiltinTool):
 
     def namespace(self) -> ToolNamespace:
         return ToolNamespace("python", self.describe())
+
+    def fresh(self, *, scope: str | None = None) -> Python:
+        """A new tool with this one's limits and sandbox (``scope`` changed if given): its own
+        scratch directory, no session yet."""
+        return Python(
+            timeout=self.timeout,
+            memory_limit=self.memory_limit,
+            max_output_chars=self.max_output_chars,
+            sandbox=self.isolation.name,
+            env=self.extra_env,
+            scope=scope or self.scope,
+        )
 
     # -- running ---------------------------------------------------------------------------------
 
