@@ -201,10 +201,14 @@ def check_context(model: LanguageModel, length: int, held: int = 0) -> None:
     if context is not None and held + length >= context:
         capped = getattr(model, "max_context", None) == context
         before = f" after the {held} already in the cache" if held else ""
-        limit = f"--max-context {context}" if capped else f"the model's context, {context}"
+        limit = (
+            f"the context is {context} (--max-context {context})"
+            if capped
+            else (f"the model's context is {context}")
+        )
         raise GptOssError(
-            f"the prompt is {length} tokens{before}, which leaves no room for the reply in "
-            f"{limit}: shorten the conversation" + (" or raise --max-context" if capped else "")
+            f"the prompt is {length} tokens{before}, {limit}: shorten the conversation so that "
+            "it leaves room for the reply" + (", or raise --max-context" if capped else "")
         )
 
 
