@@ -263,3 +263,19 @@ def test_the_16gb_mac_section_quotes_the_planner():
         in readme
     )
     assert gb(full.total) in readme
+
+
+@pytest.mark.parametrize("recommended", [10**12, 10**6])  # more than the plan needs, less
+def test_on_a_mac_the_wired_limit_is_what_the_plan_needs_within_the_recommended_set(
+    experts32_dir, monkeypatch, recommended
+):
+    """A Mac described to the planner: the wired limit set at load is the plan's total, or
+    Metal's recommended working set when that is smaller (mlx-lm wires the whole set)."""
+    mac = {"physical": 2 * 10**12, "metal": True, "recommended": recommended, "wired_limit_mb": 0}
+    monkeypatch.setattr(memory, "machine_memory", lambda: mac)
+    wired = []
+    monkeypatch.setattr(mx, "set_wired_limit", lambda n: wired.append(n) or 0)
+    model = load_model(experts32_dir, "float32", max_context=256)
+    assert wired == [
+        recommended if recommended < model.memory_plan.total else model.memory_plan.total
+    ]
