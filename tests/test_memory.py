@@ -279,3 +279,18 @@ def test_on_a_mac_the_wired_limit_is_what_the_plan_needs_within_the_recommended_
     assert wired == [
         recommended if recommended < model.memory_plan.total else model.memory_plan.total
     ]
+
+
+def test_serve_loads_with_the_memory_options(o200k_experts_dir, monkeypatch):
+    """`serve` takes the same memory flags as generate, chat and bench (their README examples
+    run them) and serves the model they load."""
+    served = []
+    monkeypatch.setattr(cli, "create_app", lambda model, tok, **kw: served.append(model))
+    monkeypatch.setattr(cli.uvicorn, "run", lambda app, **kw: None)
+    args = ["serve", "-m", o200k_experts_dir, "--dense-bits", "16", "--kv-bits", "8"]
+    args += ["--expert-cache", "8", "--max-context", "512", "--resident-embedding"]
+    r = CliRunner().invoke(cli.main, args)
+    assert r.exit_code == 0, r.output
+    settings = served[0].memory_plan.settings
+    assert (settings.dense_bits, settings.kv_bits, settings.expert_cache) == (16, 8, 8)
+    assert (settings.max_context, settings.embedding_from_disk) == (512, False)
