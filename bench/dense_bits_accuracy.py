@@ -52,7 +52,7 @@ def main() -> None:
         logits = {}
         for bits in (16, 8, 4):
             dst = convert(f"{tmp}/src", f"{tmp}/q{bits}", dense_bits=bits)
-            logits[bits] = np.array(load_model(dst, dtype="float32")(ids))
+            logits[bits] = np.array(load_model(dst, dtype="float32", dense_bits=bits)(ids))
     ref = logits[16]
     print(
         f"test model: {TEST_MODEL.num_hidden_layers} layers, hidden {TEST_MODEL.hidden_size}, "

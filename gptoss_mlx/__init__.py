@@ -1,6 +1,7 @@
 """gptoss-mlx: OpenAI's gpt-oss models on Apple Silicon with MLX.
 
-The public API: `load_model` (and, with the tokenizer, `load`), `stream_generate`, `generate`,
+The public API: `load_model` (and, with the tokenizer, `load`; `plan_memory` plans what they will
+hold, before loading), `stream_generate`, `generate`,
 `ChatSession` (multi-turn chat keeping the KV cache, running tools), `ToolLoop` (the tool loop on
 its own, for other sessions), `tools` (function tools, `Browser`, `Python`), `PromptCache` (KV
 caches of recent conversations, reused across requests), `convert`, `Benchmark`, `harmony`,
@@ -18,7 +19,8 @@ from .constrain import check_response_format
 from .convert import convert
 from .errors import GptOssError
 from .generate import GenerationEvent, GenerationStats, generate, stream_generate
-from .loading import load, load_model
+from .loading import load, load_model, plan_memory
+from .memory import MemoryPlan, MemorySettings
 from .model import GptOssModel
 from .prompt_cache import PromptCache
 from .sample import check_sampling, make_sampler
@@ -32,6 +34,8 @@ __all__ = [
     "GenerationStats",
     "GptOssError",
     "GptOssModel",
+    "MemoryPlan",
+    "MemorySettings",
     "ModelConfig",
     "PromptCache",
     "StreamingDetokenizer",
@@ -47,6 +51,7 @@ __all__ = [
     "load",
     "load_model",
     "make_sampler",
+    "plan_memory",
     "preset",
     "stream_generate",
     "tools",

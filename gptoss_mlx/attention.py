@@ -8,7 +8,9 @@ For query head h (reading KV head h // group) and keys j in its window:
 The sink joins the softmax denominator unscaled and has no value vector. Sliding layers see the
 `window` keys ending at the query (itself included), full layers every earlier key. The kernels
 take the op where they apply (`kernels.attend`); elsewhere it is `ops.attention`, which computes a
-long chunk on a sliding layer in blocks of `window` queries (`ops.banded_attention`).
+long chunk on a sliding layer in blocks of `window` queries (`ops.banded_attention`). A decoded
+token over a quantized cache (`--kv-bits`) takes `ops.quantized_attention`, which reads the packed
+keys and values directly (the kernels read plain buffers only).
 """
 
 from __future__ import annotations
@@ -61,10 +63,13 @@ class Attention(nn.Module, kernels.UsesKernels):
         if last_only and isinstance(mask, mx.array):  # a [T, S] band: keep the last query's row
             mask = mask[-1:]
         sinks = self.sinks.astype(q.dtype)
-        decode_offset = cache.offset if isinstance(cache, DecodeSlot) else None
-        out = kernels.attend(
-            self.backend, q, k, v, sinks, self.scale, self.window, decode_offset
-        )  # the decode / banded kernels, or None
-        if out is None:
-            out = ops.attention(q, k, v, sinks, self.scale, mask, self.window)
+        if isinstance(k, ops.QuantizedKV):  # a decoded token over a quantized cache buffer
+            out = ops.quantized_attention(q, k, v, sinks, self.scale, mask)
+        else:
+            decode_offset = cache.offset if isinstance(cache, DecodeSlot) else None
+            out = kernels.attend(
+                self.backend, q, k, v, sinks, self.scale, self.window, decode_offset
+            )  # the decode / banded kernels, or None
+            if out is None:
+                out = ops.attention(q, k, v, sinks, self.scale, mask, self.window)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, Tq, -1))

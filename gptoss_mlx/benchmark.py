@@ -4,9 +4,14 @@ Every figure is measured on this machine with the engine's real generator (`stre
 greedy, no tokenizer) on random prompt tokens; nothing is estimated except the bandwidth ceiling,
 which is `bandwidth / weight bytes read per decoded token` and is labelled as such.
 
-With `compare="mlx-lm"` the same weights (the same arrays in memory, in the published layout) run
-through mlx-lm's gpt-oss model and `generate_step` in this process, alternating runs, and the
-table shows ours / theirs.
+With `compare="mlx-lm"` the same weights (the same arrays in memory, in the published layout, the
+dense layers quantized as ours are) run through mlx-lm's gpt-oss model and `generate_step` in this
+process, alternating runs, and the table shows ours / theirs.
+
+The memory settings are `load`'s (`dense_bits`, `kv_bits`, `expert_cache`, ...; 8-bit dense
+weights by default) and the report names them. Synthetic weights live in memory, so their
+embedding stays resident; with an expert cache they are first written to a temporary checkpoint,
+which the cache reads from.
 
 With a distributed `group` (one rank of several, see `gptoss_mlx.distributed`) every rank runs the
 same measurements on its shard; the result adds what each rank holds and the collectives one
@@ -21,9 +26,11 @@ from __future__ import annotations
 import collections
 import importlib
 import os
+import shutil
 import statistics
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,16 +40,18 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import kernels
+from . import kernels, memory
 from .config import ModelConfig, preset
 from .distributed import Group, leader_token
 from .errors import GptOssError
 from .generate import stream_generate
 from .hub import resolve_model_path
 from .loading import build_model, load_model, parse_dtype
+from .memory import MemorySettings
 from .model import GptOssModel
 from .progress import progress_bar
-from .synthetic import hf_config_json, random_checkpoint
+from .quantize import quantize_dense, quantized_layers
+from .synthetic import hf_config_json, random_checkpoint, save_checkpoint
 from .weights import checkpoint_from_tensors, find_weights_folder, read_checkpoint
 
 # A CPU-sized proxy of gpt-oss: real head geometry (64-dim heads, 8 query heads per KV
@@ -89,6 +98,8 @@ class RunResult:
     decode_tps: float
     ttft_s: float
     peak_memory_bytes: int
+    disk_bytes_per_token: float = 0.0  # read by an expert cache, per decoded token
+    expert_hit_rate: float | None = None  # decode, with an expert cache
 
 
 @dataclass
@@ -122,18 +133,19 @@ def chip_bandwidth(chip: str | None) -> float | None:
 
 
 def weight_bytes_per_token(model: GptOssModel) -> int:
-    """Weight bytes one decoded token reads: all dense layers, k experts per layer, the whole
-    unembedding and one embedding row (KV-cache reads come on top and grow with the context).
+    """Weight bytes one decoded token reads: all dense layers, k experts per layer (of E resident,
+    or of an expert cache's slots), the whole unembedding and one embedding row (from memory or
+    from disk). KV-cache reads come on top and grow with the context.
 
     On one rank of several, k of its own experts per layer: the pairs routed to other ranks run
     a local stand-in (see `distributed.ExpertShard.localize`), so each rank reads what one
     process would, less where a stand-in repeats an expert the token reads anyway.
     """
     c = model.config
-    total = 0
+    total = getattr(model.embed_tokens, "row_bytes", 0)  # an embedding read from disk
     for name, array in tree_flatten(model.parameters()):
-        if ".mlp.experts." in name:  # [experts held, ...]
-            total += array.nbytes * min(c.experts_per_token, array.shape[0]) // array.shape[0]
+        if ".mlp.experts." in name:  # [experts held (or slots), ...]
+            total += array.nbytes // array.shape[0] * min(c.experts_per_token, array.shape[0])
         elif name.startswith("embed_tokens."):
             total += array.nbytes // c.vocab_size
         else:
@@ -217,7 +229,7 @@ class _Ours:
             self.model, prompt, max_tokens=gen_tokens, temperature=0.0, stop_tokens=()
         ):
             stats = event.stats
-        return RunResult(
+        result = RunResult(
             self.name,
             len(prompt),
             stats.generation_tokens,
@@ -226,6 +238,12 @@ class _Ours:
             stats.time_to_first_token,
             stats.peak_memory,
         )
+        if stats.expert_cache is not None:
+            decode = stats.expert_cache["decode"]
+            steps = max(stats.generation_tokens - 1, 1)  # tokens fed through the decode step
+            result.disk_bytes_per_token = decode["bytes_read"] / steps
+            result.expert_hit_rate = decode["hits"] / max(decode["hits"] + decode["misses"], 1)
+        return result
 
     def primitives(self) -> collections.Counter:
         return decode_step_primitives(self.model, self.model.make_cache)
@@ -242,8 +260,11 @@ class _MlxLm:
         self._make_prompt_cache = _import_mlx_lm("mlx_lm.models.cache").make_prompt_cache
 
     @classmethod
-    def from_tensors(cls, tensors: dict, config_json: dict, dtype: mx.Dtype) -> _MlxLm:
-        """The same published-layout tensors, loaded as mlx-lm loads a checkpoint."""
+    def from_tensors(
+        cls, tensors: dict, config_json: dict, dtype: mx.Dtype, dense_bits: int
+    ) -> _MlxLm:
+        """The same published-layout tensors, loaded as mlx-lm loads a checkpoint, the dense
+        layers quantized as ours are (`quantize.quantize_dense`: the same MLX quantization)."""
         gpt_oss = _import_mlx_lm("mlx_lm.models.gpt_oss")
         model = gpt_oss.Model(gpt_oss.ModelArgs.from_dict(config_json))
         weights = model.sanitize(dict(tensors))
@@ -259,12 +280,16 @@ class _MlxLm:
             for k, v in weights.items()
         }
         model.load_weights(list(weights.items()))
+        quantize_dense(model, dense_bits)
         mx.eval(model.parameters())
         return cls(model)
 
     @classmethod
-    def from_folder(cls, folder: str) -> _MlxLm:
+    def from_folder(cls, folder: str, dense_bits: int) -> _MlxLm:
         model, _ = _import_mlx_lm("mlx_lm.utils").load_model(Path(folder))
+        if not quantized_layers(model):  # dense weights stored unquantized: quantize as ours
+            quantize_dense(model, dense_bits)
+            mx.eval(model.parameters())
         return cls(model)
 
     def run(self, prompt: list[int], gen_tokens: int) -> RunResult:
@@ -303,22 +328,37 @@ def _import_mlx_lm(module: str) -> ModuleType:
 
 
 def _synthetic(
-    name: str, seed: int, dtype: mx.Dtype, group: Group | None = None
+    name: str,
+    seed: int,
+    dtype: mx.Dtype,
+    settings: MemorySettings,
+    budget: int | None,
+    folder: str,
+    group: Group | None = None,
 ) -> tuple[GptOssModel, dict | None, dict]:
-    """The model of random weights `name`, its tensors (None across ranks: each rank draws and
-    keeps only its share, layer by layer) and its config.json."""
+    """The model of random weights `name` fitted by `settings`, its tensors (None across ranks:
+    each rank draws and keeps only its share, layer by layer) and its config.json. The weights are
+    written to `folder` first when an expert cache must read them from a file."""
     if name not in SYNTHETIC:
         raise GptOssError(f"--synthetic must be one of {', '.join(SYNTHETIC)}, not {name!r}")
     config = SYNTHETIC[name]
     config_json = hf_config_json(config)
+    tensors = None
     if group is not None and group.size() > 1:
         ckpt = checkpoint_from_tensors(
             random_checkpoint(config, seed=seed), config_json, group=group
         )
-        return build_model(ckpt, dtype), None, config_json
-    tensors = random_checkpoint(config, seed=seed)
-    mx.eval(tensors)
-    model = build_model(checkpoint_from_tensors(tensors, config_json), dtype)
+    else:
+        tensors = random_checkpoint(config, seed=seed)
+        mx.eval(tensors)
+        if settings.expert_cache is not None:
+            save_checkpoint(folder, tensors, config_json)
+            ckpt = read_checkpoint(folder)
+        else:
+            ckpt = checkpoint_from_tensors(tensors, config_json)
+    plan = memory.fit(ckpt, dtype, settings, budget, f"synthetic-{name}")
+    model = build_model(ckpt, dtype, settings=plan.settings)
+    model.memory_plan = plan
     return model, tensors, config_json
 
 
@@ -336,10 +376,17 @@ class Benchmark:
         progress: bool = False,
         bandwidth: float | None = None,
         chip: str | None = None,
+        dense_bits: int | None = None,
+        kv_bits: int | None = None,
+        expert_cache: int | str | None = None,
+        embedding_from_disk: bool = True,
+        max_context: int | None = None,
+        memory_budget: float | None = None,
         group: Group | None = None,
     ):
         """`bandwidth`: GB/s for the decode ceiling, else that of `chip` ("M4 Max"), else that
-        of this Mac's chip when known. `group`: the ranks to shard the model over."""
+        of this Mac's chip when known. The memory keywords are `load_model`'s. `group`: the ranks
+        to shard the model over."""
         if (model_path is None) == (synthetic is None):
             raise GptOssError("give exactly one of --model PATH|REPO or --synthetic 20b|120b|tiny")
         if compare not in (None, "mlx-lm"):
@@ -354,13 +401,36 @@ class Benchmark:
         self.label = model_path or f"synthetic-{synthetic}"
         self.seed = seed
         self.progress = progress
+        memory_options = dict(
+            dense_bits=dense_bits,
+            kv_bits=kv_bits,
+            expert_cache=expert_cache,
+            embedding_from_disk=embedding_from_disk,
+            max_context=max_context,
+        )
         if synthetic is not None:
-            model, tensors, config_json = _synthetic(synthetic, seed, dtype, group)
-            theirs = _MlxLm.from_tensors(tensors, config_json, dtype) if compare else None
+            budget = None if memory_budget is None else memory.parse_budget(memory_budget)
+            scratch = tempfile.mkdtemp(prefix="gptoss-bench-")  # removed with the benchmark
+            weakref.finalize(self, shutil.rmtree, scratch, ignore_errors=True)
+            model, tensors, config_json = _synthetic(
+                synthetic, seed, dtype, MemorySettings(**memory_options), budget, scratch, group
+            )
+            dense_bits = model.memory_plan.settings.dense_bits
+            theirs = (
+                _MlxLm.from_tensors(tensors, config_json, dtype, dense_bits) if compare else None
+            )
         else:
             folder = find_weights_folder(resolve_model_path(model_path, progress=progress))
-            model = load_model(folder, dtype=dtype, progress=progress, group=group)
-            theirs = _MlxLm.from_folder(folder) if compare else None
+            model = load_model(
+                folder,
+                dtype=dtype,
+                progress=progress,
+                memory_budget=memory_budget,
+                group=group,
+                **memory_options,
+            )
+            dense_bits = model.memory_plan.settings.dense_bits
+            theirs = _MlxLm.from_folder(folder, dense_bits) if compare else None
         self.model = model
         self.engines = [_Ours(model)] + ([theirs] if theirs else [])
 
@@ -406,6 +476,8 @@ class Benchmark:
             "config": self.model.config.to_hf(),
             "device": str(mx.default_device()),
             "dtype": str(self.dtype),
+            "precision": self.model.describe(),
+            "memory_plan": self.model.memory_plan.to_dict(),
             "device_info": {k: str(v) for k, v in mx.device_info().items()},
             "weight_bytes_per_token": per_token,
             "bandwidth_gbs": bandwidth,
@@ -418,7 +490,13 @@ class Benchmark:
                     "median": {
                         n: {
                             k: s.median(n, k)
-                            for k in ("prompt_tps", "decode_tps", "ttft_s", "peak_memory_bytes")
+                            for k in (
+                                "prompt_tps",
+                                "decode_tps",
+                                "ttft_s",
+                                "peak_memory_bytes",
+                                "disk_bytes_per_token",
+                            )
                         }
                         for n in names
                     },
@@ -536,10 +614,12 @@ def format_table(result: dict) -> str:
     per_token = result["weight_bytes_per_token"]
     bandwidth_gbs = result["bandwidth_gbs"]
     ceiling = result.get("decode_ceiling_tps")
+    streams = bool(result["memory_plan"]["settings"]["expert_cache"])
     lines = [
         f"model: {result['model']}   device: {result['device']} "
         f"({result['device_info'].get('device_name', '?')})   generated tokens: "
         f"{result['gen_tokens']}   repeats: {result['repeats']} (medians)",
+        f"weights: {result['precision']}",
         f"weights read per decoded token: {per_token / 1e9:.3f} GB"
         + (
             f"   bandwidth {bandwidth_gbs:g} GB/s -> decode ceiling {ceiling:.1f} tok/s"
@@ -553,6 +633,8 @@ def format_table(result: dict) -> str:
     )
     if ceiling:
         header += f" {'of ceiling':>10}"
+    if streams:
+        header += f" {'disk MB/token':>13}"
     lines += ["", header]
     engines = result["engines"]
     for s in result["settings"]:
@@ -564,6 +646,8 @@ def format_table(result: dict) -> str:
             )
             if ceiling:
                 row += f" {m['decode_tps'] / ceiling:>10.1%}"
+            if streams:
+                row += f" {m['disk_bytes_per_token'] / 1e6:>13.1f}"
             lines.append(row)
         if len(engines) == 2:
             ours, theirs = (s["median"][n] for n in engines)

@@ -25,6 +25,7 @@ from . import (
     GenerationEvent,
     GenerationStats,
     GptOssError,
+    MemoryPlan,
     StreamingDetokenizer,
     Tokenizer,
     ToolEvent,
@@ -34,6 +35,7 @@ from . import (
     distributed,
     generate,
     load,
+    plan_memory,
     tools,
 )
 from .benchmark import bench_kernels, format_report
@@ -134,7 +136,91 @@ def convert_command(src: str, dst: str, dense_bits: str | None, force: bool) -> 
     click.echo(f"wrote {out}", err=True)
 
 
+class ExpertCacheSize(click.ParamType):
+    """`--expert-cache`: a number of experts per layer, or `auto`."""
+
+    name = "K|auto"
+
+    def convert(self, value, param, ctx) -> int | str:
+        if isinstance(value, int) or value == "auto":
+            return value
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = 0
+        if number < 1:
+            self.fail(f"{value!r} is not a positive number of experts or auto", param, ctx)
+        return number
+
+
+MEMORY_OPTIONS = ("dense_bits", "kv_bits", "expert_cache", "max_context", "memory_budget")
+
+
+def memory_options(command: Callable) -> Callable:
+    """How the model is fitted to memory (`load`'s keywords of the same names); see
+    `gptoss-mlx memory`."""
+    for option in reversed(
+        [
+            click.option(
+                "--dense-bits",
+                type=click.Choice(["16", "8", "4"]),
+                default=None,
+                help="Attention, embedding and unembedding weights at 8 or 4 bits, quantized at "
+                "load, or 16 as published [8; quantized checkpoints: as stored].",
+            ),
+            click.option(
+                "--kv-bits",
+                type=click.Choice(["16", "8", "4"]),
+                default=None,
+                help="Keys and values cached at 8 or 4 bits [16: unquantized].",
+            ),
+            click.option(
+                "--expert-cache",
+                type=ExpertCacheSize(),
+                default=None,
+                help="Keep at most K experts per layer resident, reading the others from disk "
+                "when picked; auto: as many as fit [all resident].",
+            ),
+            click.option(
+                "--max-context",
+                type=click.IntRange(min=2),
+                default=None,
+                help="Most tokens (prompt and reply) a generation may use; memory is planned for "
+                "it [the model's context].",
+            ),
+            click.option(
+                "--memory-budget",
+                type=click.FloatRange(min=0, min_open=True),
+                default=None,
+                help="GB the model may use: settings not given are chosen to fit it.",
+            ),
+            click.option(
+                "--resident-embedding",
+                is_flag=True,
+                help="Keep the input embedding in memory instead of reading its rows from disk.",
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def _memory(options: dict) -> dict:
+    """`load`'s memory keywords from the options of `memory_options` (removed from `options`)."""
+    out = {name: options.pop(name) for name in MEMORY_OPTIONS}
+    for bits in ("dense_bits", "kv_bits"):
+        out[bits] = int(out[bits]) if out[bits] else None
+    out["embedding_from_disk"] = not options.pop("resident_embedding")
+    return out
+
+
+def _warn_if_it_does_not_fit(plan: MemoryPlan | None) -> None:
+    if plan is not None and not plan.fits:
+        click.secho(plan.warning(), fg="yellow", err=True)
+
+
 def model_options(command: Callable) -> Callable:
+    command = memory_options(command)
     command = click.option(
         "--dtype",
         type=click.Choice(["bfloat16", "float16", "float32"]),
@@ -419,11 +505,14 @@ def generate_command(
         )
     response_format = _response_format(json_schema, regex, grammar)
     prompt = _read_prompt(prompt)
+    memory = _memory(options)
     sampling = _sampling(options)
     group = _connect()
     leader = group is None or group.rank() == 0
     interactive = sys.stderr.isatty() and leader
-    mdl, tok = load(model, dtype, progress=interactive, group=group)
+    mdl, tok = load(model, dtype, progress=interactive, group=group, **memory)
+    if leader:
+        _warn_if_it_does_not_fit(getattr(mdl, "memory_plan", None))
     request = {"prompt": prompt, "system": system, "effort": reasoning_effort, **sampling}
     request["response_format"] = response_format
     request = distributed.Ranks(group).share(request)  # every rank runs rank 0's request
@@ -617,6 +706,7 @@ def chat_command(
     Across ranks rank 0 reads the lines (end with /quit: mlx.launch never closes stdin) and every
     rank runs them; Ctrl-C ends the run.
     """
+    memory = _memory(options)
     sampling = _sampling(options)
     if distributed.launched() and tool_names:
         raise GptOssError("--tools does not run across ranks yet: chat without it")
@@ -624,7 +714,9 @@ def chat_command(
     group = _connect()
     leader = group is None or group.rank() == 0
     interactive = sys.stderr.isatty() and leader
-    mdl, tok = load(model, dtype, progress=interactive, group=group)
+    mdl, tok = load(model, dtype, progress=interactive, group=group, **memory)
+    if leader:
+        _warn_if_it_does_not_fit(getattr(mdl, "memory_plan", None))
     ranks = distributed.Ranks(group)
     session = ChatSession(
         mdl,
@@ -778,6 +870,7 @@ class IntList(click.ParamType):
 )
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@memory_options
 @user_errors
 def bench_command(
     model_path: str | None,
@@ -794,6 +887,7 @@ def bench_command(
     kernel_table: bool,
     seed: int,
     as_json: bool,
+    **options,
 ) -> None:
     """Measure prompt and decode speed, memory and bytes per token (across ranks under
     mlx.launch: each rank on its shard, rank 0 reporting)."""
@@ -814,7 +908,10 @@ def bench_command(
         bandwidth=bandwidth,
         chip=chip,
         group=group,
+        **_memory(options),
     )
+    if leader and not as_json:
+        _warn_if_it_does_not_fit(getattr(bench.model, "memory_plan", None))
     distributed.Ranks(group)  # from here a rank that stops or hangs ends the others
     result = bench.run(prompt_tokens, gen_tokens, repeats, warmup, ops=ops)
     if leader:
@@ -903,21 +1000,69 @@ def serve_command(
     Ctrl-C ends the run.
     """
     check_sampling(options["temperature"], options["top_p"], options["top_k"], options["min_p"])
+    memory = _memory(options)
     group = _connect()
     leader = group is None or group.rank() == 0
     if leader and host not in ("127.0.0.1", "localhost", "::1") and not options["api_key"]:
         click.secho(f"warning: listening on {host} with no --api-key", fg="yellow", err=True)
     builtin = _builtin_tools(tool_names, search_url, serving=True) if leader else []
     progress = sys.stderr.isatty() and leader
-    mdl, tok = load(model, dtype, progress=progress, kernels=kernels, group=group)
+    mdl, tok = load(model, dtype, progress=progress, kernels=kernels, group=group, **memory)
     if not leader:
         follow(mdl, tok)
         return
+    _warn_if_it_does_not_fit(getattr(mdl, "memory_plan", None))
     name = model_name or model.rstrip("/").rsplit("/", 1)[-1]
     app = create_app(mdl, tok, model_name=name, builtin_tools=builtin, **options)
     ranks = f" across {group.size()} ranks" if group is not None else ""
     click.echo(f"Serving {model} as {name!r}{ranks} on http://{host}:{port}/v1", err=True)
     serve(app, host, port)
+
+
+@main.command("memory")
+@click.option(
+    "-m",
+    "--model",
+    default=DEFAULT_MODEL,
+    show_default=True,
+    help="Checkpoint folder or Hugging Face repo id (only its config and headers are read).",
+)
+@click.option(
+    "--context",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Plan the KV cache for this many tokens [--max-context, else the model's context].",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["bfloat16", "float16", "float32"]),
+    default=None,
+    help="Compute dtype [bfloat16].",
+)
+@click.option(
+    "--prefill-chunk",
+    type=click.IntRange(min=1),
+    default=512,
+    show_default=True,
+    help="Tokens per prefill chunk.",
+)
+@memory_options
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
+@user_errors
+def memory_command(
+    model: str,
+    context: int | None,
+    dtype: str | None,
+    prefill_chunk: int,
+    as_json: bool,
+    **options,
+) -> None:
+    """Plan the memory MODEL needs, before loading anything: the weights by part, the KV cache,
+    one prefill chunk's working set, against this machine; and what makes it fit."""
+    plan = plan_memory(
+        model, dtype, context=context, prefill_chunk=prefill_chunk, **_memory(options)
+    )
+    click.echo(json.dumps(plan.to_dict(), indent=1) if as_json else plan.report())
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ The folder holds safetensors shards (at most `max_shard_bytes` each) named by th
 parameter tree, a `config.json` in the Hugging Face spelling plus a `gptoss_mlx` section recording
 the source layout and quantization, and the tokenizer files. Expert weights are copied bit-exact
 (MXFP4); `dense_bits=8|4` affine-quantizes the attention projections, embedding and unembedding
-with MLX's own quantization (group size 64). The result appears at `dst` only when complete.
+with MLX's own quantization (group size 64), through the same `quantize.quantize_dense` that
+loading uses. The result appears at `dst` only when complete.
 """
 
 from __future__ import annotations
@@ -15,17 +16,17 @@ import shutil
 import tempfile
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import GptOssError
 from .hub import resolve_model_path
-from .loading import build_model, quantized_layers
+from .loading import build_model
+from .memory import MemorySettings
 from .progress import progress_bar
+from .quantize import check_dense_bits, quantized_layers
 from .weights import read_checkpoint
 
 OUR_FORMAT_KEY = "gptoss_mlx"  # config.json section recording how the folder was made
-DENSE_GROUP_SIZE = 64
 MAX_SHARD_BYTES = 5 * 10**9
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -34,19 +35,6 @@ TOKENIZER_FILES = (
     "generation_config.json",
     "chat_template.jinja",
 )
-# Dense layers --dense-bits quantizes: everything but the router (tiny, and routing is sensitive).
-_QUANTIZABLE = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "embed_tokens",
-    "lm_head",
-)
-
-
-def _is_dense_target(path: str, module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Embedding)) and path.endswith(_QUANTIZABLE)
 
 
 def _plan_shards(params: list[tuple[str, mx.array]], max_bytes: int) -> list[list[str]]:
@@ -82,26 +70,18 @@ def convert(
     `dense_bits=None` keeps the dense weights as stored; 16 requires them unquantized; 8 or 4
     quantizes them. An existing `dst` is replaced only with `force=True`.
     """
-    if dense_bits not in (None, 16, 8, 4):
-        raise GptOssError(f"--dense-bits must be 16, 8 or 4, not {dense_bits}")
+    if dense_bits is not None:
+        check_dense_bits(dense_bits)
     dst = os.path.abspath(os.path.expanduser(dst))
     if os.path.exists(dst) and not force:
         raise GptOssError(f"{dst} already exists; pass --force to replace it")
 
     folder = resolve_model_path(src, progress=progress)
     ckpt = read_checkpoint(folder)
-    # Stored dtypes, experts bit-exact, evaluated shard by shard while writing.
-    model = build_model(ckpt, dtype=None, materialize=False)
-    stored = quantized_layers(model)
-    if stored and dense_bits is not None and any(s["bits"] != dense_bits for s in stored.values()):
-        raise GptOssError(
-            f"{src}: dense weights are already quantized; convert from an "
-            "unquantized checkpoint to choose --dense-bits"
-        )
-    if dense_bits in (8, 4) and not stored:
-        nn.quantize(
-            model, group_size=DENSE_GROUP_SIZE, bits=dense_bits, class_predicate=_is_dense_target
-        )
+    # Stored dtypes, experts bit-exact, evaluated shard by shard while writing; the dense layers
+    # quantized as loading quantizes them (one implementation: quantize.quantize_dense).
+    settings = MemorySettings(dense_bits=dense_bits, embedding_from_disk=False)
+    model = build_model(ckpt, dtype=None, materialize=False, settings=settings)
     quantization = quantized_layers(model)
 
     parent = os.path.dirname(dst)

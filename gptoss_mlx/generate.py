@@ -84,6 +84,10 @@ class GenerationStats:
     peak_memory: int = 0  # mx.get_peak_memory() since the call started (weights included)
     finish_reason: str | None = None  # "stop" (<|return|>), "tool_calls" (<|call|>), "length"
     # (and "cancelled" from `generate` when `cancelled` ended it)
+    precision: str = ""  # the model's weights and cache (`GptOssModel.describe`)
+    # With an expert cache: {"prefill": counts, "decode": counts}, counts being the hits, misses,
+    # bytes_read and syncs of this generation (`GptOssModel.expert_cache_stats`).
+    expert_cache: dict | None = None
     masked_tokens: int = 0  # tokens drawn under a constraint's mask
     mask_seconds: float = 0.0  # host time computing those masks
 
@@ -98,12 +102,24 @@ class GenerationStats:
             if self.masked_tokens
             else ""
         )
-        return (
+        line = (
             f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s | "
             f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s | "
             f"first token: {self.time_to_first_token:.2f} s | "
             f"peak memory: {self.peak_memory / 1e9:.2f} GB | finish: {self.finish_reason}" + masks
         )
+        if self.precision:
+            line += f" | {self.precision}"
+        if self.expert_cache:
+            decode = self.expert_cache["decode"]
+            used = decode["hits"] + decode["misses"]
+            tokens = max(self.generation_tokens - 1, 1)
+            line += (
+                f" | expert cache: decode {decode['hits'] / max(used, 1):.0%} hits, "
+                f"{decode['bytes_read'] / tokens / 1e6:.1f} MB/token from disk; prefill "
+                f"{self.expert_cache['prefill']['bytes_read'] / 1e9:.2f} GB read"
+            )
+        return line
 
 
 @dataclass
@@ -172,17 +188,31 @@ def prompt_tokens(
 
 
 def context_length(model: LanguageModel) -> int | None:
-    """The most positions the model attends over (None when the model does not say)."""
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    """The most positions a generation may use: the model's `max_context` cap when it has one
+    (`load(..., max_context=)`), else its configured context (None when it says neither)."""
+    limits = (
+        getattr(model, "max_context", None),
+        getattr(getattr(model, "config", None), "max_position_embeddings", None),
+    )
+    limits = [n for n in limits if n is not None]
+    return min(limits) if limits else None
 
 
-def check_context(model: LanguageModel, length: int) -> None:
-    """GptOssError unless a prompt of ``length`` tokens leaves room for one generated token."""
+def check_context(model: LanguageModel, length: int, held: int = 0) -> None:
+    """GptOssError unless a prompt of ``length`` tokens (after ``held`` already in the cache)
+    leaves room for one generated token."""
     context = context_length(model)
-    if context is not None and length >= context:
+    if context is not None and held + length >= context:
+        capped = getattr(model, "max_context", None) == context
+        before = f" after the {held} already in the cache" if held else ""
+        limit = (
+            f"the context is {context} (--max-context {context})"
+            if capped
+            else (f"the model's context is {context}")
+        )
         raise GptOssError(
-            f"the prompt is {length} tokens, the model's context is {context}: shorten the "
-            "conversation so that it leaves room for the reply"
+            f"the prompt is {length} tokens{before}, {limit}: shorten the conversation so that "
+            "it leaves room for the reply" + (", or raise --max-context" if capped else "")
         )
 
 
@@ -388,7 +418,7 @@ def stream_generate(
     if cache is None:
         cache = model.make_cache()
     held = getattr(cache[0], "offset", 0) if cache else 0
-    check_context(model, held + len(ids))
+    check_context(model, len(ids), held)
     context = context_length(model)
     if context is not None:
         max_tokens = min(max_tokens or context, context - held - len(ids))
@@ -425,6 +455,10 @@ def _generate_events(
 ) -> Iterator[GenerationEvent]:
     mx.reset_peak_memory()
     stats = GenerationStats(prompt_tokens=len(ids))
+    describe = getattr(model, "describe", None)
+    stats.precision = describe() if describe is not None else ""
+    counters = getattr(model, "expert_cache_stats", lambda: None)
+    at_start = counters()
     tic = time.perf_counter()
 
     def forward(token: mx.array) -> mx.array:
@@ -436,6 +470,7 @@ def _generate_events(
 
     logits = prefill(model, ids, cache)
     y = sampler(logits) if guide is None else guide.first(logits)
+    after_prefill = counters()  # an expert cache counts while the graph is built
     y_logprobs = with_logprobs(y, logits)
     mx.async_eval(y, *y_logprobs)
     t_first = t_last = tic
@@ -492,6 +527,11 @@ def _generate_events(
             )
             stats.peak_memory = int(mx.get_peak_memory())
             stats.finish_reason = finish
+            if at_start is not None:
+                stats.expert_cache = {
+                    "prefill": _difference(after_prefill, at_start),
+                    "decode": _difference(counters(), after_prefill),
+                }
             if guide is not None:
                 stats.masked_tokens, stats.mask_seconds = guide.masked_tokens, guide.mask_seconds
             event.finish_reason, event.stats = finish, stats
@@ -502,6 +542,10 @@ def _generate_events(
         if finish is not None:
             return
         y, y_logprobs = next_y, next_logprobs
+
+
+def _difference(later: dict[str, int], earlier: dict[str, int]) -> dict[str, int]:
+    return {k: later[k] - earlier[k] for k in later}
 
 
 def generate(

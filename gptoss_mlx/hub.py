@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 
-from huggingface_hub import snapshot_download
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
 from .errors import GptOssError
+from .safetensors_check import TensorInfo
 
 # Only what the model and tokenizer need: the published repos also carry `original/` and `metal/`
 # copies of the weights, which would double the download.
@@ -18,6 +20,48 @@ IGNORE_PATTERNS = ["original/*", "metal/*"]
 def _looks_like_repo_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+
+
+def local_model_path(path_or_repo: str) -> str | None:
+    """A local folder for `path_or_repo` without downloading: the folder itself, or the hub
+    repo's snapshot when it is fully in the local cache; None otherwise."""
+    path = os.path.expanduser(str(path_or_repo))
+    if os.path.exists(path):
+        return path
+    if not _looks_like_repo_id(path):
+        raise GptOssError(
+            f"{path_or_repo}: no such folder, and not a Hugging Face repo id (owner/name)"
+        )
+    try:
+        return snapshot_download(
+            path,
+            allow_patterns=ALLOW_PATTERNS,
+            ignore_patterns=IGNORE_PATTERNS,
+            local_files_only=True,
+        )
+    except Exception:  # not (fully) cached
+        return None
+
+
+def remote_headers(repo: str) -> tuple[dict, dict[str, TensorInfo]]:
+    """A hub repo's config.json and its safetensors headers (name -> dtype and shape), fetched
+    without the weights (the headers come by HTTP range requests)."""
+    try:
+        with open(hf_hub_download(repo, "config.json")) as f:
+            config = json.load(f)
+        metadata = HfApi().get_safetensors_metadata(repo)
+    except Exception as e:  # offline, unknown repo, gated: all end the same way
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GptOssError(
+            f"could not read {repo}'s headers from the Hugging Face hub ({reason}); check your "
+            "connection, or pass a local checkpoint folder instead"
+        ) from None
+    infos = {
+        name: TensorInfo(f"{repo}/{file}", tensor.dtype, tuple(tensor.shape))
+        for file, shard in metadata.files_metadata.items()
+        for name, tensor in shard.tensors.items()
+    }
+    return config, infos
 
 
 def resolve_model_path(path_or_repo: str, progress: bool = True) -> str:

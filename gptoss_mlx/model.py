@@ -16,8 +16,8 @@ import mlx.nn as nn
 
 from . import kernels
 from .attention import Attention
-from .cache import DecodeSlot, FullCache, KVCache, SlidingCache
-from .config import SLIDING, ModelConfig
+from .cache import DecodeSlot, KVCache, cache_buffers, decode_slots, make_cache, restore_buffers
+from .config import ModelConfig
 from .distributed import ExpertShard
 from .moe import MoE
 
@@ -59,6 +59,8 @@ class GptOssModel(nn.Module):
         self.layers = [TransformerBlock(config, t, shard) for t in config.layer_types]
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.kv_bits: int | None = None  # how `make_cache` stores keys and values (None: dtype)
+        self.max_context: int | None = None  # most positions a generation may use (None: config)
         self._compiled_decode = None
 
     def __call__(self, input_ids: mx.array, cache: list[KVCache] | None = None) -> mx.array:
@@ -79,7 +81,15 @@ class GptOssModel(nn.Module):
         last_only: bool = False,
     ) -> mx.array:
         """Final-normed hidden states `[B, T, hidden]` (`[B, 1, hidden]` with `last_only`)."""
-        x = self.embed_tokens(input_ids)
+        return self._through_blocks(self.embed_tokens(input_ids), cache, last_only)
+
+    def _through_blocks(
+        self,
+        x: mx.array,
+        cache: list[KVCache] | list[DecodeSlot] | None,
+        last_only: bool = False,
+    ) -> mx.array:
+        """Embedded tokens `[B, T, hidden]` through every block and the final norm."""
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             x = layer(x, cache[i] if cache is not None else None, last_only and i == last)
@@ -90,7 +100,11 @@ class GptOssModel(nn.Module):
 
         The caches' buffers and the position go in as arrays (see `DecodeSlot`), so the step has
         the same shapes every token: `mx.compile` traces it once per cache capacity and fuses its
-        element-wise work, which cuts the kernels launched per token.
+        element-wise work, which cuts the kernels launched per token. An embedding read from disk
+        (`disk.DiskEmbedding`, which needs the ids on the host) is looked up before the graph,
+        which then takes the rows instead of the ids. A model whose experts are read on the host
+        (`Experts.host_reads`: an expert cache) runs the same graph uncompiled, synchronising once
+        per layer.
         """
         c = self.config
         for layer_cache in cache:
@@ -99,36 +113,66 @@ class GptOssModel(nn.Module):
             )
         if self._compiled_decode is None:
             self._compiled_decode = mx.compile(self._decode_graph, inputs=self.state)
-        # The emulated kernels run on the host and cannot be traced: no compile with them.
-        step = self._compiled_decode if kernels.compilable(self) else self._decode_graph
-        buffers = [b for layer_cache in cache for b in (layer_cache.keys, layer_cache.values)]
-        logits, *buffers = step(input_ids, mx.array(cache[0].offset), *buffers)
-        for i, layer_cache in enumerate(cache):
-            layer_cache.keys, layer_cache.values = buffers[2 * i], buffers[2 * i + 1]
-            layer_cache.offset += 1
+        step = self._compiled_decode if self.traceable else self._decode_graph
+        tokens = self.embed_tokens(input_ids) if self._embedding_on_host else input_ids
+        logits, *buffers = step(tokens, mx.array(cache[0].offset), *cache_buffers(cache))
+        restore_buffers(cache, buffers, c)
         return logits
 
     def _decode_graph(
-        self, input_ids: mx.array, offset: mx.array, *buffers: mx.array
+        self, tokens: mx.array, offset: mx.array, *buffers: mx.array
     ) -> tuple[mx.array, ...]:
-        slots = [
-            DecodeSlot(
-                buffers[2 * i],
-                buffers[2 * i + 1],
-                offset,
-                self.config.sliding_window if t == SLIDING else None,
-            )
-            for i, t in enumerate(self.config.layer_types)
-        ]
-        logits = self.lm_head(self.hidden_states(input_ids, slots))
-        return (logits, *[b for slot in slots for b in (slot.keys, slot.values)])
+        """ids `[B, 1]` (or their embedding rows `[B, 1, hidden]`), the position and the caches'
+        arrays -> (logits, the caches' new arrays)."""
+        x = tokens if self._embedding_on_host else self.embed_tokens(tokens)
+        slots = decode_slots(list(buffers), self.config, offset)
+        logits = self.lm_head(self._through_blocks(x, slots))
+        return (logits, *[a for slot in slots for a in slot.buffers])
 
-    def make_cache(self) -> list[KVCache]:
-        """One cache per layer: a ring of `sliding_window` slots or a growing buffer."""
-        return [
-            SlidingCache(self.config.sliding_window) if t == SLIDING else FullCache()
-            for t in self.config.layer_types
-        ]
+    @property
+    def _embedding_on_host(self) -> bool:
+        return getattr(self.embed_tokens, "host_reads", False)
+
+    @property
+    def traceable(self) -> bool:
+        """Whether the decode step may go through `mx.compile`: not when a kernel runs on the host
+        (the emulator) nor when the experts are read on the host (an expert cache)."""
+        return kernels.compilable(self) and not any(
+            layer.mlp.experts.host_reads for layer in self.layers
+        )
+
+    def make_cache(self, kv_bits: int | None = None) -> list[KVCache]:
+        """One cache per layer: a ring of `sliding_window` slots or a growing buffer, keys and
+        values stored at `kv_bits` (8 or 4; 16: unquantized; None: the model's `kv_bits`)."""
+        return make_cache(self.config, self.kv_bits if kv_bits is None else kv_bits)
+
+    def expert_cache_stats(self) -> dict[str, int] | None:
+        """Hits, misses, bytes read, synchronisations and slot copies of the expert caches, summed
+        over layers (None without an expert cache)."""
+        stats = [layer.mlp.experts.stats for layer in self.layers if layer.mlp.experts.host_reads]
+        if not stats:
+            return None
+        keys = ("hits", "misses", "bytes_read", "syncs", "copies")
+        return {k: sum(getattr(s, k) for s in stats) for k in keys}
+
+    def describe(self) -> str:
+        """The precision and placement of weights and cache, e.g. "dense 8-bit, experts MXFP4
+        (16/32 resident), embedding from disk, KV 8-bit"."""
+        attention = self.layers[0].self_attn.q_proj
+        bits = getattr(attention, "bits", None)
+        parts = [f"dense {bits}-bit" if bits else f"dense {str(self.dtype).split('.')[-1]}"]
+        experts = self.layers[0].mlp.experts
+        if experts.host_reads:
+            parts.append(f"experts MXFP4 ({experts.num_slots}/{self.config.num_experts} resident)")
+        else:
+            parts.append("experts MXFP4")
+        if not isinstance(self.embed_tokens, (nn.Embedding, nn.QuantizedEmbedding)):
+            parts.append("embedding from disk")
+        quantized_kv = self.kv_bits not in (None, 16)
+        parts.append(f"KV {self.kv_bits}-bit" if quantized_kv else "KV unquantized")
+        if self.max_context is not None:
+            parts.append(f"context <= {self.max_context}")
+        return ", ".join(parts)
 
     @property
     def group(self) -> mx.distributed.Group | None:

@@ -51,6 +51,10 @@ class Experts(nn.Module, kernels.UsesKernels):
     """The experts of one layer (all E, or `num_experts` of them on a rank): `gate_up_proj`
     (hidden -> 2I interleaved), `down_proj` (I -> hidden)."""
 
+    # Whether a call reads device values on the host (an expert cache reads the router's choice):
+    # then the decode step cannot be traced into one compiled graph.
+    host_reads = False
+
     def __init__(self, config: ModelConfig, num_experts: int | None = None) -> None:
         super().__init__()
         E = config.num_experts if num_experts is None else num_experts

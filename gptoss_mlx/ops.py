@@ -16,7 +16,8 @@ Experts (MXFP4 weights, interleaved gate/linear rows), for each token and each o
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
 
 import mlx.core as mx
 
@@ -145,6 +146,84 @@ def banded_attention(
     return out[:, :, :T]
 
 
+# --- attention over affine-quantized keys and values ---------------------------------------------
+
+
+class QuantizedKV(NamedTuple):
+    """Keys or values `[B, H_kv, S, D]` affine-quantized along D in groups of `group_size`:
+    weight uint32 `[B, H_kv, S, D * bits / 32]`, scales and biases `[B, H_kv, S, D / group_size]`
+    (MLX's `mx.quantize` layout). Every axis but the last is the logical tensor's, so slicing,
+    gathering or concatenating along the position axis applies to each part alike (`map`)."""
+
+    weight: mx.array
+    scales: mx.array
+    biases: mx.array
+    group_size: int
+    bits: int
+
+    @classmethod
+    def quantize(cls, x: mx.array, group_size: int, bits: int) -> QuantizedKV:
+        return cls(*mx.quantize(x, group_size=group_size, bits=bits), group_size, bits)
+
+    def dequantize(self) -> mx.array:
+        """The values `[B, H_kv, S, D]`, in the scales' dtype."""
+        return mx.dequantize(
+            self.weight, self.scales, self.biases, group_size=self.group_size, bits=self.bits
+        )
+
+    @property
+    def arrays(self) -> tuple[mx.array, mx.array, mx.array]:
+        return self.weight, self.scales, self.biases
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
+
+    def map(self, fn: Callable[..., mx.array], *others: QuantizedKV) -> QuantizedKV:
+        """`fn` applied part by part (to this and the same part of each of `others`)."""
+        parts = zip(self.arrays, *(o.arrays for o in others), strict=True)
+        return QuantizedKV(*(fn(*p) for p in parts), self.group_size, self.bits)
+
+
+def quantized_attention(
+    q: mx.array,
+    k: QuantizedKV,
+    v: QuantizedKV,
+    sinks: mx.array,
+    scale: float,
+    mask: mx.array | str | None,
+) -> mx.array:
+    """Attention with sinks over quantized keys and values: q `[B, Hq, T, D]`, k and v
+    `[B, Hkv, S, D]` quantized, `mask` as `attention_mask` or `filled_slots` give it ->
+    `[B, Hq, T, D]`.
+
+    Scores and values come from `mx.quantized_matmul` on the packed cache (no dequantized copy),
+    in float32; the sink is one more logit per head in the softmax, with no value vector.
+    """
+    B, Hq, T, D = q.shape
+    Hkv, S = k.weight.shape[1], k.weight.shape[2]
+    G = Hq // Hkv
+    queries = (q.astype(mx.float32) * scale).reshape(B, Hkv, G, T, D)
+
+    def per_group(a: mx.array) -> mx.array:  # [B, Hkv, S, x] -> [B, Hkv, 1, S, x]
+        return mx.expand_dims(a, 2)
+
+    k, v = k.map(per_group), v.map(per_group)
+    scores = mx.quantized_matmul(
+        queries, *k.arrays, transpose=True, group_size=k.group_size, bits=k.bits
+    )  # [B, Hkv, G, T, S]
+    if isinstance(mask, str):  # "causal": the queries are the last T of the S positions
+        mask = mx.arange(S - T, S)[:, None] >= mx.arange(S)[None, :]
+    if mask is not None:
+        scores = mx.where(mask, scores, mx.array(-mx.inf, mx.float32))
+    sink = mx.broadcast_to(sinks.astype(mx.float32).reshape(1, Hkv, G, 1, 1), (B, Hkv, G, T, 1))
+    probs = mx.softmax(mx.concatenate([scores, sink], axis=-1), axis=-1, precise=True)
+    out = mx.quantized_matmul(
+        probs[..., :-1], *v.arrays, transpose=False, group_size=v.group_size, bits=v.bits
+    )  # [B, Hkv, G, T, D]
+    return out.reshape(B, Hq, T, D).astype(q.dtype)
+
+
 # --- experts --------------------------------------------------------------------------------------
 
 
@@ -220,7 +299,21 @@ def experts(
         return experts_combine(down, act, indices, weights)
     flat = indices.flatten()
     order = mx.argsort(flat)
-    rows = x[order // k][:, None, :]  # [N*k, 1, H]
-    h = gather_mxfp4_matmul(rows, up, flat[order], sorted_indices=True)
-    y = gather_mxfp4_matmul(swiglu(h, alpha, limit), down, flat[order], sorted_indices=True)
-    return mix(y[:, 0, :][mx.argsort(order)].reshape(N, k, -1), weights)
+    y = sorted_expert_outputs(up, down, x[order // k], flat[order], alpha, limit)
+    return mix(y[mx.argsort(order)].reshape(N, k, -1), weights)
+
+
+def sorted_expert_outputs(
+    up: MXFP4Weights,
+    down: MXFP4Weights,
+    rows: mx.array,
+    expert_ids: mx.array,
+    alpha: float,
+    limit: float,
+) -> mx.array:
+    """Token-expert pairs grouped by expert: rows `[P, H]`, `expert_ids` `[P]` ascending ->
+    each pair's expert output `W2[e] swiglu(W1[e] x + b1[e]) + b2[e]` `[P, H]` (unweighted).
+    Each expert's rows go through its weights together."""
+    h = gather_mxfp4_matmul(rows[:, None, :], up, expert_ids, sorted_indices=True)
+    y = gather_mxfp4_matmul(swiglu(h, alpha, limit), down, expert_ids, sorted_indices=True)
+    return y[:, 0, :]

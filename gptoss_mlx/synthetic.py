@@ -16,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import ModelConfig
+from .safetensors_check import TensorInfo
 
 FP4_RMS = 2.93  # root mean square of the 16 E2M1 values
 
@@ -111,3 +112,18 @@ def hf_config_json(config: ModelConfig) -> dict:
         "eos_token_id": 200002,
         "pad_token_id": 199999,
     }
+
+
+_SAFETENSORS_DTYPES = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint8: "U8"}
+
+
+def published_headers(config: ModelConfig) -> dict[str, TensorInfo]:
+    """The tensor names, dtypes and shapes `openai/gpt-oss-*` publishes, at `config`'s shapes (the
+    headers of a checkpoint no one has to write: for planning memory), laid out one after the
+    other in one file."""
+    headers, offset = {}, 0
+    for name, a in random_checkpoint(config).items():
+        dtype = _SAFETENSORS_DTYPES[a.dtype]
+        headers[name] = TensorInfo("model.safetensors", dtype, tuple(a.shape), offset, a.nbytes)
+        offset += a.nbytes
+    return headers

@@ -12,7 +12,10 @@ Layouts:
   weights possibly affine-quantized. Gate and up rows are re-interleaved (bit-exact).
 - ``gptoss-mlx``: this project's converted folders: the model's own parameter names.
 
-Every tensor is returned lazily (`mx.load` maps the file; nothing is read until evaluated).
+Every tensor is returned lazily (`mx.load` maps the file; nothing is read until evaluated). Where
+a tensor of ours is a checkpoint tensor's bytes as stored (moved, or viewed as another dtype), the
+checkpoint also records where those bytes lie (`Checkpoint.disk`), so the embedding's rows and the
+experts can be read from the file one at a time (`gptoss_mlx.disk`).
 
 One rank of several (a `distributed.ExpertShard`) takes only its experts from the tensors stacked
 over the experts `[E, ...]`: rows start..stop of each, read from the file as that byte range
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from .config import ModelConfig
+from .disk import MLX_DTYPES, DiskTensor, InterleavedRows, StoredRows
 from .distributed import ExpertShard, expert_shard
 from .errors import GptOssError
 from .safetensors_check import TensorInfo, read_header
@@ -45,16 +49,6 @@ _LAYOUT_MARKERS = {
     "gptoss-mlx": "layers.0.mlp.experts.gate_up_proj.weight",
 }
 
-# safetensors dtype names -> MLX dtypes, for reading a tensor's rows from its file.
-_DTYPES = {
-    "U8": mx.uint8,
-    "U32": mx.uint32,
-    "I32": mx.int32,
-    "BF16": mx.bfloat16,
-    "F16": mx.float16,
-    "F32": mx.float32,
-}
-
 
 @dataclass
 class Checkpoint:
@@ -67,6 +61,9 @@ class Checkpoint:
     # our name -> "FILE: source name", for error messages
     origin: dict[str, str] = field(default_factory=dict)
     shard: ExpertShard | None = None  # the experts taken, when this process is one rank of several
+    # our name -> where its bytes lie in a file, for tensors stored as we hold them (a rank's:
+    # only its experts' rows)
+    disk: dict[str, StoredRows] = field(default_factory=dict)
 
 
 def find_weights_folder(path: str) -> str:
@@ -154,28 +151,19 @@ def checkpoint_from_tensors(
     source = _Source(dict(arrays), infos or {}, shard)
     tensors = _MAPPERS[layout](source, config)
     source.reject_leftovers()
-    return Checkpoint(folder, layout, config, tensors, source.origin, shard)
+    return Checkpoint(folder, layout, config, tensors, source.origin, shard, source.disk)
 
 
-def read_rows(info: TensorInfo, start: int, stop: int) -> mx.array:
-    """Rows start..stop-1 of a stored tensor's first axis, reading only their bytes from its file
-    (the rows of a C-ordered tensor are one contiguous byte range), straight into the buffer of
-    the MLX array that returns them: nothing else holds them, even for a moment."""
-    row = info.nbytes // info.shape[0]
-    out = mx.zeros(((stop - start) * row,), mx.uint8)
-    mx.eval(out)
-    view = memoryview(out)  # writable: MLX arrays lend their buffer
-    with open(info.file, "rb", buffering=0) as f:
-        f.seek(info.offset + start * row)
-        done = 0
-        while done < len(view):
-            n = f.readinto(view[done:])
-            if not n:
-                raise GptOssError(
-                    f"{os.path.basename(info.file)}: ends before its tensors do; download it again"
-                )
-            done += n
-    return out.view(_DTYPES[info.dtype]).reshape(stop - start, *info.shape[1:])
+def checkpoint_from_headers(
+    infos: dict[str, TensorInfo], raw_config: dict, folder: str
+) -> Checkpoint:
+    """A checkpoint known only by its safetensors headers (name -> dtype and shape): every tensor
+    a lazy, never evaluated placeholder of the right shape and dtype, for planning memory."""
+    unknown = sorted({i.dtype for i in infos.values()} - MLX_DTYPES.keys())
+    if unknown:
+        raise GptOssError(f"{folder}: unsupported tensor dtype {unknown[0]}")
+    arrays = {name: mx.zeros(i.shape, MLX_DTYPES[i.dtype]) for name, i in infos.items()}
+    return checkpoint_from_tensors(arrays, raw_config, folder, infos)
 
 
 class _Source:
@@ -192,10 +180,22 @@ class _Source:
         self.infos = infos
         self.shard = shard
         self.origin: dict[str, str] = {}
+        self.disk: dict[str, StoredRows] = {}
 
     def where(self, name: str) -> str:
         info = self.infos.get(name)
         return f"{os.path.basename(info.file)}: {name}" if info else name
+
+    def on_disk(self, name: str, experts: bool = False) -> DiskTensor | None:
+        """Where tensor `name`'s bytes lie, when it was read from a file (`experts`: stacked over
+        the experts, the shard's rows only)."""
+        info = self.infos.get(name)
+        if info is None or info.dtype not in MLX_DTYPES:
+            return None
+        stored = DiskTensor.of(info)
+        if experts and self.shard is not None:
+            return stored.rows(self.shard.start, self.shard.stop)
+        return stored
 
     def has(self, name: str) -> bool:
         return name in self.arrays
@@ -221,11 +221,10 @@ class _Source:
                 f"{self.where(name)} has shape {list(array.shape)}, expected "
                 f"{self.shard.num_experts} experts first"
             )
-        start, stop = self.shard.start, self.shard.stop
-        info = self.infos.get(name)
-        if info is not None and info.dtype in _DTYPES:
-            return read_rows(info, start, stop)
-        return mx.contiguous(array[start:stop])  # a copy: the slice alone would keep the rest
+        stored = self.on_disk(name, experts=True)
+        if stored is not None:  # only the shard's bytes are read, straight into the array
+            return stored.read(range(stored.shape[0]))
+        return mx.contiguous(array[self.shard.start : self.shard.stop])  # the slice would keep all
 
     def put(self, out: dict, ours: str, array: mx.array, *names: str) -> None:
         out[ours] = array
@@ -242,6 +241,8 @@ class _Source:
         """Take `name` as our `ours` (`experts`: stacked over the experts, see `take_experts`)."""
         array = self.take_experts(name, dtype) if experts else self.take(name, dtype)
         self.put(out, ours, array, name)
+        if (stored := self.on_disk(name, experts)) is not None:
+            self.disk[ours] = stored
 
     def reject_leftovers(self) -> None:
         if self.arrays:
@@ -275,6 +276,8 @@ def _move_mxfp4(src: _Source, out: dict, ours: str, blocks: str, scales: str, bi
     """One MXFP4 expert projection: uint8 blocks viewed as MLX's weight, E8M0 scales, bias."""
     weight = mxfp4_blocks_to_weight(src.take_experts(blocks, mx.uint8))
     src.put(out, ours + ".weight", weight, blocks)
+    if (stored := src.on_disk(blocks, experts=True)) is not None:
+        src.disk[ours + ".weight"] = stored.view("U32", tuple(weight.shape))
     src.move(out, ours + ".scales", scales, mx.uint8, experts=True)
     src.move(out, ours + ".bias", bias, experts=True)
 
@@ -387,6 +390,11 @@ def _map_mlx_community(src: _Source, config: ModelConfig) -> dict:
                 f"{p}gate_proj.{part}",
                 f"{p}up_proj.{part}",
             )
+            stored = [
+                src.on_disk(f"{p}{half}.{part}", experts=True) for half in ("gate_proj", "up_proj")
+            ]
+            if None not in stored:
+                src.disk[f"{q}gate_up_proj.{part}"] = InterleavedRows(*stored)
             src.move(out, f"{q}down_proj.{part}", f"{p}down_proj.{part}", dtype, experts=True)
     return out
 

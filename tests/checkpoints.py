@@ -46,6 +46,9 @@ REAL_HEADS = ModelConfig(
     head_dim=64,
     sliding_window=8,
 )
+# 32 experts (as gpt-oss-20b) with the real head geometry, for the expert cache and the quantized
+# KV cache (64-dim heads: one quantization group per head and position).
+EXPERTS32 = REAL_HEADS.replace(num_experts=32, num_hidden_layers=4, layer_types=())
 
 
 def np32(a: mx.array) -> np.ndarray:
@@ -229,8 +232,9 @@ def logits(model, ids: np.ndarray, **kwargs) -> np.ndarray:
 
 
 def folder_logits(path, ids: np.ndarray, dtype: str = "float32") -> np.ndarray:
-    """Logits of the checkpoint folder `path`, loaded with `load_model`."""
-    return logits(load_model(path, dtype=dtype), ids)
+    """Logits of the checkpoint folder `path`, loaded with `load_model` with its dense weights as
+    stored (`dense_bits=16`: the parity tests compare with transformers' unquantized model)."""
+    return logits(load_model(path, dtype=dtype, dense_bits=16), ids)
 
 
 def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:

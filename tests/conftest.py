@@ -78,6 +78,25 @@ def harmony_enc():
 
 
 @pytest.fixture(scope="session")
+def experts32_dir(tmp_path_factory):
+    """`checkpoints.EXPERTS32` (float32 weights, 512-token vocabulary) in the published layout."""
+    tensors = ck.make_hf_tensors(ck.EXPERTS32, seed=4)
+    return ck.write_hf_mxfp4(tmp_path_factory.mktemp("experts32"), ck.EXPERTS32, tensors, shards=1)
+
+
+@pytest.fixture(scope="session")
+def o200k_experts_dir(tmp_path_factory, tok):
+    """32 experts, 64-dim heads and gpt-oss's real vocabulary (for chat), bfloat16, hidden 64."""
+    import mlx.core as mx
+
+    config = ck.EXPERTS32.replace(
+        vocab_size=tok.vocab_size, hidden_size=64, num_attention_heads=8, num_key_value_heads=1
+    )
+    tensors = ck.make_hf_tensors(config, seed=5, dtype=mx.bfloat16)
+    return ck.write_hf_mxfp4(tmp_path_factory.mktemp("o200k-experts"), config, tensors, shards=1)
+
+
+@pytest.fixture(scope="session")
 def o200k_dir(tmp_path_factory, tok):
     """A tiny random checkpoint with gpt-oss's real vocabulary size (201088), so the o200k_harmony
     tokenizer and harmony prompts apply; bfloat16 and hidden size 32 keep it ~26 MB."""

@@ -50,7 +50,8 @@ def main() -> None:
         np.savez(os.path.join(out, f"rank{rank}.npz"), **results)
     elif mode == "memory":
         before = rss("VmRSS")
-        model = load_model(folders[0], group=group)
+        # the dense weights as stored, all resident: a rank's share is then the stored bytes
+        model = load_model(folders[0], group=group, dense_bits=16, embedding_from_disk=False)
         experts = sum(a.nbytes for n, a in tree_flatten(model.parameters()) if ".experts." in n)
         record = {
             "rank": rank,

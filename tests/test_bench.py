@@ -27,7 +27,8 @@ def run_cli(*args):
 
 
 def expected_bytes_per_token(c) -> int:
-    """bf16 dense weights, 4 of E MXFP4 experts per layer (4.25 bits/weight + bf16 biases),
+    """bf16 dense weights (--dense-bits 16), 4 of E MXFP4 experts per layer (4.25 bits/weight +
+    bf16 biases),
     the whole unembedding and one embedding row, computed from the shapes by hand."""
     H, I, E, k = c.hidden_size, c.intermediate_size, c.num_experts, c.experts_per_token
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
@@ -54,6 +55,8 @@ def test_bench_json_smoke():
         "--no-warmup",
         "--bandwidth",
         "100",
+        "--dense-bits",
+        "16",
     )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)

@@ -165,7 +165,7 @@ def test_bad_options_are_rejected(chat_model):
 
 @pytest.mark.parametrize("length", [5, 13])  # inside and past the 8-slot sliding ring
 def test_trimming_one_position_then_continuing_matches_a_full_forward(hf_mxfp4_dir, length):
-    model = load_model(hf_mxfp4_dir, dtype="float32")
+    model = load_model(hf_mxfp4_dir, dtype="float32", dense_bits=16)
     ids = np.random.RandomState(length).randint(0, ck.TINY.vocab_size, length + 3).tolist()
     full = np.array(model(mx.array([ids]))[0])
     for chunked in (False, True):
@@ -182,7 +182,7 @@ def test_trimming_one_position_then_continuing_matches_a_full_forward(hf_mxfp4_d
 
 
 def test_trimming_more_than_the_ring_allows_is_refused(hf_mxfp4_dir):
-    model = load_model(hf_mxfp4_dir, dtype="float32")
+    model = load_model(hf_mxfp4_dir, dtype="float32", dense_bits=16)
     cache = model.make_cache()
     model(mx.array([list(range(10))]), cache=cache)
     assert not trim_cache(cache, 2)

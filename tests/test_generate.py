@@ -3,6 +3,7 @@ seeds, statistics, and `load`."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 
@@ -24,7 +25,7 @@ RETURN, CALL, END = (
 
 @pytest.fixture(scope="module")
 def model32(hf_mxfp4_dir):
-    return load_model(hf_mxfp4_dir, dtype="float32")
+    return load_model(hf_mxfp4_dir, dtype="float32", dense_bits=16)
 
 
 def prompt_ids(n, seed=1):
@@ -75,15 +76,21 @@ def test_chunked_prefill_gives_the_same_tokens(model32):
 
 def test_chunked_prefill_bounds_peak_memory(model32):
     prompt = prompt_ids(500, seed=6)
-    runs = {
-        chunk: list(
+
+    def generation(chunk: int) -> tuple[list, int]:
+        """Its events and its peak above what the process held when it started (other tests'
+        arrays not yet collected are no part of it)."""
+        gc.collect()
+        start = mx.get_active_memory()
+        events = list(
             stream_generate(model32, prompt, max_tokens=2, temperature=0, prefill_chunk=chunk)
         )
-        for chunk in (500, 32)
-    }
-    assert [e.token for e in runs[32]] == [e.token for e in runs[500]]
+        return events, events[-1].stats.peak_memory - start
+
+    (one_shot, one_shot_peak), (chunked, chunked_peak) = generation(500), generation(32)
+    assert [e.token for e in chunked] == [e.token for e in one_shot]
     # One-shot attention scores are [heads, 500, 500]; in chunks of 32 they are [heads, 32, <=500].
-    assert runs[32][-1].stats.peak_memory < runs[500][-1].stats.peak_memory / 3
+    assert chunked_peak < one_shot_peak / 3
 
 
 def test_a_kept_cache_continues_the_same_sequence(model32):
@@ -434,3 +441,39 @@ def test_load_reads_the_folders_tokenizer_json(o200k_dir, tmp_path):
 def test_load_rejects_a_model_too_small_for_the_harmony_vocabulary(hf_mxfp4_dir):
     with pytest.raises(GptOssError, match="too few"):
         load(hf_mxfp4_dir)
+
+
+# -- the context cap (--max-context) --------------------------------------------------------------
+
+
+def test_a_prompt_beyond_max_context_is_refused(hf_mxfp4_dir):
+    model = load_model(hf_mxfp4_dir, dtype="float32", max_context=16)
+    with pytest.raises(GptOssError, match="--max-context 16"):
+        list(stream_generate(model, list(range(16)), max_tokens=2))
+    cache = model.make_cache()
+    list(stream_generate(model, list(range(10)), max_tokens=2, cache=cache, stop_tokens=()))
+    with pytest.raises(GptOssError, match="already in the cache"):  # a kept cache counts
+        list(stream_generate(model, list(range(8)), max_tokens=2, cache=cache))
+
+
+def test_generation_stops_at_max_context(hf_mxfp4_dir):
+    model = load_model(hf_mxfp4_dir, dtype="float32", max_context=16)
+    cache = model.make_cache()
+    events = list(
+        stream_generate(model, list(range(10)), max_tokens=50, cache=cache, stop_tokens=())
+    )
+    assert len(events) == 6 and events[-1].finish_reason == "length"
+    assert cache[0].offset < 16
+    assert model.memory_plan.context == 16
+
+
+def test_the_cli_refuses_a_prompt_beyond_max_context_in_one_line(o200k_dir):
+    from click.testing import CliRunner
+
+    from gptoss_mlx import cli
+
+    r = CliRunner().invoke(
+        cli.main, ["generate", "Hello " * 20, "-m", o200k_dir, "--max-context", "40"]
+    )
+    assert r.exit_code == 1
+    assert r.stderr.count("\n") == 1 and "--max-context 40" in r.stderr

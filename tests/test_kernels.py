@@ -784,7 +784,7 @@ def _count_kernel_calls(monkeypatch):
 def test_model_with_emulated_kernels_matches_transformers(real_heads, monkeypatch):
     folder, ids, ref = real_heads
     monkeypatch.setenv(K.ENV_VAR, "emulate")
-    model = load_model(folder, dtype="float32")
+    model = load_model(folder, dtype="float32", dense_bits=16)
     calls = _count_kernel_calls(monkeypatch)
     # prefill: banded kernel on the sliding layer (the 21-token prompt is longer than its window, 8)
     full = np.array(model(mx.array(ids)))

@@ -1,4 +1,5 @@
-"""Loading the published MXFP4 layout costs no more memory than the weights themselves."""
+"""Loading the published MXFP4 layout costs no more memory than the weights themselves (as loaded:
+dense weights quantized to 8 bits on the way)."""
 
 from __future__ import annotations
 
@@ -18,3 +19,5 @@ def test_peak_memory_while_loading_is_near_the_weights_size(tmp_path):
     print(r)
     assert r["mlx_peak_ratio"] <= 1.1
     assert r["rss_growth_ratio"] <= 1.1
+    # quantizing at load holds one stored tensor at a time beside the weights: the plan's figure
+    assert r["mlx_peak_over_plan"] <= 1.001

@@ -15,7 +15,7 @@ from gptoss_mlx.rope import yarn_inv_freq
 
 def test_float32_matches_transformers(hf_mxfp4_dir, ids, ref_logits):
     # TINY: GQA ratio 4, intermediate 96 != hidden 64, sinks ~ N(0, 2), window 8 < 21 tokens.
-    model = load_model(hf_mxfp4_dir, dtype="float32")
+    model = load_model(hf_mxfp4_dir, dtype="float32", dense_bits=16)
     assert ck.relative_error(ck.logits(model, ids), ref_logits) < ck.FLOAT32_TOL
 
 
@@ -38,7 +38,7 @@ def test_bfloat16_is_as_close_as_transformers_own_bfloat16(
     def position_errors(logits_: np.ndarray) -> np.ndarray:
         return np.abs(logits_ - ref_logits).max(axis=-1) / np.abs(ref_logits).max()
 
-    model = load_model(hf_mxfp4_dir)
+    model = load_model(hf_mxfp4_dir, dense_bits=16)
     assert model.dtype == mx.bfloat16
     ours = position_errors(ck.logits(model, ids))
     with torch.no_grad():
@@ -56,7 +56,7 @@ def test_real_head_geometry_matches_transformers(tmp_path):
     # 64-dim heads, 8 query heads per KV head, as in gpt-oss-20b/120b.
     cfg = ck.REAL_HEADS
     tensors = ck.make_hf_tensors(cfg, seed=3)
-    model = load_model(ck.write_hf_mxfp4(tmp_path, cfg, tensors), dtype="float32")
+    model = load_model(ck.write_hf_mxfp4(tmp_path, cfg, tensors), dtype="float32", dense_bits=16)
     ids = np.random.RandomState(2).randint(0, cfg.vocab_size, (2, 19))
     ref = ck.reference_logits(ck.reference_model(tensors, cfg), ids)
     assert ck.relative_error(ck.logits(model, ids), ref) < ck.FLOAT32_TOL
@@ -64,7 +64,7 @@ def test_real_head_geometry_matches_transformers(tmp_path):
 
 def test_sinks_are_large_enough_to_matter(hf_mxfp4_dir, ids, ref_logits):
     """The parity test would catch a model that ignored the sinks."""
-    model = load_model(hf_mxfp4_dir, dtype="float32")
+    model = load_model(hf_mxfp4_dir, dtype="float32", dense_bits=16)
     for layer in model.layers:
         layer.self_attn.sinks = mx.full(layer.self_attn.sinks.shape, -1e9)
     assert ck.relative_error(ck.logits(model, ids), ref_logits) > 100 * ck.FLOAT32_TOL
@@ -72,7 +72,7 @@ def test_sinks_are_large_enough_to_matter(hf_mxfp4_dir, ids, ref_logits):
 
 @pytest.mark.parametrize("prompt_len", [5, 13])  # shorter and longer than the 8-key window
 def test_decoding_through_the_cache_matches_full_forward(hf_mxfp4_dir, ids, prompt_len):
-    model = load_model(hf_mxfp4_dir, dtype="float32")
+    model = load_model(hf_mxfp4_dir, dtype="float32", dense_bits=16)
     full = ck.logits(model, ids)
     cache = model.make_cache()
     steps = [ck.logits(model, ids[:, :prompt_len], cache=cache)]
@@ -82,7 +82,7 @@ def test_decoding_through_the_cache_matches_full_forward(hf_mxfp4_dir, ids, prom
 
 
 def test_chunked_prefill_through_the_cache_matches_full_forward(hf_mxfp4_dir, ids):
-    model = load_model(hf_mxfp4_dir, dtype="float32")
+    model = load_model(hf_mxfp4_dir, dtype="float32", dense_bits=16)
     full = ck.logits(model, ids)
     cache = model.make_cache()
     chunks = [
@@ -92,7 +92,7 @@ def test_chunked_prefill_through_the_cache_matches_full_forward(hf_mxfp4_dir, id
 
 
 def test_cache_kinds_and_sizes(hf_mxfp4_dir, ids):
-    model = load_model(hf_mxfp4_dir, dtype="float32")
+    model = load_model(hf_mxfp4_dir, dtype="float32", dense_bits=16)
     cache = model.make_cache()
     model(mx.array(ids), cache=cache)
     window = ck.TINY.sliding_window
@@ -135,7 +135,7 @@ def test_yarn_ramp_bounds_are_not_rounded():
 
 @pytest.mark.parametrize("cached", [False, True])
 def test_last_logits_equal_the_full_forward_last_position(hf_mxfp4_dir, ids, cached):
-    model = load_model(hf_mxfp4_dir, dtype="float32")
+    model = load_model(hf_mxfp4_dir, dtype="float32", dense_bits=16)
     full = ck.logits(model, ids)
     if cached:  # the last chunk after a first one, through the caches
         cache = model.make_cache()

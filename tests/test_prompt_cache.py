@@ -16,9 +16,14 @@ from gptoss_mlx.turn_memory import TurnMemory
 START = 200006  # <|start|>: a message boundary
 
 
-@pytest.fixture(scope="module")
-def model(o200k_dir):
-    return load(o200k_dir, dtype="float32")[0]
+@pytest.fixture(scope="module", params=["resident", "kv8-expert-cache"])
+def model(request, o200k_dir, o200k_experts_dir):
+    """The tiny model as it loads by default, and one with 64-dim heads whose keys and values are
+    cached at 8 bits (the prompt cache keeps and restores quantized rings) and whose 32 experts
+    stream through 8 slots."""
+    if request.param == "resident":
+        return load(o200k_dir, dtype="float32")[0]
+    return load(o200k_experts_dir, dtype="float32", kv_bits=8, expert_cache=8)[0]
 
 
 def words(n, seed):

@@ -125,6 +125,17 @@ def pipeline_of(line, commands, ours) -> list[list[str]]:
     return ours
 
 
+# Memory settings the tiny o200k checkpoint cannot take (16-dim heads, 8 experts): examples using
+# them run on a checkpoint with 64-dim heads and 32 experts instead.
+NEEDS_REAL_HEADS = ("--kv-bits", "--expert-cache", "kv_bits=", "expert_cache=")
+
+
+def tiny_model_for(words: list[str] | str) -> str:
+    """The `paths` key of the small checkpoint that stands in for the README's model."""
+    text = " ".join(words) if isinstance(words, list) else words
+    return "o200k_experts" if any(s in text for s in NEEDS_REAL_HEADS) else "o200k"
+
+
 def shrink(command: list[str], paths: dict) -> list[str]:
     """The README command with small sizes and the tiny checkpoints in place of real models."""
     words = list(command)
@@ -140,20 +151,21 @@ def shrink(command: list[str], paths: dict) -> list[str]:
         ]
         return out + (["convert"] if not is_script else []) + rest
     out.append(sub)
+    model = paths[tiny_model_for(words)]
     has_model = False
     shrunk = []
     prev = None
     for w in rest:
         if prev in ("-m", "--model"):
-            w, has_model = paths["o200k"], True
+            w, has_model = model, True
         elif prev in SMALL:
             w = SMALL[prev]
         elif prev in FILES and not w.lstrip().startswith("{"):  # a file the reader would write
             w = paths[FILES[prev]]
         shrunk.append(w)
         prev = w if w.startswith("-") else None
-    if sub in ("generate", "chat", "serve") and not has_model:
-        shrunk += ["-m", paths["o200k"]]
+    if sub in ("generate", "chat", "serve", "memory") and not has_model:
+        shrunk += ["-m", model]
     if sub in ("generate", "chat", "serve") and "--max-tokens" not in shrunk:
         shrunk += ["--max-tokens", SMALL["--max-tokens"]]
     if sub == "bench" and "--repeats" not in shrunk:
@@ -166,12 +178,13 @@ def shrink(command: list[str], paths: dict) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def paths(o200k_dir, hf_mxfp4_dir, tmp_path_factory):
+def paths(o200k_dir, o200k_experts_dir, hf_mxfp4_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("readme")
     (tmp / "schema.json").write_text('{"type": "object"}')
     (tmp / "answer.lark").write_text('start: "yes" | "no"')
     return {
         "o200k": o200k_dir,
+        "o200k_experts": o200k_experts_dir,
         "hf": hf_mxfp4_dir,
         "tmp": str(tmp),
         "schema": str(tmp / "schema.json"),
@@ -184,7 +197,7 @@ EXAMPLES = shell_examples()
 
 def test_the_readme_has_cli_examples():
     subcommands = {c[-1][1] for c, _, _ in EXAMPLES if c[-1][0] == "gptoss-mlx"}
-    assert {"generate", "chat", "convert", "bench", "serve"} <= subcommands
+    assert {"generate", "chat", "convert", "bench", "serve", "memory"} <= subcommands
 
 
 @pytest.mark.parametrize(
@@ -297,7 +310,7 @@ def test_python_example_runs(code, line, skip, paths, monkeypatch, tmp_path, req
     if SERVER_URL in code:
         code = code.replace(SERVER_URL, request.getfixturevalue("readme_server"))
     for hub_model in (HUB_MODEL, HUB_MODEL.replace("20b", "120b")):
-        code = code.replace(repr(hub_model).replace("'", '"'), repr(paths["o200k"]))
+        code = code.replace(repr(hub_model).replace("'", '"'), repr(paths[tiny_model_for(code)]))
     code = re.sub(r"max_tokens=\d+", "max_tokens=4", code)
     monkeypatch.chdir(tmp_path)
     exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "readme_example"})

@@ -752,3 +752,37 @@ def test_thirty_malformed_requests_get_openai_shaped_4xx_and_the_server_goes_on(
                 assert error["param"] == param, (body, error)
         reply = client.chat.completions.create(model="m", messages=USER, max_tokens=100)
         assert reply.choices[0].finish_reason == "stop"
+
+
+# -- memory savings through the server ------------------------------------------------------------
+
+
+def test_the_memory_savings_answer_as_the_resident_model(o200k_experts_dir):
+    """Greedy replies over two turns (the second through the prompt cache): the model with its
+    embedding on disk and an expert cache of 4, 8 or 16 slots of 32 answers token for token as
+    the fully resident one; with 8-bit keys and values it answers too (its own cache, its own
+    tokens)."""
+
+    def replies(**options) -> list[tuple[dict, int]]:
+        model, tok = load(o200k_experts_dir, dtype="float32", **options)
+        with running(create_app(model, tok, model_name="m")) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+            messages, out = [{"role": "user", "content": "Hi"}], []
+            for follow_up in ("Tell me more", None):
+                r = client.chat.completions.create(
+                    model="m", messages=messages, temperature=0, max_tokens=10
+                )
+                # the message (reasoning, content, tool calls) and how many tokens made it
+                out.append((r.choices[0].message.model_dump(), r.usage.completion_tokens))
+                if follow_up:
+                    messages += [
+                        as_sent_back(r.choices[0].message),
+                        {"role": "user", "content": follow_up},
+                    ]
+            return out
+
+    resident = replies(embedding_from_disk=False)
+    assert all(tokens > 0 for _, tokens in resident)
+    for slots in (4, 8, 16):
+        assert replies(expert_cache=slots) == resident, slots
+    assert all(tokens > 0 for _, tokens in replies(kv_bits=8, expert_cache=8))
