@@ -152,8 +152,8 @@ def shared_sampler(
 
     With `cancelled`, a draw queued once it returns true is STOPPED, on every rank alike: rank 0's
     cancellation travels with its token, so every rank ends the generation at the same token
-    without a collective of its own. STOPPED is a valid index where it is fed to the model (-1
-    reads the embedding's last row); the generation drops that step.
+    without a collective of its own. The generation feeds a valid token in its place (the step
+    was queued before the draw was read) and drops that step.
     """
     if group is not None and group.size() > 1:
         return lambda logits: leader_token(sampler(logits), group, cancelled)

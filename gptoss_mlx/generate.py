@@ -435,8 +435,21 @@ def stream_generate(
         on_pause=on_pause,
     )
     stopper = _StopStrings(stop) if stop else None
+    # A draw can be STOPPED: with `cancelled`, or rank 0's cancellation across ranks.
+    stoppable = cancelled is not None or (group is not None and group.size() > 1)
     return _generate_events(
-        model, ids, cache, sampler, max_tokens, prefill, stops, parser, stopper, logprobs, guide
+        model,
+        ids,
+        cache,
+        sampler,
+        max_tokens,
+        prefill,
+        stops,
+        parser,
+        stopper,
+        logprobs,
+        guide,
+        stoppable,
     )
 
 
@@ -452,6 +465,7 @@ def _generate_events(
     stopper,
     logprobs,
     guide: Guide | None,
+    stoppable: bool,
 ) -> Iterator[GenerationEvent]:
     mx.reset_peak_memory()
     stats = GenerationStats(prompt_tokens=len(ids))
@@ -462,6 +476,8 @@ def _generate_events(
     tic = time.perf_counter()
 
     def forward(token: mx.array) -> mx.array:
+        if stoppable:  # STOPPED (-1) is no token: feed 0 in its place (that step is dropped)
+            token = mx.maximum(token, 0)
         return model(token.reshape(1, 1), cache=cache)[:, -1, :]
 
     def with_logprobs(token: mx.array, logits: mx.array) -> tuple[mx.array, ...]:
