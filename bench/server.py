@@ -2,6 +2,7 @@
 saves.
 
     python bench/server.py [--tokens 256] [--repeats 5] [--dtype float32]
+    python bench/server.py --ranks 2 [--tokens 256] [--repeats 5]
 
 The model: random weights with the CPU-proxy head geometry of `gptoss_mlx.benchmark.TINY` (64-dim
 heads, 16 query / 2 KV heads, window 128, 8 experts, 4 layers) at hidden size 64, and
@@ -23,6 +24,11 @@ process (uvicorn, as `gptoss-mlx serve` runs it) on the same weights; this proce
    server with the prompt cache and one without (`--prompt-cache-gb 0`). A fresh conversation per
    repeat; medians. Random replies carry no tool calls, but what the cache does is the same as
    for a tool loop: it reuses everything up to the end of the previous reply.
+3. Across ranks (`--ranks N`, N > 1; then only this): `gptoss-mlx serve` of the same model
+   saved to a folder, as one process and under `mlx.launch --backend ring -n N` on this machine
+   (the experts sharded, rank 0 serving, the others following): the streamed throughput of 1.,
+   and the latency of a conversation's second turn (prompt cache on, `max_tokens: 1`, not
+   streamed).
 """
 
 from __future__ import annotations
@@ -30,9 +36,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -44,7 +52,7 @@ from gptoss_mlx.benchmark import TINY
 from gptoss_mlx.harmony import render_prompt
 from gptoss_mlx.loading import build_model, parse_dtype
 from gptoss_mlx.server import create_app
-from gptoss_mlx.synthetic import hf_config_json, random_checkpoint
+from gptoss_mlx.synthetic import hf_config_json, random_checkpoint, save_checkpoint
 from gptoss_mlx.tokenizer import default_tokenizer
 from gptoss_mlx.weights import checkpoint_from_tensors
 
@@ -85,12 +93,26 @@ def serve(args) -> None:
 
 
 class Server:
-    """A child process serving the bench model."""
+    """A child process serving the bench model; or, given the model's `folder`, `gptoss-mlx
+    serve` of it as `ranks` processes (under `mlx.launch` when more than one)."""
 
-    def __init__(self, args, port: int, prompt_cache_gb: float):
+    def __init__(self, args, port: int, prompt_cache_gb: float, folder=None, ranks: int = 1):
         command = [sys.executable, __file__, "--serve", str(port), "--dtype", args.dtype]
         command += ["--prompt-cache-gb", str(prompt_cache_gb), "--seed", str(args.seed)]
-        self.process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": _root()})
+        if folder is not None:
+            command = [sys.executable, "-m", "gptoss_mlx.cli", "serve", "-m", folder]
+            command += ["--dtype", args.dtype, "--port", str(port)]
+            command += ["--prompt-cache-gb", str(prompt_cache_gb)]
+        if ranks > 1:
+            launcher = os.path.join(os.path.dirname(sys.executable), "mlx.launch")
+            command = [launcher, "--backend", "ring", "-n", str(ranks), "--", *command]
+        self.process = subprocess.Popen(  # its own group: the ranks end with it
+            command,
+            env={**os.environ, "PYTHONPATH": _root()},
+            stdin=subprocess.PIPE,  # mlx.launch spins on a closed stdin
+            stdout=subprocess.DEVNULL if folder is not None else None,  # uvicorn's access log
+            start_new_session=True,
+        )
         self.url = f"http://127.0.0.1:{port}"
         while True:
             assert self.process.poll() is None, "the server exited"
@@ -115,8 +137,9 @@ class Server:
         return seconds, json.loads(last[6:])
 
     def close(self) -> None:
-        self.process.terminate()
+        os.killpg(self.process.pid, signal.SIGTERM)
         self.process.wait()
+        self.process.stdin.close()
 
 
 def _root() -> str:
@@ -185,6 +208,41 @@ def turn_six(args) -> None:
         print(f"  {label:<16} {s:8.3f} s   prompt {prompt} tokens, {cached:.0f} from the cache")
 
 
+def across_ranks(args) -> None:
+    messages = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+    first = {"messages": messages, "max_tokens": args.tokens, "temperature": 0, "stream": True}
+    first["stream_options"] = {"include_usage": True}
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        tensors = random_checkpoint(CONFIG, seed=args.seed, numpy_blocks=True)
+        save_checkpoint(folder, tensors, hf_config_json(CONFIG))
+        for ranks in (1, args.ranks):
+            server = Server(args, args.port + 2, 2.0, folder=folder, ranks=ranks)
+            tps, second = [], []
+            try:
+                for _ in range(args.repeats + 1):  # the first round warms up
+                    seconds, last = server.chat(first)
+                    assert last["usage"]["completion_tokens"] == args.tokens, last
+                    tps.append(args.tokens / seconds)
+                    _, reply = server.chat({**first, "stream": False, "max_tokens": 16})
+                    turn = [*messages, reply["choices"][0]["message"]]
+                    turn.append({"role": "user", "content": f"And then? ({len(tps)})"})
+                    took, reply = server.chat({"messages": turn, "max_tokens": 1})
+                    assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] > 0, reply
+                    second.append(took)
+            finally:
+                server.close()
+            rows.append((ranks, statistics.median(tps[1:]), statistics.median(second[1:])))
+    print(
+        f"gptoss-mlx serve across ranks (localhost ring), {args.tokens} tokens streamed, medians "
+        f"of {args.repeats}:"
+    )
+    for ranks, tps, took in rows:
+        print(
+            f"  {ranks} rank{'s' if ranks > 1 else ' '}  {tps:8.2f} tok/s   2nd turn {took:.3f} s"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=256)
@@ -192,6 +250,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--ranks", type=int, default=1, help="N > 1: only 3., across N ranks")
     parser.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--prompt-cache-gb", type=float, default=2.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -203,6 +262,8 @@ def main() -> None:
         f"MLX {mx.__version__} on {'Metal' if mx.metal.is_available() else 'CPU'}"
     )
     model, tok = build(args.dtype, args.seed), default_tokenizer()
+    if args.ranks > 1:
+        return across_ranks(args)
     throughput(args, model, tok)
     turn_six(args)
 

@@ -3,9 +3,10 @@
 Every command turns a `GptOssError` into a one-line message on stderr and exit status 1; a bad flag
 (out of range, unknown choice) is one line too, with exit status 2.
 
-Under a launcher (`mlx.launch`, mpirun) `generate`, `chat` and `bench` run as one rank of several,
-the model's experts sharded across them (`gptoss_mlx.distributed`): rank 0 reads the input and
-shares it, every rank computes, and only rank 0 writes output. An error names its rank.
+Under a launcher (`mlx.launch`, mpirun) `generate`, `chat`, `bench` and `serve` run as one rank of
+several, the model's experts sharded across them (`gptoss_mlx.distributed`): rank 0 reads the
+input (for `serve`, the HTTP requests) and shares it, every rank computes, and only rank 0 writes
+output. An error names its rank.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import sys
 from collections.abc import Callable
 
 import click
-import uvicorn
 
 from . import (
     Benchmark,
@@ -41,7 +41,7 @@ from . import (
 from .benchmark import bench_kernels, format_report
 from .harmony import REASONING_EFFORTS, Delta
 from .kernels import BACKENDS
-from .server import create_app
+from .server import create_app, follow, serve
 from .server.app import REASONING_FORMATS
 
 
@@ -996,18 +996,27 @@ def serve_command(
     Point any OpenAI client at http://HOST:PORT/v1. Requests are queued and run one at a time;
     the KV caches of recent conversations are kept, so each turn prefills only its new tokens.
     With --tools the server runs the browser and python tools itself (each request its own).
+    Across ranks rank 0 serves HTTP (and runs the tools) and the others follow its generations;
+    Ctrl-C ends the run.
     """
     check_sampling(options["temperature"], options["top_p"], options["top_k"], options["min_p"])
     memory = _memory(options)
-    if host not in ("127.0.0.1", "localhost", "::1") and not options["api_key"]:
+    group = _connect()
+    leader = group is None or group.rank() == 0
+    if leader and host not in ("127.0.0.1", "localhost", "::1") and not options["api_key"]:
         click.secho(f"warning: listening on {host} with no --api-key", fg="yellow", err=True)
-    builtin = _builtin_tools(tool_names, search_url, serving=True)
-    mdl, tok = load(model, dtype, progress=sys.stderr.isatty(), kernels=kernels, **memory)
+    builtin = _builtin_tools(tool_names, search_url, serving=True) if leader else []
+    progress = sys.stderr.isatty() and leader
+    mdl, tok = load(model, dtype, progress=progress, kernels=kernels, group=group, **memory)
+    if not leader:
+        follow(mdl, tok)
+        return
     _warn_if_it_does_not_fit(getattr(mdl, "memory_plan", None))
     name = model_name or model.rstrip("/").rsplit("/", 1)[-1]
     app = create_app(mdl, tok, model_name=name, builtin_tools=builtin, **options)
-    click.echo(f"Serving {model} as {name!r} on http://{host}:{port}/v1", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    ranks = f" across {group.size()} ranks" if group is not None else ""
+    click.echo(f"Serving {model} as {name!r}{ranks} on http://{host}:{port}/v1", err=True)
+    serve(app, host, port)
 
 
 @main.command("memory")

@@ -117,24 +117,49 @@ def expert_shard(num_experts: int, group: Group | None) -> ExpertShard | None:
 
 # --- sampling -------------------------------------------------------------------------------------
 
+STOPPED = -1  # the token id every rank draws once rank 0's generation is cancelled
 
-def leader_token(token: mx.array, group: Group | None) -> mx.array:
-    """Rank 0's `token` on every rank (lazily: one all_sum of the ids)."""
+
+def _drawn(token: mx.array, cancelled: Callable[[], bool] | None) -> mx.array:
+    """`token` as int32, or STOPPED if `cancelled()` says so now (as the draw is queued)."""
+    return mx.where(cancelled is not None and cancelled(), STOPPED, token.astype(mx.int32))
+
+
+def leader_token(
+    token: mx.array, group: Group | None, cancelled: Callable[[], bool] | None = None
+) -> mx.array:
+    """Rank 0's `token` (int32) on every rank, lazily: one all_sum of the ids. STOPPED instead
+    when rank 0's `cancelled()` is true as the draw is queued (the other ranks' is not asked).
+
+    Every rank's share depends on its own `token`, even where it is replaced: collectives run in
+    the order their inputs allow, and this one must follow the model's on every rank alike.
+    """
     if group is None or group.size() == 1:
         return token
     beat()
-    mine = mx.where(group.rank() == 0, token, mx.zeros_like(token))
+    leads = group.rank() == 0
+    mine = mx.where(leads, _drawn(token, cancelled if leads else None), 0)
     return mx.distributed.all_sum(mine, group=group)
 
 
 def shared_sampler(
-    sampler: Callable[[mx.array], mx.array], group: Group | None
+    sampler: Callable[[mx.array], mx.array],
+    group: Group | None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> Callable[[mx.array], mx.array]:
     """`sampler`, with every rank taking rank 0's token: the ranks' logits can differ in the last
-    bits (Macs of different chips round differently), their tokens never do."""
-    if group is None or group.size() == 1:
+    bits (Macs of different chips round differently), their tokens never do.
+
+    With `cancelled`, a draw queued once it returns true is STOPPED, on every rank alike: rank 0's
+    cancellation travels with its token, so every rank ends the generation at the same token
+    without a collective of its own. The generation feeds a valid token in its place (the step
+    was queued before the draw was read) and drops that step.
+    """
+    if group is not None and group.size() > 1:
+        return lambda logits: leader_token(sampler(logits), group, cancelled)
+    if cancelled is None:
         return sampler
-    return lambda logits: leader_token(sampler(logits), group)
+    return lambda logits: _drawn(sampler(logits), cancelled)
 
 
 # --- connecting -----------------------------------------------------------------------------------
@@ -297,8 +322,21 @@ def beat() -> None:
 def fail(message: str) -> None:
     """Print `error: message` and end the process now, from any thread (the main one may be
     blocked in a collective that will never finish)."""
-    os.write(_stderr_fd, f"error: {message}\n".encode())
-    os._exit(1)
+    _exit(f"error: {message}\n", 1)
+
+
+_ending = threading.Lock()  # held by the one thread that ends the process
+
+
+def _exit(line: str, status: int) -> None:
+    """Write `line` to stderr and end the process, even if stderr is gone (a launcher that died
+    closes the pipe it read the ranks' output from). Only the first thread to call it writes: a
+    lost rank can be noticed by several at once, and the user reads one line."""
+    _ending.acquire()
+    try:
+        os.write(_stderr_fd, line.encode())
+    finally:
+        os._exit(status)
 
 
 def end_on_signals() -> None:
@@ -320,8 +358,7 @@ def end_on_signals() -> None:
     def watch() -> None:
         number = os.read(read, 1)[0]
         if number == signal.SIGINT:
-            os.write(_stderr_fd, b"interrupted\n")
-            os._exit(130)
+            _exit("interrupted\n", 130)
         fail(
             f"rank {rank}: stopped by {signal.Signals(number).name} (mlx.launch stops every "
             "rank when one fails)"
@@ -335,14 +372,21 @@ def end_on_signals() -> None:
 
 _stderr_fd = 2  # where this process's stderr really goes (see quiet_backend_logs)
 _BACKEND_LOG = b"[ring]"
+_CONNECTION_LOST = b"Too many send/recv errors"  # what the ring logs as it gives a connection up
+_LOST = "[ring] connection to a peer was lost"  # and the error it then raises, if it can
 
 
 def quiet_backend_logs() -> None:
-    """Drop the ring backend's log lines from this process's stderr; everything else passes.
+    """Drop the ring backend's log lines from this process's stderr; everything else passes; and
+    end this process at once, with one line, when the ring says it lost a connection.
 
     When a peer goes away MLX's ring backend logs "[ring] Socket 3 was closed by the peer" ten
     times and "Too many send/recv errors" before the collective fails; the one-line error that
-    follows says what happened. $MLX_RING_VERBOSE (MLX's own switch for its logs) keeps them.
+    follows says what happened. That last line is also the only sure sign: MLX raises the
+    failure only in the main thread and only as it queues more work, while every collective
+    queued after it waits on the lost connection for ever (the ring's socket thread has
+    returned), so this process cannot go on. $MLX_RING_VERBOSE (MLX's own switch for its logs)
+    keeps them, and leaves the ending to the error or the watchdog.
     """
     global _stderr_fd
     if os.environ.get("MLX_RING_VERBOSE") or _stderr_fd != 2:
@@ -364,9 +408,11 @@ def quiet_backend_logs() -> None:
 
 
 def _filter_lines(source: int, target: int) -> None:
-    """Copy `source` to `target` as it comes, except lines starting with _BACKEND_LOG. C++
-    writes a line in pieces, so the start of each line is held until it tells which it is."""
+    """Copy `source` to `target` as it comes, except lines starting with _BACKEND_LOG; end the
+    process on _CONNECTION_LOST. C++ writes a line in pieces, so the start of each line is held
+    until it tells which it is."""
     start, state = b"", "start"  # state: "start" (deciding), "pass" or "drop" (to the newline)
+    dropped = b""  # the line being dropped, up to the length of _CONNECTION_LOST
     while data := os.read(source, 65536):
         while data:
             if state == "start":
@@ -389,8 +435,12 @@ def _filter_lines(source: int, target: int) -> None:
             data = data[len(piece) :]
             if state == "pass":
                 os.write(target, piece)
+            else:
+                dropped = (dropped + piece)[: len(_CONNECTION_LOST) + 1]
+                if dropped.lstrip().startswith(_CONNECTION_LOST):
+                    fail(str(peer_failure(RuntimeError(_LOST))))
             if end >= 0:
-                state = "start"
+                state, dropped = "start", b""
     if start:
         os.write(target, start)
 

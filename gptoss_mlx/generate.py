@@ -17,6 +17,9 @@
     ranks:         a model sharded over several processes (`model.group`) checks that every
                    rank runs the same prompt, and every draw (constrained or not) feeds every
                    rank rank 0's token (`distributed.shared_sampler`).
+    cancelled:     polled as each draw is queued; once true the draw is STOPPED (across ranks,
+                   rank 0's answer on every rank) and generation ends when it is read: the
+                   events already drawn still come, then no more.
 
 A consequence of pipelining: when generation stops on a stop token, that token has already been fed
 through the model, so the cache holds ``prompt + completion``; when it stops at ``max_tokens`` the
@@ -37,7 +40,7 @@ from typing import Protocol
 import mlx.core as mx
 
 from .constrain import Guide, compile_constraint
-from .distributed import check_same_tokens, shared_sampler
+from .distributed import STOPPED, check_same_tokens, shared_sampler
 from .errors import GptOssError
 from .harmony import Delta, StreamParser, parse_completion, parse_response_format, render_prompt
 from .progress import progress_bar
@@ -80,6 +83,7 @@ class GenerationStats:
     generation_tps: float = 0.0  # tokens after the first / time after the first
     peak_memory: int = 0  # mx.get_peak_memory() since the call started (weights included)
     finish_reason: str | None = None  # "stop" (<|return|>), "tool_calls" (<|call|>), "length"
+    # (and "cancelled" from `generate` when `cancelled` ended it)
     precision: str = ""  # the model's weights and cache (`GptOssModel.describe`)
     # With an expert cache: {"prefill": counts, "decode": counts}, counts being the hits, misses,
     # bytes_read and syncs of this generation (`GptOssModel.expert_cache_stats`).
@@ -337,6 +341,7 @@ def stream_generate(
     logprobs: int | None = None,
     prefill_pauses: Sequence[int] = (),
     on_pause: Callable[[int], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> Iterator[GenerationEvent]:
     """Generate from ``prompt``, yielding a :class:`GenerationEvent` per token.
 
@@ -358,9 +363,12 @@ def stream_generate(
     need a tokenizer. ``logprobs``: each event carries its token's log probability and the
     ``logprobs`` (0..20) most likely tokens'. ``prefill_pauses`` / ``on_pause``: positions of
     ``prompt`` at which the prefill pauses and calls ``on_pause(p)`` with the cache holding its
-    first ``p`` tokens (to snapshot it). The prompt (with what ``cache`` holds) must leave room in
-    the model's context for one token; generation ends ("length") where the context does
-    (``max_tokens=None``: only there).
+    first ``p`` tokens (to snapshot it). ``cancelled``: asked as each token's draw is queued;
+    once it says True the events stop within two tokens, the last with no ``finish_reason``,
+    and ``cache`` holds the prompt and the tokens yielded; a model sharded over ranks asks rank
+    0's only, and every rank stops at the same token. The prompt (with what ``cache`` holds)
+    must leave room in the model's context for one token; generation ends ("length") where the
+    context does (``max_tokens=None``: only there).
     The last event carries ``finish_reason`` and :class:`GenerationStats`.
     """
     ids, tokenizer = prompt_tokens(
@@ -396,7 +404,7 @@ def stream_generate(
     sampler = sampler or make_sampler(temperature, top_p, top_k, min_p, seed=seed)
     group = getattr(model, "group", None)
     check_same_tokens(ids, group)
-    sampler = shared_sampler(sampler, group)
+    sampler = shared_sampler(sampler, group, cancelled)
     constraint = None
     if response_format is not None or tool_choice is not None or tools:
         constraint = compile_constraint(
@@ -427,8 +435,21 @@ def stream_generate(
         on_pause=on_pause,
     )
     stopper = _StopStrings(stop) if stop else None
+    # A draw can be STOPPED: with `cancelled`, or rank 0's cancellation across ranks.
+    stoppable = cancelled is not None or (group is not None and group.size() > 1)
     return _generate_events(
-        model, ids, cache, sampler, max_tokens, prefill, stops, parser, stopper, logprobs, guide
+        model,
+        ids,
+        cache,
+        sampler,
+        max_tokens,
+        prefill,
+        stops,
+        parser,
+        stopper,
+        logprobs,
+        guide,
+        stoppable,
     )
 
 
@@ -444,6 +465,7 @@ def _generate_events(
     stopper,
     logprobs,
     guide: Guide | None,
+    stoppable: bool,
 ) -> Iterator[GenerationEvent]:
     mx.reset_peak_memory()
     stats = GenerationStats(prompt_tokens=len(ids))
@@ -454,6 +476,8 @@ def _generate_events(
     tic = time.perf_counter()
 
     def forward(token: mx.array) -> mx.array:
+        if stoppable:  # STOPPED (-1) is no token: feed 0 in its place (that step is dropped)
+            token = mx.maximum(token, 0)
         return model(token.reshape(1, 1), cache=cache)[:, -1, :]
 
     def with_logprobs(token: mx.array, logits: mx.array) -> tuple[mx.array, ...]:
@@ -477,6 +501,11 @@ def _generate_events(
             next_logprobs = with_logprobs(next_y, logits) if next_y is not None else ()
             mx.async_eval(logits if next_y is None else next_y, *next_logprobs)
         token = int(y.item())
+        if token == STOPPED:  # cancelled: the step queued above fed it, so forget that position
+            if n + 1 < max_tokens:
+                for c in cache:
+                    c.trim(1)
+            return
         n += 1
         t_last = time.perf_counter()
         if n == 1:
@@ -568,6 +597,8 @@ def generate(
         content += [d.text for d in event.deltas if d.kind == "content"]
         if on_event is not None:
             on_event(event)
+    if stats is None:  # `cancelled` ended it: no event carried statistics
+        stats = GenerationStats(generation_tokens=len(tokens), finish_reason="cancelled")
     if tokenizer is not None:
         result = parse_completion(tokens, tokenizer)
         result["content"] = "".join(content)  # the parse's content, less what a stop string cut

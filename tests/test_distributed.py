@@ -1,11 +1,15 @@
 """One model across several processes on localhost (MLX's ring backend, CPU), against the same
 model in one process: the split of the experts, float32 logits and greedy tokens with 2 and 3
-ranks (8 experts: 3 + 3 + 2 over 3 ranks) in the published and converted layouts, the `generate`
-and `chat` commands under `mlx.launch`, what each rank holds in memory at the real 120b layer
-shapes, and how a run ends when a rank dies, hangs or never comes."""
+ranks (8 experts: 3 + 3 + 2 over 3 ranks) in the published and converted layouts, the `generate`,
+`chat` and `serve` commands under `mlx.launch` (`serve` through the real `openai` client, against
+a server in one process), what each rank holds in memory at the real 120b layer shapes, and how a
+run ends when a rank dies, hangs or never comes."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import gc
 import json
 import os
 import re
@@ -16,15 +20,18 @@ import sys
 import time
 
 import checkpoints as ck
+import httpx
 import mlx.core as mx
 import numpy as np
 import pytest
 from distributed_rank import GREEDY_TOKENS, PROMPT
+from serving import running
 
 from gptoss_mlx import convert, distributed, generate, load, load_model
 from gptoss_mlx.loading import build_model
 from gptoss_mlx.moe import MoE
 from gptoss_mlx.safetensors_check import read_header
+from gptoss_mlx.server import create_app
 from gptoss_mlx.synthetic import hf_config_json
 from gptoss_mlx.weights import checkpoint_from_tensors, read_checkpoint
 
@@ -519,3 +526,210 @@ def test_the_idle_chat_leader_notices_a_dead_rank(o200k_dir, tmp_path):
         os.close(write)
     assert procs[0].returncode == 1 and took < 10
     assert len(errors(procs[0].err.read_text())) == 1
+
+
+# --- serve across ranks ---------------------------------------------------------------------------
+
+
+SERVED_MODEL = "gpt-oss-tiny"
+
+
+def serve_args(o200k_dir: str, port: int) -> list[str]:
+    return cli("serve", "-m", o200k_dir, "--dtype", "float32", "--port", str(port))
+
+
+def wait_until_serving(url: str, procs: list, err, timeout: float = 120) -> None:
+    """Wait until the server at `url` answers /health (its processes alive meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert all(p.poll() is None for p in procs), err.read_text()
+        assert time.monotonic() < deadline, "the server did not start\n" + err.read_text()
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.3)
+
+
+@dataclasses.dataclass
+class Launched:
+    """`gptoss-mlx serve` under `mlx.launch`: its pid, the ring's first port, the HTTP port."""
+
+    launcher: int
+    ring: int
+    port: int
+
+
+@pytest.fixture(scope="module")
+def served_launch(o200k_dir, tmp_path_factory):
+    """`gptoss-mlx serve` of the tiny model (float32) under `mlx.launch`, 2 ranks on localhost."""
+    tmp = tmp_path_factory.mktemp("served")
+    base = free_ports(3)  # the ring's two ports, then the server's
+    command = [LAUNCHER, "--backend", "ring", "-n", "2", "--starting-port", str(base), "--"]
+    command += [sys.executable, *serve_args(o200k_dir, base + 2)]
+    err = tmp / "err"
+    with open(tmp / "out", "w") as o, open(err, "w") as e:
+        launcher = subprocess.Popen(  # its own process group: the ranks are ended with it
+            command,
+            cwd=ROOT,
+            env=environment(),
+            stdin=subprocess.PIPE,
+            stdout=o,
+            stderr=e,
+            start_new_session=True,
+        )
+    try:
+        wait_until_serving(f"http://127.0.0.1:{base + 2}", [launcher], err)
+        yield Launched(launcher.pid, base, base + 2)
+    finally:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        launcher.stdin.close()
+    assert not errors(err.read_text()) and "Traceback" not in err.read_text(), err.read_text()
+
+
+@pytest.fixture(scope="module")
+def served_across_ranks(served_launch):
+    """An `openai` client for the server across ranks."""
+    openai = pytest.importorskip("openai")
+    url = f"http://127.0.0.1:{served_launch.port}/v1"
+    return openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def served_alone(o200k_dir):
+    """The same server in one process: what the ranks must answer."""
+    openai = pytest.importorskip("openai")
+    model, tok = load(o200k_dir, "float32")
+    with running(create_app(model, tok)) as url:
+        yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    del model
+    gc.collect()  # the app's state and worker refer to each other: free the model now, not when
+    # the collector next runs (a later test measuring peak memory would count it)
+
+
+FIRST = [{"role": "user", "content": "Why is the sky blue?"}]
+GREEDY = {"model": SERVED_MODEL, "temperature": 0, "max_tokens": 24}
+
+
+def ask(client, messages):
+    return client.chat.completions.create(messages=messages, **GREEDY)
+
+
+def same_reply(across, alone) -> None:
+    """Two chat completions with the same message (24 tokens of the random model's text, in the
+    answer: it writes no channel headers), finish and usage."""
+    assert across.choices[0].message == alone.choices[0].message
+    assert across.choices[0].message.content != ""
+    assert across.choices[0].finish_reason == alone.choices[0].finish_reason
+    assert across.usage == alone.usage
+
+
+def test_serve_across_ranks_answers_as_one_process(served_across_ranks, served_alone):
+    """A request, the same streamed, and the conversation's next turn (from the prompt cache)."""
+    first = ask(served_across_ranks, FIRST)
+    same_reply(first, ask(served_alone, FIRST))
+    chunks = list(
+        served_across_ranks.chat.completions.create(messages=FIRST, stream=True, **GREEDY)
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == first.choices[0].message.content != ""
+    assert chunks[-1].choices[0].finish_reason == first.choices[0].finish_reason
+    turns = [*FIRST, first.choices[0].message.model_dump(exclude_none=True)]
+    turns.append({"role": "user", "content": "And at sunset?"})
+    second = ask(served_across_ranks, turns)
+    assert second.usage.prompt_tokens_details.cached_tokens > first.usage.prompt_tokens
+    same_reply(second, ask(served_alone, turns))
+
+
+def test_serve_across_ranks_a_client_that_leaves_mid_stream_frees_every_rank(
+    served_across_ranks, served_alone
+):
+    """Were the cancellation not shared, the other rank would go on generating (100000 tokens)
+    and the next request would wait for it, or find it out of step."""
+    body = {"messages": [{"role": "user", "content": "Talk forever."}], "stream": True}
+    body |= {"model": SERVED_MODEL, "max_tokens": 100000}
+    url = str(served_across_ranks.base_url).removesuffix("/v1/").removesuffix("/v1")
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(8):
+            next(lines)
+    tic = time.monotonic()
+    question = [{"role": "user", "content": "Hi"}]
+    reply = ask(served_across_ranks, question)
+    assert time.monotonic() - tic < 10
+    same_reply(reply, ask(served_alone, question))
+
+
+@pytest.mark.parametrize("when, killed", [("idle", 1), ("generating", 1), ("generating", 0)])
+def test_serve_across_ranks_ends_when_a_rank_is_killed(when, killed, o200k_dir, tmp_path):
+    """Rank 1 killed: rank 0 (the server, idle or streaming) ends; rank 0 killed: rank 1 (the
+    follower, generating) ends. Either within a bounded time, with one line."""
+    base = free_ports(3)
+    procs = spawn(2, serve_args(o200k_dir, base + 2), tmp_path)
+    url = f"http://127.0.0.1:{base + 2}"
+    wait_until_serving(url, procs, procs[0].err)
+    body = {"messages": [{"role": "user", "content": "Talk forever."}], "stream": True}
+    with contextlib.ExitStack() as stack:
+        if when == "generating":
+            body |= {"model": SERVED_MODEL, "max_tokens": 100000}
+            r = stack.enter_context(
+                httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60)
+            )
+            lines = r.iter_lines()
+            for _ in range(8):
+                next(lines)
+        procs[killed].send_signal(signal.SIGKILL)
+        survivor = 1 - killed
+        took = wait_all(procs[survivor : survivor + 1], 30)
+    assert took < 15
+    err = procs[survivor].err.read_text()
+    assert procs[survivor].returncode == 1
+    assert [re.sub(r"\(\[ring\] .*\)$", "([ring] ...)", line) for line in errors(err)] == [
+        f"error: rank {survivor}: another rank stopped, crashed or dropped off the network "
+        "([ring] ...)"
+    ], err
+    assert "Traceback" not in err
+
+
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports process `pid` listens on (Linux: its sockets' inodes in /proc/net/tcp*)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for row in f.read().splitlines()[1:]:
+                cols = row.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                    ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_serve_across_ranks_only_rank_0_opens_the_http_port(served_launch):
+    ranks = rank_pids(served_launch.launcher)
+    assert sorted(ranks) == [0, 1]
+    assert served_launch.port in listening_ports(ranks[0])
+    assert listening_ports(ranks[1]) <= {served_launch.ring + 1}  # the ring's, if it still listens
+
+
+def test_serve_across_ranks_a_server_that_cannot_start_ends_every_rank(o200k_dir, tmp_path):
+    """Rank 0 cannot listen (the port is taken): it says so in one line, and the other rank,
+    told that the server stopped, ends cleanly rather than waiting for it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        procs = spawn(2, serve_args(o200k_dir, port), tmp_path)
+        took = wait_all(procs, 120)
+    assert took < 90
+    assert [p.returncode for p in procs] == [1, 0], procs[1].err.read_text()
+    assert errors(procs[0].err.read_text()) == [
+        f"error: rank 0: cannot serve on http://127.0.0.1:{port}; the other ranks were stopped"
+    ]
+    assert errors(procs[1].err.read_text()) == [] and "Traceback" not in procs[1].err.read_text()

@@ -104,6 +104,31 @@ def test_a_kept_cache_continues_the_same_sequence(model32):
     assert continued == greedy(model32, first + out + more, 5)
 
 
+def test_cancelled_stops_within_two_tokens_and_the_cache_holds_what_came(model32):
+    """`cancelled` turning true after the 3rd event: at most 2 more come (the 5 are the
+    uncancelled run's first ones), the last without a finish_reason, and the cache holds exactly
+    the prompt and the tokens that came: continuing it equals one long prompt."""
+    prompt, more = prompt_ids(6, seed=10), prompt_ids(5, seed=11)
+    cache = model32.make_cache()
+    events = []
+    for event in stream_generate(
+        model32,
+        prompt,
+        max_tokens=50,
+        temperature=0,
+        cache=cache,
+        cancelled=lambda: len(events) >= 3,
+    ):
+        events.append(event)
+    came = [e.token for e in events]
+    assert 3 <= len(came) <= 5 and came == greedy(model32, prompt, len(came))
+    assert all(e.finish_reason is None for e in events)
+    assert cache[0].offset == len(prompt) + len(came)
+    assert greedy(model32, more, 4, cache=cache) == greedy(model32, prompt + came + more, 4)
+    result = generate(model32, prompt, max_tokens=50, temperature=0, cancelled=lambda: True)
+    assert result["completion_token_ids"] == [] and result["finish_reason"] == "cancelled"
+
+
 # -- stop tokens and the pipelined loop, on a scripted model ------------------------------------
 
 

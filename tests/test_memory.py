@@ -286,7 +286,7 @@ def test_serve_loads_with_the_memory_options(o200k_experts_dir, monkeypatch):
     run them) and serves the model they load."""
     served = []
     monkeypatch.setattr(cli, "create_app", lambda model, tok, **kw: served.append(model))
-    monkeypatch.setattr(cli.uvicorn, "run", lambda app, **kw: None)
+    monkeypatch.setattr(cli, "serve", lambda app, host, port: None)
     args = ["serve", "-m", o200k_experts_dir, "--dense-bits", "16", "--kv-bits", "8"]
     args += ["--expert-cache", "8", "--max-context", "512", "--resident-embedding"]
     r = CliRunner().invoke(cli.main, args)

@@ -219,7 +219,7 @@ def test_cli_example_runs(pipeline, line, skip, paths):
     argv = launcher + shrink(ours, paths)
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     if ours[1:2] == ["serve"]:
-        return serve_until_it_answers(argv, env, line)
+        return serve_until_it_answers(argv, env, line, launched=bool(launcher))
     r = subprocess.run(
         argv, input=stdin, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
@@ -233,8 +233,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_until_it_answers(argv: list[str], env: dict, line: int) -> None:
-    """Run a `serve` example on a free port until /health and /v1/models answer, then Ctrl-C."""
+def serve_until_it_answers(argv: list[str], env: dict, line: int, launched: bool) -> None:
+    """Run a `serve` example on a free port until /health and /v1/models answer, then Ctrl-C
+    (under `mlx.launch`, to the launcher and its ranks together, as a terminal sends it)."""
     if "--port" in argv:
         argv[argv.index("--port") + 1] = str(port := free_port())
     else:
@@ -242,7 +243,14 @@ def serve_until_it_answers(argv: list[str], env: dict, line: int) -> None:
     key = argv[argv.index("--api-key") + 1] if "--api-key" in argv else "unused"
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
-        argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        argv,
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.PIPE if launched else None,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=launched,
     )
     try:
         deadline = time.monotonic() + 240
@@ -259,8 +267,16 @@ def serve_until_it_answers(argv: list[str], env: dict, line: int) -> None:
         models = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
         assert models.status_code == 200, models.text
     finally:
-        server.send_signal(signal.SIGINT)
+        if launched:
+            os.killpg(server.pid, signal.SIGINT)
+        else:
+            server.send_signal(signal.SIGINT)
         _, stderr = server.communicate(timeout=60)
+    if launched:  # mlx.launch itself ends on Ctrl-C with a traceback of its own; every rank, 130
+        ranks = int(argv[argv.index("-n") + 1])
+        assert len(re.findall(r"rank \d+ exited with code 130", stderr)) == ranks, stderr
+        assert "gptoss_mlx" not in "".join(stderr.split("Traceback")[1:]), stderr
+        return
     assert server.returncode == 0, f"README line {line}: {shlex.join(argv)}\n{stderr}"
     assert "Traceback" not in stderr
 

@@ -10,6 +10,11 @@ pool: it tokenizes), queues the generation on the worker, and streams (SSE) or c
 events. Any error, a malformed request as much as a bug, reaches the client as ``{"error":
 {"message", "type", "param", "code"}}`` with a 4xx/5xx status, never as a traceback, and the
 server goes on serving.
+
+``serve(app, host, port)`` runs it with uvicorn. For a model sharded over several processes
+(``load(..., group=...)``) rank 0 does that with ``create_app(model, ...)`` and every other rank
+calls ``follow(model, tokenizer)``, which runs the generations rank 0 shares until rank 0's
+server stops.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ import contextlib
 import json
 import logging
 import secrets
+import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import fields
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -32,6 +39,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
+from .. import distributed
 from ..errors import GptOssError
 from ..generate import LanguageModel
 from ..harmony import REASONING_EFFORTS
@@ -42,7 +50,7 @@ from .protocol import RequestError, ServerOptions, Turn, describe, error_body
 from .state import ServerState
 from .worker import Job
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "follow", "serve"]
 
 log = logging.getLogger("gptoss_mlx.server")
 
@@ -253,14 +261,18 @@ def create_app(model: LanguageModel, tokenizer: Tokenizer | None = None, **optio
     ``gptoss_mlx.tools.Browser(...)`` / ``Python(...)``: run server-side, a fresh copy for each
     request, see :mod:`gptoss_mlx.server.builtin`) and ``max_tool_rounds``. Bad options are a
     :class:`GptOssError`.
+
+    A model sharded over ranks is served by rank 0, the others running :func:`follow` (started
+    at about the same time: building the app waits for them).
     """
     settings = _options(dict(options))
+    ranks = _ranks(model, leader=True)
     if isinstance(model, nn.Module):
         # MLX streams belong to threads: an array the model holds unevaluated (a private buffer
         # such as RoPE's periods) could not be evaluated on the worker thread. Evaluate it here.
         mx.eval(model)
     app = FastAPI(title="gptoss-mlx", lifespan=_lifespan)
-    app.state.server = ServerState(model, tokenizer or default_tokenizer(), settings)
+    app.state.server = ServerState(model, tokenizer or default_tokenizer(), settings, ranks)
     app.include_router(open_routes)
     app.include_router(v1)
     app.add_exception_handler(GptOssError, _refused)
@@ -268,3 +280,51 @@ def create_app(model: LanguageModel, tokenizer: Tokenizer | None = None, **optio
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(Exception, _failed)
     return app
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve ``app`` (from :func:`create_app`) on http://host:port until its server stops.
+
+    For a model sharded over ranks this is rank 0's part: uvicorn answers on a thread of its own
+    while the calling thread, the main one, runs the worker (MLX tells only the main thread
+    that a collective failed). When the server stops the other ranks' :func:`follow` returns.
+    A :class:`GptOssError` when it cannot listen there (uvicorn's log says why).
+    """
+    worker = app.state.server.worker
+    if worker.ranks.size == 1:
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        return
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+
+    def answer() -> None:
+        try:
+            server.run()
+        finally:  # stopped, or never started: the worker ends, and tells the other ranks
+            worker.stop()
+
+    thread = threading.Thread(target=answer, name="gptoss-http", daemon=True)
+    thread.start()
+    worker.run()
+    thread.join()
+    if not server.started:
+        raise GptOssError(f"cannot serve on http://{host}:{port}; the other ranks were stopped")
+
+
+def follow(model: LanguageModel, tokenizer: Tokenizer | None = None) -> None:
+    """A rank other than 0's part in serving a model sharded over ranks: run the generations
+    rank 0's :func:`create_app` shares, exactly as it runs them, until its server stops. A
+    :class:`GptOssError` when another rank went away."""
+    ranks = _ranks(model, leader=False)
+    state = ServerState(model, tokenizer or default_tokenizer(), ServerOptions(), ranks)
+    state.worker.follow()
+
+
+def _ranks(model: LanguageModel, leader: bool) -> distributed.Ranks:
+    """This process's part in serving `model`: rank 0 serves, the others follow."""
+    ranks = distributed.Ranks(getattr(model, "group", None))
+    if ranks.leader != leader:
+        raise GptOssError(
+            f"rank {ranks.rank} of {ranks.size}: a model sharded over ranks is served by rank 0 "
+            "(create_app) and followed by the others (gptoss_mlx.server.follow)"
+        )
+    return ranks

@@ -1,15 +1,16 @@
 """What one server holds: the model and tokenizer, its options, the prompt cache and the worker
-that owns them, the built-in tools it runs, the turns it generated and the responses it stored."""
+that owns them, the built-in tools it runs, the turns it generated and the responses it stored.
+Across ranks every rank holds one (rank 0's serves, the others' follow it: see :mod:`.worker`)."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from .. import harmony
+from .. import distributed, harmony
 from ..errors import GptOssError
 from ..generate import GenerationEvent, LanguageModel, check_context
 from ..prompt_cache import PromptCache
@@ -18,7 +19,7 @@ from ..tool_loop import ToolLoop
 from ..turn_memory import TurnMemory
 from .builtin import ServerTools, run_turn
 from .protocol import RequestError, ServerOptions, ToolStep, Turn
-from .worker import Job, Worker
+from .worker import Generate, Job, Worker
 
 __all__ = ["ServerState"]
 
@@ -44,27 +45,46 @@ class ResponseStore:
 
 
 class ServerState:
-    """The server's model, options and memory; the adapters' one handle on them."""
+    """The server's model, options and memory; the adapters' one handle on them.
 
-    def __init__(self, model: LanguageModel, tokenizer: Tokenizer, options: ServerOptions):
+    For a model sharded over ranks every rank builds one, together (``ranks``: this process's
+    part): each takes rank 0's prompt-cache size, so that their caches make the same decisions.
+    """
+
+    def __init__(
+        self,
+        model: LanguageModel,
+        tokenizer: Tokenizer,
+        options: ServerOptions,
+        ranks: distributed.Ranks | None = None,
+    ):
         self.model, self.tokenizer, self.options = model, tokenizer, options
         self.started = int(time.time())
         self.turns = TurnMemory()
         self.responses = ResponseStore(options.max_stored_responses)
+        ranks = ranks if ranks is not None else distributed.Ranks(None)
+        options.prompt_cache_bytes = ranks.share(options.prompt_cache_bytes)
         self.prompt_cache = PromptCache(
             model, options.prompt_cache_bytes, boundary_token=tokenizer.start_id
         )
         self.tools = ServerTools(options.builtin_tools, options.max_tool_rounds)
-        self.worker = Worker(self._generate, options.max_queue)
+        self.worker = Worker(self._turn, self._round, options.max_queue, ranks)
 
-    def _generate(self, job: Job) -> Iterator[GenerationEvent | ToolStep]:
-        """Runs on the worker thread: the only place the model is used."""
+    def _turn(self, job: Job, generate: Generate) -> Iterator[GenerationEvent | ToolStep]:
+        """A job's events, its rounds run by ``generate(prompt, options)`` (the worker's: it
+        hands each round to the other ranks). Runs on the worker: the only place the model is
+        used."""
         if job.tool_loop is None:
-            return self._stream(job.prompt, job.options)
-        return run_turn(job.tool_loop, job.prompt, job.options, self._stream)
+            return generate(job.prompt, job.options)
+        return run_turn(job.tool_loop, job.prompt, job.options, generate)
 
-    def _stream(self, prompt: list[int], options: dict[str, Any]) -> Iterator[GenerationEvent]:
-        return self.prompt_cache.stream_generate(prompt, tokenizer=self.tokenizer, **options)
+    def _round(
+        self, prompt: list[int], options: dict[str, Any], cancelled: Callable[[], bool] | None
+    ) -> Iterator[GenerationEvent]:
+        """One generation, through the prompt cache."""
+        return self.prompt_cache.stream_generate(
+            prompt, tokenizer=self.tokenizer, cancelled=cancelled, **options
+        )
 
     def render(
         self,
