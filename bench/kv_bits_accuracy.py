@@ -23,21 +23,12 @@ import mlx.core as mx
 import numpy as np
 
 from gptoss_mlx import load_model, stream_generate
-from gptoss_mlx.config import ModelConfig, preset
+from gptoss_mlx.benchmark import TINY
+from gptoss_mlx.config import preset
 from gptoss_mlx.memory import kv_bytes_per_1k
 from gptoss_mlx.synthetic import hf_config_json, random_checkpoint, save_checkpoint
 
-TEST_MODEL = ModelConfig(
-    num_hidden_layers=4,
-    num_experts=8,
-    vocab_size=8000,
-    hidden_size=512,
-    intermediate_size=512,
-    num_attention_heads=16,
-    num_key_value_heads=2,
-    head_dim=64,
-    sliding_window=128,
-)
+TEST_MODEL = TINY  # the CPU proxy: real head geometry, 4 layers, hidden 512, vocab 8000
 PROMPT, FED = 256, 256
 
 

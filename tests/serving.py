@@ -11,6 +11,17 @@ from collections.abc import Iterator
 
 import uvicorn
 
+# A function tool the server tests declare (OpenAI's function shape, without the wrapper).
+WEATHER = {
+    "name": "get_weather",
+    "description": "Current weather in a city.",
+    "parameters": {
+        "type": "object",
+        "properties": {"location": {"type": "string"}},
+        "required": ["location"],
+    },
+}
+
 
 @contextlib.contextmanager
 def running(app) -> Iterator[str]:

@@ -18,7 +18,7 @@ import time
 import httpx
 import pytest
 from scripted import ForcedModel
-from serving import running
+from serving import WEATHER, running
 
 from gptoss_mlx import load
 from gptoss_mlx.server import create_app
@@ -36,15 +36,6 @@ from oracle import (  # noqa: E402
 )
 from oracle import prompt as oracle  # noqa: E402
 
-WEATHER = {
-    "name": "get_weather",
-    "description": "Current weather in a city.",
-    "parameters": {
-        "type": "object",
-        "properties": {"location": {"type": "string"}},
-        "required": ["location"],
-    },
-}
 TOOLS = [{"type": "function", "function": WEATHER}]
 RESPONSES_TOOLS = [{"type": "function", **WEATHER}]
 ARGUMENTS = '{"location": "Tokyo", "days": [1, 2]}'

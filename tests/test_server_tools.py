@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 from scripted import ForcedModel
-from serving import running
+from serving import WEATHER, running
 
 from gptoss_mlx import load
 from gptoss_mlx.server import create_app
@@ -33,15 +33,6 @@ oh = pytest.importorskip("openai_harmony")
 from oracle import completion_tokens, o_assistant, o_call, o_developer, o_result, o_user  # noqa: E402
 from oracle import prompt as oracle  # noqa: E402
 
-WEATHER = {
-    "name": "get_weather",
-    "description": "Current weather in a city.",
-    "parameters": {
-        "type": "object",
-        "properties": {"location": {"type": "string"}},
-        "required": ["location"],
-    },
-}
 CODE_INTERPRETER = {"type": "code_interpreter", "container": {"type": "auto"}}
 
 
